@@ -1,0 +1,152 @@
+"""Paged attention and KV writes in native PyTorch: the reference on every device and the CPU path.
+
+Cache layout, per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V.
+A token at position ``p`` of a sequence lives in slot ``block_table[p // block_size] * block_size
++ p % block_size`` of the flattened ``[num_blocks * block_size, num_kv_heads, head_dim]`` view.
+
+The packed batch of one step holds the decode tokens first (one query per sequence), then the
+prefill chunks (several queries per sequence). Decodes run as one batched attention over
+their gathered blocks; each prefill chunk runs as one causal attention — a step has few
+prefill chunks and many decodes, so that split keeps the hot path free of per-sequence loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's chunk of new tokens in the packed batch."""
+
+    query_start: int  # index of its first token in the packed batch
+    query_len: int  # new tokens in this chunk
+    context_len: int  # tokens in the cache once this chunk is written (cached prefix + chunk)
+    block_table: torch.Tensor | None  # [num_blocks] int64; None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    """What every attention layer of one step needs; built once per step by the model runner."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    num_decode_tokens: int = 0
+    decode_block_ids: torch.Tensor | None = None  # [num_decodes * max_blocks] int64 block ids to gather
+    decode_max_blocks: int = 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # Reused gather buffer for decode K/V: fresh multi-MB allocations page-fault on every
+    # call (glibc hands them back to the OS), which costs more than the gather itself.
+    workspace: dict = field(default_factory=dict)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new K/V ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
+    kvh, hd = key.shape[-2:]
+    k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in one batched op (copy-on-write, swaps)."""
+    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, workspace: dict, name: str) -> torch.Tensor:
+    flat = cache.view(cache.shape[0], -1)
+    shape = (block_ids.numel(), flat.shape[1])
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != flat.dtype or buf.device != flat.device:
+        buf = torch.empty(shape, dtype=flat.dtype, device=flat.device)
+        workspace[name] = buf
+    return torch.index_select(flat, 0, block_ids, out=buf)
+
+
+def paged_attention_decode(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query token per sequence against its blocks. ``query``: [B, num_heads, head_dim]."""
+    b, nh, hd = query.shape
+    _, bs, kvh, _ = k_cache.shape
+    ctx = meta.decode_max_blocks * bs
+    k = (
+        _gather_blocks(k_cache, meta.decode_block_ids, meta.workspace, "k")
+        .view(b, ctx, kvh, hd)
+        .transpose(1, 2)
+    )
+    v = (
+        _gather_blocks(v_cache, meta.decode_block_ids, meta.workspace, "v")
+        .view(b, ctx, kvh, hd)
+        .transpose(1, 2)
+    )
+    # GQA without repeating K/V: the query heads of one KV head act as that head's query rows.
+    q = query.view(b, kvh, nh // kvh, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scale)
+    return out.reshape(b, nh, hd)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one chunk's queries ``[L, num_heads, head_dim]`` over its context.
+
+    When the chunk is the whole context (a fresh prompt), the new K/V are used as they are;
+    otherwise (a chunked prefill continuing, or a cached prefix) the context is read from the
+    sequence's blocks and the mask is causal with the chunk's offset.
+    """
+    L, nh, hd = query.shape
+    kvh = key.shape[1]
+    q = query.transpose(0, 1).unsqueeze(0)  # [1, nh, L, hd]
+    if chunk.block_table is None:
+        k = key.transpose(0, 1).unsqueeze(0)
+        v = value.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=nh != kvh)
+    else:
+        ctx = chunk.context_len
+        k = k_cache.index_select(0, chunk.block_table).view(-1, kvh, hd)[:ctx].transpose(0, 1).unsqueeze(0)
+        v = v_cache.index_select(0, chunk.block_table).view(-1, kvh, hd)[:ctx].transpose(0, 1).unsqueeze(0)
+        start = ctx - L
+        q_pos = torch.arange(start, ctx, device=query.device)[:, None]
+        k_pos = torch.arange(ctx, device=query.device)[None, :]
+        mask = k_pos <= q_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nh != kvh)
+    return out.squeeze(0).transpose(0, 1)  # [L, nh, hd]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. Shapes: ``[num_tokens, heads, head_dim]``."""
+    reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    if not meta.prefills:
+        return paged_attention_decode(query, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(query)
+    if nd:
+        out[:nd] = paged_attention_decode(query[:nd], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        s, e = chunk.query_start, chunk.query_start + chunk.query_len
+        out[s:e] = paged_attention_prefill(query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale)
+    return out

@@ -1,0 +1,1 @@
+"""Benchmarks: `pagedq bench ...` workloads from WORKLOAD.md, each beside its baseline."""

@@ -1,0 +1,455 @@
+"""``LLMEngine``: add requests, step, abort — the loop every face of pagedq drives.
+
+One :meth:`LLMEngine.step` is: schedule (CPU bookkeeping) → run the model once over the packed
+batch → sample → append tokens, detokenize incrementally, check stop conditions → free the
+blocks of finished sequences. Bad requests are rejected in :meth:`add_request` with a
+``ValueError`` before anything is queued, so the requests already running are never disturbed.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from . import detokenizer
+from .block_manager import BlockManager
+from .config import EngineConfig, resolve_device, resolve_dtype
+from .model_runner import ModelRunner
+from .models import ModelConfig
+from .outputs import CompletionOutput, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Logprob, Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+# Without num_kv_blocks or kv_cache_memory, the pool takes what max_num_seqs sequences of
+# max_model_len tokens need, but no more than this share of the device's memory.
+_DEFAULT_CPU_KV_SHARE = 0.25
+_DEFAULT_CPU_KV_CAP = 4 * 2**30
+_DEFAULT_GPU_KV_SHARE = 0.85
+
+
+def resolve_model_dir(model: str) -> str:
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a path to a Hugging Face model folder, got {model!r}")
+    path = os.path.expanduser(model)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"model folder {model!r} does not exist; pass a local folder with config.json and *.safetensors "
+            "(pagedq never downloads weights; `pagedq build-model tiny DIR` makes a small random one)"
+        )
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        config.validate()
+        self.config = config
+        model_dir = resolve_model_dir(config.model)
+        self.model_config = mc = ModelConfig.from_dir(model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, mc.torch_dtype, self.device)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
+                f"({mc.max_position_embeddings}); lower max_model_len"
+            )
+        if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
+            raise ValueError(
+                f"this model uses sliding-window attention (window {mc.sliding_window}), which pagedq does not "
+                f"implement yet; pass max_model_len <= {mc.sliding_window} so the window never applies"
+            )
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+
+        from transformers import AutoTokenizer  # the tokenizer and chat templates come from transformers
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.eos_token_ids = self._eos_token_ids(model_dir)
+
+        self.runner = ModelRunner(
+            model_dir, mc, self.dtype, self.device, self.max_model_len, config.block_size
+        )
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        self.sampler = Sampler(mc.vocab_size, self.eos_token_ids, self.device, config.seed)
+
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._auto_ids = itertools.count()
+        self._closed = False
+        self._counters = dict.fromkeys(
+            ("prompt_tokens", "generated_tokens", "computed_tokens", "num_steps", "num_requests"), 0
+        )
+        self._peak_blocks = 0
+        self._waste_at_peak = 0.0
+        self._slot_steps = 0
+        self._empty_slot_steps = 0
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info(
+            "pagedq engine: %s (%s) on %s in %s, %d KV blocks of %d tokens, ready in %.1fs",
+            model_dir,
+            mc.architecture,
+            self.device,
+            self.dtype,
+            self.num_kv_blocks,
+            config.block_size,
+            self.startup_seconds,
+        )
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _eos_token_ids(self, model_dir: str) -> list[int]:
+        ids = list(self.model_config.eos_token_ids)
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    def _num_kv_blocks(self) -> int:
+        cfg, block_bytes = self.config, self.runner.block_bytes()
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory is not None:
+            n = int(cfg.kv_cache_memory) // block_bytes
+            if n < 1:
+                raise ValueError(
+                    f"kv_cache_memory={cfg.kv_cache_memory} bytes is smaller than one KV block ({block_bytes} bytes "
+                    f"for block_size={cfg.block_size}); raise kv_cache_memory"
+                )
+            return n
+        wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * _DEFAULT_GPU_KV_SHARE)
+        else:
+            budget = min(int(_available_memory() * _DEFAULT_CPU_KV_SHARE), _DEFAULT_CPU_KV_CAP)
+        return max(1, min(wanted, budget // block_bytes))
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt) if prompt else []
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            raise ValueError(f"a prompt dict needs 'prompt_token_ids' or 'prompt', got keys {sorted(prompt)}")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(
+            f"a prompt must be a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+        )
+
+    def validate_request(
+        self, prompt: PromptType, params: SamplingParams | None
+    ) -> tuple[str | None, list[int]]:
+        """Check one request without queueing it; return its prompt text and token ids.
+
+        Raises ``ValueError`` naming the field, the value and what is allowed.
+        """
+        self._check_open()
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        params.check_vocab(self.model_config.vocab_size)
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens); pass at least one token")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt has token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
+            )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} (prompt plus at least one "
+                "generated token must fit); shorten the prompt or raise max_model_len"
+            )
+        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        need = self.block_manager.blocks_needed(longest)
+        if need > self.num_kv_blocks:
+            raise ValueError(
+                f"request needs up to {need} KV blocks ({longest} tokens) but the whole pool has {self.num_kv_blocks}; "
+                "lower max_tokens or give the engine more KV memory (num_kv_blocks / kv_cache_memory)"
+            )
+        return text, ids
+
+    def add_request(
+        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validate and queue one request; return its id. Raises ``ValueError`` on bad input."""
+        params = params or SamplingParams()
+        text, ids = self.validate_request(prompt, params)
+        if request_id is None:
+            request_id = str(next(self._auto_ids))
+            while request_id in self.requests:
+                request_id = str(next(self._auto_ids))
+        elif request_id in self.requests:
+            raise ValueError(
+                f"request_id {request_id!r} is already in use; pick another or wait until it finishes"
+            )
+        req = Request(request_id, text, ids, params, next(self._arrivals))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        for i in range(params.n):
+            seq = Sequence(req, i)
+            detokenizer.start(seq)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(params.seed + i)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self._counters["prompt_tokens"] += len(ids) * params.n
+        self._counters["num_requests"] += 1
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at once and free its blocks; returns its final output (None if unknown)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of the requests that changed in it."""
+        self._check_open()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        batch = [s for s in sched.scheduled if s.num_new_tokens == 1] + [
+            s for s in sched.scheduled if s.num_new_tokens > 1
+        ]
+        sample_rows, samplers, prompt_rows, prompt_targets = [], [], [], []
+        start = 0
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            if item.samples:
+                sample_rows.append(start + n - 1)
+                samplers.append(seq)
+            req = seq.request
+            if req.prompt_logprobs is not None and seq.index == 0:
+                # position p predicts prompt token p + 1; score each prompt position once
+                first = max(seq.num_computed_tokens, req.num_prompt_logprobs_done)
+                last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+                for p in range(first, last):
+                    prompt_rows.append(start + p - seq.num_computed_tokens)
+                    prompt_targets.append((req, seq.token_ids[p + 1]))
+                req.num_prompt_logprobs_done = max(req.num_prompt_logprobs_done, last)
+            start += n
+        logits = self.runner.execute(batch, sample_rows + prompt_rows)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        self._counters["computed_tokens"] += start
+        self._counters["num_steps"] += 1
+
+        touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in batch}
+        if prompt_rows:
+            self._record_prompt_logprobs(logits[len(sample_rows) :], prompt_targets)
+        if samplers:
+            out = self.sampler(logits[: len(sample_rows)], samplers)
+            for seq, token, lp in zip(samplers, out.token_ids, out.logprobs):
+                self._append_token(seq, token, lp)
+        self._update_kv_stats()
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
+        ids = torch.tensor([t for _, t in targets], device=logits.device)
+        want = [req.params.prompt_logprobs for req, _ in targets]
+        rows = Sampler.token_logprobs(logits, ids, want)
+        for (req, token), row in zip(targets, rows):
+            req.prompt_logprobs.append(self._logprob_dict(token, row))
+
+    def _logprob_dict(self, token: int, row) -> dict[int, Logprob]:
+        lp, rank, top = row
+        d = {t: Logprob(v, r + 1, self.tokenizer.decode([t])) for r, (t, v) in enumerate(top)}
+        if token not in d:
+            d[token] = Logprob(lp, rank, self.tokenizer.decode([token]))
+        return d
+
+    def _append_token(self, seq: Sequence, token: int, lp) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        self._counters["generated_tokens"] += 1
+        if lp is not None:
+            seq.logprobs.append(self._logprob_dict(token, lp))
+            seq.cumulative_logprob += lp[0]
+        delta = detokenizer.detokenize_step(self.tokenizer, seq)
+        n_out = seq.num_output_tokens
+        reason = stop_reason = None
+        if n_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif p.stop_strings and delta:
+                reason, stop_reason = self._check_stop_strings(seq, len(delta))
+        if reason is None and (
+            (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, new_chars: int) -> tuple[str | None, str | None]:
+        """Find a stop string that the newest text completes; cut the text there."""
+        p = seq.params
+        text = seq.output_text
+        best = None
+        for stop in p.stop_strings:
+            # only a match that ends inside the new text is new
+            idx = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None, None
+        idx, stop = best
+        seq.output_text = text[: idx + len(stop)] if p.include_stop_str_in_output else text[:idx]
+        return "stop", stop
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.output_text,
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in req.seqs
+        ]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            outputs=outs,
+            finished=req.finished,
+            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+        )
+
+    # --- streaming ---------------------------------------------------------------------------
+
+    def stream(
+        self, prompts: Iterable[PromptType], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Add ``prompts`` and yield their outputs step by step (cumulative text, ``finished`` at the end).
+
+        Closing the iterator early (``break``) aborts the requests it added and frees their blocks.
+        """
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.abort(rid)
+
+    # --- stats and lifecycle ----------------------------------------------------------------------
+
+    def _update_kv_stats(self) -> None:
+        used = self.block_manager.num_used_blocks
+        slots, tokens = self.block_manager.num_allocated_slots_and_tokens()
+        self._slot_steps += slots
+        self._empty_slot_steps += slots - tokens
+        if used > self._peak_blocks:
+            self._peak_blocks = used
+            self._waste_at_peak = (slots - tokens) / slots if slots else 0.0
+
+    def stats(self) -> dict:
+        """Counters and gauges of the KV pool and of the work done since start-up.
+
+        ``kv_waste`` is the share of allocated slots that hold no token right now;
+        ``peak_kv_waste`` is that share at the step when blocks in use peaked (the memory that
+        bounds the batch); ``avg_kv_waste`` weighs every step by its allocated slots.
+        """
+        slots, tokens = self.block_manager.num_allocated_slots_and_tokens()
+        return {
+            "num_kv_blocks": self.num_kv_blocks,
+            "block_size": self.config.block_size,
+            "kv_blocks_in_use": self.block_manager.num_used_blocks,
+            "peak_kv_blocks_in_use": self._peak_blocks,
+            "kv_waste": (slots - tokens) / slots if slots else 0.0,
+            "peak_kv_waste": self._waste_at_peak,
+            "avg_kv_waste": self._empty_slot_steps / self._slot_steps if self._slot_steps else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            **self._counters,
+            "kv_cache_bytes": self.num_kv_blocks * self.runner.block_bytes(),
+            "weight_bytes": self.runner.weight_bytes,
+            "startup_seconds": self.startup_seconds,
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed; create a new LLM")
+
+    def close(self) -> None:
+        """Abort what is running and free the weights, the KV cache and every buffer."""
+        if self._closed:
+            return
+        for rid in list(self.requests):
+            self.abort(rid)
+        self.runner.release()
+        self._closed = True
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30

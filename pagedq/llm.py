@@ -1,0 +1,148 @@
+"""``LLM``: the offline API, shaped like vLLM's so that code moves between the two unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from .config import EngineConfig
+from .engine import LLMEngine, PromptType
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """A model with its paged KV cache, ready to generate.
+
+    >>> llm = LLM("path/to/model", dtype="bfloat16", kv_cache_memory="1GiB")
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=20))[0].outputs[0].text
+
+    ``close()`` (or leaving a ``with LLM(...) as llm:`` block) frees the weights and the cache,
+    so a new ``LLM`` can be created in the same process at once.
+    """
+
+    def __init__(self, model: str, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``. Every
+        prompt is validated before any is queued, so one bad prompt queues nothing.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        ids = self._add_all(prompts, params)
+        finals: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Generating", unit="req")
+        try:
+            while len(finals) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # KeyboardInterrupt included: leave the engine empty and ready for the next call
+            for rid in ids:
+                if rid not in finals:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finals[rid] for rid in ids]
+
+    def stream(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield incremental outputs (cumulative text so far) as tokens are produced."""
+        prompts = _as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        self._validate_all(prompts, params)
+        return self.engine.stream(prompts, params)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; pass chat_template=... (a Jinja string)")
+        prompts = []
+        for conv in convs:
+            ids = tok.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(
+                f"got {len(params)} sampling params for {n} prompts; pass one, or one per prompt"
+            )
+        return params
+
+    def _validate_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> None:
+        """Check every prompt before queueing any: one bad prompt queues nothing."""
+        for p, sp in zip(prompts, params):
+            self.engine.validate_request(p, sp)
+
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        self._validate_all(prompts, params)
+        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    return prompts

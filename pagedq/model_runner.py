@@ -1,0 +1,121 @@
+"""Turns one scheduled step into tensors and runs the model once over the whole packed batch.
+
+The packed batch puts the one-token queries (decodes) first and the prefill chunks after them;
+for every token it sets the position and the cache slot its K/V go to (the slot mapping), and
+for the decodes it prepares the block ids to gather and the context mask, shared by all layers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedq.kernels import AttentionMetadata, PrefillChunk
+
+from .models import ModelConfig, load_model
+from .scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: str,
+        model_config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        block_size: int,
+    ):
+        self.model_config = model_config
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.model = load_model(model_dir, model_config, dtype, device, max_model_len)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._kv_storage: torch.Tensor | None = None
+        self._workspace: dict = {}
+
+    @property
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for p in list(self.model.parameters()) + list(self.model.buffers()):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    def block_bytes(self) -> int:
+        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One zeroed tensor for all layers' K and V (zeros: masked slots must never hold NaN)."""
+        cfg = self.model_config
+        shape = (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self._kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
+
+    def release(self) -> None:
+        """Drop the weights, the cache and every buffer this runner holds."""
+        self.kv_caches = []
+        self._kv_storage = None
+        self._workspace = {}
+        self.model = None
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Packed input ids, positions and attention metadata. ``batch``: decodes first."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            if n == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                bt = torch.tensor(table, dtype=torch.long) if start > 0 else None
+                prefills.append(PrefillChunk(len(input_ids) - n, n, start + n, bt))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decode_lens),
+            prefills=prefills,
+            workspace=self._workspace,
+        )
+        for p in prefills:
+            if p.block_table is not None:
+                p.block_table = p.block_table.to(dev)
+        if decode_lens:
+            max_blocks = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(-1)
+            meta.decode_max_blocks = max_blocks
+            lens = torch.tensor(decode_lens, device=dev)
+            meta.decode_mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(
+                len(decode_lens), 1, 1, max_blocks * bs
+            )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq], logit_rows: list[int]) -> torch.Tensor:
+        """Run the model over ``batch`` and return logits (float32) of the packed rows ``logit_rows``."""
+        ids, pos, meta = self.prepare(batch)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()

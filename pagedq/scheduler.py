@@ -1,0 +1,139 @@
+"""Iteration-level (continuous) batching.
+
+Every step the scheduler decides which sequences run and how many of their tokens, under a
+token budget (``max_num_batched_tokens``), a sequence cap (``max_num_seqs``) and the free
+blocks of the KV pool:
+
+1. Running sequences first, in priority order: each gets its remaining tokens (1 while
+   decoding, the rest of its prompt while a long prefill is under way), cut to the budget —
+   that is chunked prefill. If the pool cannot hold them, the lowest-priority running sequence
+   not yet scheduled this step is preempted: its blocks are freed and it goes back to the
+   front of the waiting queue, to be recomputed from its tokens later (it keeps its output).
+2. Then waiting sequences, in priority order, while the budget, the cap and the pool allow.
+   Nothing new is admitted in a step that had to preempt.
+
+The scheduler only does CPU bookkeeping; the model runner turns its output into tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class SchedulingPolicy:
+    """Orders sequences: lower keys run first and are preempted last. FCFS by default."""
+
+    name = "fcfs"
+
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.request.arrival, seq.index)
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence's tokens, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: SchedulingPolicy | None = None,
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy or SchedulingPolicy()
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.waiting.sort(key=self.policy.key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+        self.running.sort(key=self.policy.key)
+
+        # 1. Running sequences: decodes and unfinished (chunked) prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_allocate(seq, n):
+                victim = self.running[-1]  # lowest priority among those not scheduled yet
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, n)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # ``seq`` preempted itself: every sequence after it is gone too
+
+        # 2. Waiting sequences, while the budget, the cap and the pool allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not bm.can_allocate(seq, n):
+                break
+            self.waiting.pop(0)
+            bm.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(0, seq)
+        self.waiting.sort(key=self.policy.key)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,109 @@
+"""Request and sequence state: the CPU-side bookkeeping of one generation.
+
+A *request* is what a user submitted (one prompt, one ``SamplingParams``); it owns ``n``
+*sequences*, each of which grows its own tokens and holds its own block table. The scheduler
+and the block manager work on sequences; outputs are assembled per request.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one token, with its rank in the distribution (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    """One generated sequence.
+
+    ``num_computed_tokens`` counts the tokens whose K/V sit in the cache; the tokens from there
+    to ``len(token_ids)`` are what the next forward must process (the whole prompt at first, one
+    token per step while decoding, everything again after a preemption).
+    """
+
+    def __init__(self, request: Request, index: int):
+        self.seq_id = next(_seq_counter)
+        self.request = request
+        self.index = index
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        # Output text and incremental-detokenizer offsets (see detokenizer.py).
+        self.output_text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.tokens: list[str] | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.generator: torch.Generator | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table}, status={self.status.value})"
+        )
+
+
+@dataclass
+class Request:
+    """A submitted prompt with its sampling parameters and its ``n`` sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Logits of the prompt positions come from the first forward pass(es); with chunked
+    # prefill they arrive in pieces, so the count of positions already scored is kept.
+    num_prompt_logprobs_done: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
