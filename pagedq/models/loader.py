@@ -106,7 +106,7 @@ def load_model(
         dst.copy_(tensor)
         loaded.add(f"{target}[{rows.start}]" if rows is not None else target)
     expected = set()
-    for pname, p in params.items():
+    for pname in params:
         if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
             expected.update(f"{pname}[{_fused_slice(model, 'qkv_proj', s).start}]" for s in "qkv")
         elif pname.endswith("gate_up_proj.weight"):
