@@ -110,11 +110,14 @@ def build_tokenizer(vocab_size: int, out_dir: str):
     return fast
 
 
-def build_model(name: str, out_dir: str, arch: str | None = None, seed: int = 0, **overrides) -> str:
+def build_model(
+    name: str, out_dir: str, arch: str | None = None, seed: int = 0, tokenizer=None, **overrides
+) -> str:
     """Build model ``name`` (a key of ``MODEL_SHAPES``) with random weights into ``out_dir``.
 
     ``arch`` switches the family (``llama``, ``mistral``, ``qwen2``, ``qwen3``) at the same
-    shape; ``overrides`` change config fields (e.g. ``rope_scaling``). Returns ``out_dir``.
+    shape; ``overrides`` change config fields (e.g. ``rope_scaling``); ``tokenizer`` reuses an
+    already trained tokenizer instead of training one. Returns ``out_dir``.
     """
     import torch
     import transformers
@@ -132,11 +135,15 @@ def build_model(name: str, out_dir: str, arch: str | None = None, seed: int = 0,
     if arch not in classes:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(classes)}")
     os.makedirs(out_dir, exist_ok=True)
-    tok = build_tokenizer(vocab, out_dir)
+    if tokenizer is None:
+        tok = build_tokenizer(vocab, out_dir)
+    else:
+        tok = tokenizer
+        tok.save_pretrained(out_dir)
     cfg_cls, model_cls = (getattr(transformers, c) for c in classes[arch])
     fields = dict(shape)
     fields.update(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), vocab),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -1,0 +1,49 @@
+"""The workloads of ``WORKLOAD.md``, built the same way for every engine that runs them.
+
+Prompts are token ids cut deterministically from the tokenized text of Python's
+``argparse.py``, each starting with BOS, so that pagedq and its peers see identical inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def corpus_token_ids(tokenizer) -> list[int]:
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def cut_prompt(corpus: list[int], bos: int | None, i: int, length: int) -> list[int]:
+    """Prompt ``i`` of ``length`` tokens: BOS, then a window of the corpus at a fixed offset."""
+    body = length - 1 if bos is not None else length
+    offset = (i * 997) % (len(corpus) - body)
+    return ([bos] if bos is not None else []) + corpus[offset : offset + body]
+
+
+def throughput(tokenizer, num_requests: int = 64) -> Workload:
+    """64 requests at t=0; prompt ``16 + (i*37) % 497`` tokens; output ``32 + (i*53) % 225`` tokens."""
+    corpus = corpus_token_ids(tokenizer)
+    bos = tokenizer.bos_token_id
+    prompts = [cut_prompt(corpus, bos, i, 16 + (i * 37) % 497) for i in range(num_requests)]
+    outputs = [32 + (i * 53) % 225 for i in range(num_requests)]
+    return Workload("throughput", prompts, outputs)
