@@ -51,11 +51,24 @@ class ModelRunner:
         return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One zeroed tensor for all layers' K and V (zeros: masked slots must never hold NaN)."""
+        """One tensor for all layers' K and V.
+
+        Slots that hold no token are masked in attention, but a mask cannot hide NaN bit
+        patterns (0 * NaN = NaN), so every block must be zeroed before its first use. Zeroing
+        a multi-GiB pool up front costs seconds of start-up; instead blocks are zeroed when
+        a block id above the high-water mark is first handed out (see :meth:`_zero_new_blocks`).
+        """
         cfg = self.model_config
         shape = (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self._kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._kv_storage = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._zeroed_blocks = 0
         self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
+
+    def _zero_new_blocks(self, batch: list[ScheduledSeq]) -> None:
+        top = max((max(item.seq.block_table) for item in batch if item.seq.block_table), default=-1) + 1
+        if top > self._zeroed_blocks:
+            self._kv_storage[:, :, self._zeroed_blocks : top].zero_()
+            self._zeroed_blocks = top
 
     def release(self) -> None:
         """Drop the weights, the cache and every buffer this runner holds."""
@@ -115,6 +128,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], logit_rows: list[int]) -> torch.Tensor:
         """Run the model over ``batch`` and return logits (float32) of the packed rows ``logit_rows``."""
+        self._zero_new_blocks(batch)
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)

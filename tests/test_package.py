@@ -1,0 +1,49 @@
+"""The wheel installs pagedq with its subpackages mapped from the top-level folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_carries_subpackages(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ROOT,
+        ],
+        check=True,
+    )
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    site = tmp_path / "site"
+    with zipfile.ZipFile(tmp_path / wheel) as z:
+        names = z.namelist()
+        z.extractall(site)
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"pagedq"}, f"the wheel installs top-level names other than pagedq: {tops}"
+    code = (
+        "import pagedq, pagedq.kernels, pagedq.quant, pagedq.jupyter_ext, pagedq.models;"
+        "print(pagedq.kernels.__file__, pagedq.quant.__file__, pagedq.jupyter_ext.__file__)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for path in out.stdout.split():
+        assert path.startswith(str(site)), f"{path} was not imported from the wheel"
+
+
+def test_cli_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "pagedq", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
