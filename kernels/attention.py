@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 
 @dataclass
 class PrefillChunk:
@@ -37,6 +39,7 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None = None  # [num_decodes * max_blocks] int64 block ids to gather
     decode_max_blocks: int = 0
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Reused gather buffer for decode K/V: fresh multi-MB allocations page-fault on every
     # call (glibc hands them back to the OS), which costs more than the gather itself.
@@ -75,7 +78,20 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, workspace: dict
 def paged_attention_decode(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence against its blocks. ``query``: [B, num_heads, head_dim]."""
+    """One query token per sequence against its blocks. ``query``: [B, num_heads, head_dim].
+
+    On CPU the native kernel reads the blocks in place; elsewhere (and as the reference) the
+    blocks are gathered into a reused buffer and attended with one batched SDPA call.
+    """
+    if native.supports(query, k_cache):
+        tables = meta.decode_block_ids.view(query.shape[0], meta.decode_max_blocks)
+        return native.paged_decode(query, k_cache, v_cache, tables, meta.decode_context_lens, scale)
+    return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_decode_torch(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     b, nh, hd = query.shape
     _, bs, kvh, _ = k_cache.shape
     ctx = meta.decode_max_blocks * bs

@@ -117,7 +117,8 @@ class ModelRunner:
             padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
             meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(-1)
             meta.decode_max_blocks = max_blocks
-            lens = torch.tensor(decode_lens, device=dev)
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            meta.decode_context_lens = lens
             meta.decode_mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(
                 len(decode_lens), 1, 1, max_blocks * bs
             )

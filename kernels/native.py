@@ -1,0 +1,145 @@
+"""The native CPU path: small C kernels built on first use with the system C compiler.
+
+PyTorch's CPU attention (``scaled_dot_product_attention``) is tuned for long query blocks; a
+decode step has one query per sequence, and had to gather every sequence's blocks padded to
+the longest context first. The C kernel in ``csrc/paged_attention_cpu.c`` reads K/V in place
+from the blocks and only up to each sequence's own length.
+
+The library is compiled once per source version and CPU (``-march=native``) into
+``$PAGEDQ_CACHE/native`` and loaded with ctypes (which releases the GIL during the call).
+Without a C compiler, or with ``PAGEDQ_CPU_KERNELS=torch``, pagedq uses the torch
+implementation instead; both are tested against each other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_attention_cpu.c")
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffast-math",
+    "-fno-finite-math-only",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_FUNCS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("PAGEDQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pagedq"))
+    return os.path.join(root, "native")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
+        return None
+    with open(_SRC, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")
+    if not os.path.isfile(path):
+        os.makedirs(_cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+        os.close(fd)
+        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            logger.warning(
+                "building the native CPU kernels failed, using the torch path:\n%s", proc.stderr[-2000:]
+            )
+            return None
+        os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(path)
+    for name in _FUNCS.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they are off or cannot be built."""
+    global _lib, _tried
+    if os.environ.get("PAGEDQ_CPU_KERNELS", "native") == "torch":
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True
+    return _lib
+
+
+def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (
+        query.device.type == "cpu"
+        and query.dtype in _FUNCS
+        and k_cache.dtype == query.dtype
+        and k_cache.is_contiguous()
+        and library() is not None
+    )
+
+
+def paged_decode(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``query`` [B, H, D] against each sequence's blocks; ``block_tables`` [B, max_blocks] int64."""
+    lib = library()
+    q = query.contiguous()
+    out = torch.empty_like(q)
+    b, h, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    fn = getattr(lib, _FUNCS[q.dtype])
+    fn(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        context_lens.data_ptr(),
+        out.data_ptr(),
+        b,
+        h,
+        kvh,
+        d,
+        bs,
+        block_tables.shape[1],
+        float(scale),
+        torch.get_num_threads(),
+    )
+    return out
