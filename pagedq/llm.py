@@ -54,7 +54,9 @@ class LLM:
             while len(finals) < len(ids):
                 if not self.engine.has_unfinished_requests():
                     missing = [rid for rid in ids if rid not in finals]
-                    raise RuntimeError(f"requests {missing} left the engine without finishing (aborted elsewhere?)")
+                    raise RuntimeError(
+                        f"requests {missing} left the engine without finishing (aborted elsewhere?)"
+                    )
                 for out in self.engine.step():
                     if out.finished:
                         finals[out.request_id] = out

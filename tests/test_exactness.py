@@ -79,3 +79,18 @@ def test_sharded_checkpoint(tmp_path, tokenizer):
 
     assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
     assert _ours(d)[0] == hf_greedy(d, PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("llama", {"num_key_value_heads": 1}),  # MQA
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen3", {"head_dim": 32}),  # head_dim from the config, not hidden / heads
+        ("mistral", {"num_key_value_heads": 4}),  # plain multi-head attention
+    ],
+    ids=["mqa", "tied", "head_dim", "mha"],
+)
+def test_model_variants_match_transformers(model_factory, arch, overrides):
+    d = model_factory(arch, **overrides)
+    assert _ours(d)[0] == hf_greedy(d, PROMPTS, MAX_NEW)

