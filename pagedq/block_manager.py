@@ -1,45 +1,67 @@
 """The KV cache manager: a pool of fixed-size physical blocks and every sequence's block table.
 
 It owns all block accounting, and nothing else touches it: which blocks are free, how many
-block tables point at each block (its reference count), and which blocks each sequence holds.
+block tables point at each block (its reference count), which blocks each sequence holds, and
+which full blocks are cached for reuse by later requests (automatic prefix caching).
 The physical K/V tensors live in the model runner; this module only deals in block ids.
+
+Prefix caching. A full block is identified by its parent block's *content id* and its own
+token ids: ``key = (parent_cid, tuple(tokens))``. Content ids are handed out once and never
+reused, so a key names exactly one chain of tokens from the start of the sequence and a lookup
+can never return a wrong block (no hash collisions). A request reuses the longest chain of
+cached blocks that prefixes its prompt and computes only the rest. Blocks whose last reference
+goes away stay cached in the free queue; the queue is LRU — allocation takes its head and evicts
+that block's cache entry — and a sequence frees its blocks tail first, so the ends of prompts
+are evicted before the shared beginnings.
 
 Invariants (checked by :meth:`BlockManager.check`, which the tests call after every step):
 
-* every block is either free (ref count 0, on the free list once) or referenced (ref count > 0);
 * a block's ref count equals the number of block-table entries that point at it;
-* a sequence holds exactly the blocks it needs for the tokens it has computed or is about
-  to compute — never a block past that.
+* the free queue holds exactly the blocks with ref count 0, each once;
+* every cache entry points at a block that carries that key, and every keyed block is cached;
+* a sequence holds no block past those its tokens need.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from .sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
-        # Sequences that currently hold blocks, by id: lets check() see every block table.
+        # LRU free queue: the head is reused (and evicted from the cache) first
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_key: list[tuple | None] = [None] * num_blocks
+        self.block_cid: list[int] = [-1] * num_blocks
+        self.cached: dict[tuple, int] = {}
+        self._next_cid = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which found cached
+        self.num_evictions = 0
         self._holders: dict[int, Sequence] = {}
 
     # --- queries -------------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return len(self.free_queue)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_block_ids)
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -49,33 +71,111 @@ class BlockManager:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
         return max(0, needed - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= len(self.free_block_ids)
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """The longest chain of cached full blocks that prefixes ``seq``'s tokens.
+
+        The last token is never taken from the cache: its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return []
+        bs, tokens = self.block_size, seq.token_ids
+        blocks: list[int] = []
+        parent = -1
+        for i in range((len(tokens) - 1) // bs):
+            block = self.cached.get((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = self.block_cid[block]
+        return blocks
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
+        """Whether ``seq`` (after taking ``cached_prefix``) can get slots for ``num_new_tokens``."""
+        if not cached_prefix:
+            return self.num_new_blocks(seq, num_new_tokens) <= len(self.free_queue)
+        revived = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)  # taken out of the free queue
+        new = self.blocks_needed(len(cached_prefix) * self.block_size + num_new_tokens) - len(cached_prefix)
+        return new + revived <= len(self.free_queue)
 
     # --- changes ---------------------------------------------------------------------------
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> None:
         """Give ``seq`` the blocks that ``num_new_tokens`` more tokens need.
 
-        Raises ``RuntimeError`` if the pool cannot; callers ask :meth:`can_allocate` first.
+        ``cached_prefix`` (from :meth:`find_cached_prefix`, for a sequence holding no block)
+        is attached first and counts as computed. Raises ``RuntimeError`` if the pool cannot
+        serve the request; callers ask :meth:`can_allocate` first.
         """
+        first = not seq.block_table and seq.num_computed_tokens == 0
+        if cached_prefix:
+            if seq.block_table:
+                raise RuntimeError("a cached prefix can only start a sequence's block table")
+            for block in cached_prefix:
+                if self.ref_counts[block] == 0:
+                    del self.free_queue[block]
+                self.ref_counts[block] += 1
+                seq.block_table.append(block)
+            seq.num_computed_tokens = len(cached_prefix) * self.block_size
+            seq.num_cached_blocks = len(cached_prefix)
+            seq.cache_parent_cid = self.block_cid[cached_prefix[-1]]
+        if first and self.enable_prefix_caching:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += len(cached_prefix) * self.block_size
         n = self.num_new_blocks(seq, num_new_tokens)
-        if n > len(self.free_block_ids):
-            raise RuntimeError(f"KV pool exhausted: need {n} blocks, {len(self.free_block_ids)} free")
+        if n > len(self.free_queue):
+            raise RuntimeError(f"KV pool exhausted: need {n} blocks, {len(self.free_queue)} free")
         for _ in range(n):
-            block_id = self.free_block_ids.popleft()
-            self.ref_counts[block_id] = 1
-            seq.block_table.append(block_id)
+            block = self._pop_free()
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
         if seq.block_table:
             self._holders[seq.seq_id] = seq
 
+    def _pop_free(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        key = self.block_key[block]
+        if key is not None:  # evict: the block is about to hold other tokens
+            del self.cached[key]
+            self.block_key[block] = None
+            self.block_cid[block] = -1
+            self.num_evictions += 1
+        return block
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register ``seq``'s newly computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        parent = seq.cache_parent_cid
+        for i in range(seq.num_cached_blocks, full):
+            block = seq.block_table[i]
+            key = (parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            canonical = self.cached.get(key)
+            if canonical is None:
+                self.cached[key] = block
+                self.block_key[block] = key
+                self.block_cid[block] = self._next_cid
+                self._next_cid += 1
+                canonical = block
+            # else: the same tokens were computed twice (two prompts in one step); ours stays uncached
+            parent = self.block_cid[canonical]
+        if full > seq.num_cached_blocks:
+            seq.num_cached_blocks = full
+            seq.cache_parent_cid = parent
+
     def free(self, seq: Sequence) -> None:
-        """Drop every block reference of ``seq`` (finished, aborted or preempted)."""
-        for block_id in reversed(seq.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+        """Drop every block reference of ``seq`` (finished, aborted or preempted).
+
+        Tail blocks are freed first so that they are evicted before the shared prefix blocks.
+        """
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
         seq.block_table = []
+        seq.num_cached_blocks = 0
+        seq.cache_parent_cid = -1
         self._holders.pop(seq.seq_id, None)
 
     # --- introspection -------------------------------------------------------------------------
@@ -84,12 +184,23 @@ class BlockManager:
         return self._holders.values()
 
     def num_allocated_slots_and_tokens(self) -> tuple[int, int]:
-        """(slots in blocks held by sequences, tokens those slots hold), for the KV-waste figure."""
-        slots = tokens = 0
+        """(slots of blocks in use, tokens those slots hold), for the KV-waste figure.
+
+        Shared blocks count once: a block's fill is the most any holder has computed into it
+        (a block full for one holder is full for all: blocks are only shared once computed).
+        """
+        bs = self.block_size
+        partial: dict[int, int] = {}
         for seq in self._holders.values():
-            slots += len(seq.block_table) * self.block_size
-            tokens += min(seq.num_computed_tokens, len(seq.block_table) * self.block_size)
-        return slots, tokens
+            n_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+            for i in range(n_full, len(seq.block_table)):
+                block = seq.block_table[i]
+                fill = max(0, min(bs, seq.num_computed_tokens - i * bs))
+                if fill > partial.get(block, -1):
+                    partial[block] = fill
+        slots = self.num_used_blocks * bs
+        empty = sum(bs - fill for fill in partial.values())
+        return slots, slots - empty
 
     def check(self) -> None:
         """Raise ``AssertionError`` naming the first broken invariant."""
@@ -108,16 +219,20 @@ class BlockManager:
             raise AssertionError(
                 f"ref counts differ from block-table references (block, refs, count): {diff[:8]}"
             )
-        free = list(self.free_block_ids)
-        if len(set(free)) != len(free):
-            raise AssertionError("a block is on the free list twice")
-        for block_id in free:
-            if self.ref_counts[block_id] != 0:
-                raise AssertionError(
-                    f"block {block_id} is on the free list with ref count {self.ref_counts[block_id]}"
-                )
-        in_use = sum(1 for c in self.ref_counts if c > 0)
-        if in_use + len(free) != self.num_blocks:
+        free = set(self.free_queue)
+        zero = {b for b, c in enumerate(self.ref_counts) if c == 0}
+        if free != zero:
             raise AssertionError(
-                f"{in_use} referenced + {len(free)} free blocks != pool size {self.num_blocks}: a block leaked"
+                f"the free list differs from the blocks with ref count 0: "
+                f"on it but referenced {sorted(free - zero)[:8]}, unreferenced but not on it {sorted(zero - free)[:8]}"
+            )
+        for key, block in self.cached.items():
+            if self.block_key[block] != key:
+                raise AssertionError(
+                    f"cache entry for block {block} does not match the key the block carries"
+                )
+        keyed = sum(1 for k in self.block_key if k is not None)
+        if keyed != len(self.cached):
+            raise AssertionError(
+                f"{keyed} blocks carry a cache key but the cache has {len(self.cached)} entries"
             )

@@ -109,6 +109,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)

@@ -84,7 +84,7 @@ class LLMEngine:
         )
         self.num_kv_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(mc.vocab_size, self.eos_token_ids, self.device, config.seed)
 
@@ -271,6 +271,7 @@ class LLMEngine:
         logits = self.runner.execute(batch, sample_rows + prompt_rows)
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
         self._counters["computed_tokens"] += start
         self._counters["num_steps"] += 1
 
@@ -419,6 +420,10 @@ class LLMEngine:
             "peak_kv_waste": self._waste_at_peak,
             "avg_kv_waste": self._empty_slot_steps / self._slot_steps if self._slot_steps else 0.0,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.prefix_cache_queries,
+            "prefix_cache_hits": self.block_manager.prefix_cache_hits,
+            "prefix_cached_blocks": self.block_manager.num_cached_blocks,
+            "prefix_cache_evictions": self.block_manager.num_evictions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             **self._counters,

@@ -10,7 +10,9 @@ blocks of the KV pool:
    not yet scheduled this step is preempted: its blocks are freed and it goes back to the
    front of the waiting queue, to be recomputed from its tokens later (it keeps its output).
 2. Then waiting sequences, in priority order, while the budget, the cap and the pool allow.
-   Nothing new is admitted in a step that had to preempt.
+   A sequence starts from the longest cached chain of full blocks that prefixes its prompt
+   (prefix caching) and only the rest is computed. Nothing new is admitted in a step that had
+   to preempt.
 
 The scheduler only does CPU bookkeeping; the model runner turns its output into tensors.
 """
@@ -109,11 +111,14 @@ class Scheduler:
         # 2. Waiting sequences, while the budget, the cap and the pool allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.can_allocate(seq, n):
+            # full blocks another request already computed (not for prompt logprobs: those need
+            # the logits of every prompt position)
+            hit = bm.find_cached_prefix(seq) if seq.params.prompt_logprobs is None else []
+            n = min(seq.num_tokens - max(seq.num_computed_tokens, len(hit) * bm.block_size), budget)
+            if not bm.can_allocate(seq, n, hit):
                 break
             self.waiting.pop(0)
-            bm.allocate(seq, n)
+            bm.allocate(seq, n, hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))

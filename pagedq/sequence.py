@@ -50,6 +50,9 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # prefix cache: leading blocks registered so far, and the content id of the last one
+        self.num_cached_blocks = 0
+        self.cache_parent_cid = -1
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -43,7 +43,7 @@ def test_check_catches_corruption():
     with pytest.raises(AssertionError, match="ref counts"):
         bm.check()
     bm.ref_counts[s.block_table[0]] = 1
-    bm.free_block_ids.append(s.block_table[0])
+    bm.free_queue[s.block_table[0]] = None
     with pytest.raises(AssertionError, match="free list"):
         bm.check()
 
