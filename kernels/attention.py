@@ -59,10 +59,13 @@ def reshape_and_cache(
     v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy whole blocks ``src[i] -> dst[i]`` in one batched op (copy-on-write, swaps)."""
-    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_dim: int = 0) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` along ``block_dim`` in one batched op (copy on write).
+
+    Given the engine's single ``[layers, 2, num_blocks, ...]`` KV tensor and ``block_dim=2``,
+    one call copies the blocks of every layer's K and V.
+    """
+    cache.index_copy_(block_dim, dst, cache.index_select(block_dim, src))
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, workspace: dict, name: str) -> torch.Tensor:

@@ -14,6 +14,11 @@ goes away stay cached in the free queue; the queue is LRU — allocation takes i
 that block's cache entry — and a sequence frees its blocks tail first, so the ends of prompts
 are evicted before the shared beginnings.
 
+Sharing. ``fork`` makes a sequence point at all the blocks of another (parallel sampling
+forks the ``n`` samples after one prefill of the prompt). A sequence about to write into a
+block that others also hold first gets a private copy (copy on write); the copies of a step
+are handed to the model runner as one batch.
+
 Invariants (checked by :meth:`BlockManager.check`, which the tests call after every step):
 
 * a block's ref count equals the number of block-table entries that point at it;
@@ -47,6 +52,9 @@ class BlockManager:
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found cached
         self.num_evictions = 0
+        self.num_cow_copies = 0
+        # (src, dst) block copies the model runner must do before the next forward
+        self.pending_copies: list[tuple[int, int]] = []
         self._holders: dict[int, Sequence] = {}
 
     # --- queries -------------------------------------------------------------------------
@@ -89,10 +97,18 @@ class BlockManager:
             parent = self.block_cid[block]
         return blocks
 
+    def _shared_write_block(self, seq: Sequence) -> int | None:
+        """Index in ``seq``'s table of a shared block its next token would be written into."""
+        i = seq.num_computed_tokens // self.block_size
+        if i < len(seq.block_table) and self.ref_counts[seq.block_table[i]] > 1:
+            return i
+        return None
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
         """Whether ``seq`` (after taking ``cached_prefix``) can get slots for ``num_new_tokens``."""
         if not cached_prefix:
-            return self.num_new_blocks(seq, num_new_tokens) <= len(self.free_queue)
+            cow = self._shared_write_block(seq) is not None
+            return self.num_new_blocks(seq, num_new_tokens) + cow <= len(self.free_queue)
         revived = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)  # taken out of the free queue
         new = self.blocks_needed(len(cached_prefix) * self.block_size + num_new_tokens) - len(cached_prefix)
         return new + revived <= len(self.free_queue)
@@ -121,6 +137,16 @@ class BlockManager:
         if first and self.enable_prefix_caching:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(cached_prefix) * self.block_size
+        i = self._shared_write_block(seq)
+        if i is not None:  # copy on write: the shared block keeps its other holders' tokens
+            if not self.free_queue:
+                raise RuntimeError("KV pool exhausted: no free block for a copy-on-write")
+            src, dst = seq.block_table[i], self._pop_free()
+            self.ref_counts[src] -= 1
+            self.ref_counts[dst] = 1
+            seq.block_table[i] = dst
+            self.pending_copies.append((src, dst))
+            self.num_cow_copies += 1
         n = self.num_new_blocks(seq, num_new_tokens)
         if n > len(self.free_queue):
             raise RuntimeError(f"KV pool exhausted: need {n} blocks, {len(self.free_queue)} free")
@@ -140,6 +166,23 @@ class BlockManager:
             self.block_cid[block] = -1
             self.num_evictions += 1
         return block
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Make ``child`` share every block of ``parent`` (parallel sampling, beams)."""
+        if child.block_table:
+            raise RuntimeError(f"{child} already holds blocks; only an empty sequence can be forked into")
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_blocks = parent.num_cached_blocks
+        child.cache_parent_cid = parent.cache_parent_cid
+        if child.block_table:
+            self._holders[child.seq_id] = child
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s newly computed full blocks in the prefix cache."""

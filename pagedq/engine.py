@@ -220,7 +220,9 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=self.device)
                 seq.generator.manual_seed(params.seed + i)
             req.seqs.append(seq)
-            self.scheduler.add(seq)
+        # n > 1: the prompt is prefilled once, by sample 0; the others fork from it (sharing its
+        # blocks) when its prefill completes, and sample their first token from the same logits
+        self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         self._counters["prompt_tokens"] += len(ids) * params.n
         self._counters["num_requests"] += 1
@@ -268,7 +270,9 @@ class LLMEngine:
                     prompt_targets.append((req, seq.token_ids[p + 1]))
                 req.num_prompt_logprobs_done = max(req.num_prompt_logprobs_done, last)
             start += n
-        logits = self.runner.execute(batch, sample_rows + prompt_rows)
+        logits = self.runner.execute(
+            batch, sample_rows + prompt_rows, self.block_manager.take_pending_copies()
+        )
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
@@ -279,7 +283,13 @@ class LLMEngine:
         if prompt_rows:
             self._record_prompt_logprobs(logits[len(sample_rows) :], prompt_targets)
         if samplers:
-            out = self.sampler(logits[: len(sample_rows)], samplers)
+            sample_logits = logits[: len(sample_rows)]
+            forked = self._fork_siblings(samplers)
+            if forked:
+                rows = torch.tensor([row for _, row in forked], device=logits.device)
+                sample_logits = torch.cat([sample_logits, sample_logits.index_select(0, rows)])
+                samplers = samplers + [sib for sib, _ in forked]
+            out = self.sampler(sample_logits, samplers)
             for seq, token, lp in zip(samplers, out.token_ids, out.logprobs):
                 self._append_token(seq, token, lp)
         self._update_kv_stats()
@@ -289,6 +299,24 @@ class LLMEngine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _fork_siblings(self, samplers: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Fork the waiting samples of every request whose sample 0 just finished its prefill.
+
+        Returns (sibling, row of the parent in ``samplers``) for each new running sibling.
+        """
+        forked = []
+        for row, seq in enumerate(samplers):
+            req = seq.request
+            if seq.index != 0 or len(req.seqs) == 1 or seq.num_output_tokens:
+                continue
+            for sib in req.seqs[1:]:
+                if sib.block_table or sib.is_finished or sib.num_output_tokens:
+                    continue  # already forked
+                self.block_manager.fork(seq, sib)
+                self.scheduler.add_running(sib)
+                forked.append((sib, row))
+        return forked
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
         ids = torch.tensor([t for _, t in targets], device=logits.device)

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from pagedq.kernels import AttentionMetadata, PrefillChunk
+from pagedq.kernels import AttentionMetadata, PrefillChunk, copy_blocks
 
 from .models import ModelConfig, load_model
 from .scheduler import ScheduledSeq
@@ -127,9 +127,16 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], logit_rows: list[int]) -> torch.Tensor:
-        """Run the model over ``batch`` and return logits (float32) of the packed rows ``logit_rows``."""
+    def execute(
+        self, batch: list[ScheduledSeq], logit_rows: list[int], copies: list[tuple[int, int]] = ()
+    ) -> torch.Tensor:
+        """Do the step's copy-on-write block ``copies``, run the model over ``batch`` and return
+        logits (float32) of the packed rows ``logit_rows``."""
         self._zero_new_blocks(batch)
+        if copies:
+            src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
+            dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
+            copy_blocks(self._kv_storage, src, dst, block_dim=2)
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)

@@ -80,6 +80,11 @@ class Scheduler:
         self.waiting.append(seq)
         self.waiting.sort(key=self.policy.key)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Add a sequence that already holds its computed blocks (a fork) to the running set."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
