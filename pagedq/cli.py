@@ -144,6 +144,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import throughput
 
         throughput.main(a)
+    elif a.workload == "sharing":
+        from pagedq.bench import sharing
+
+        sharing.main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks from WORKLOAD.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput"])
+    b.add_argument("workload", choices=["throughput", "sharing"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--dtype", default="bfloat16")
     b.add_argument("--runs", type=int, default=3)

@@ -47,3 +47,21 @@ def throughput(tokenizer, num_requests: int = 64) -> Workload:
     prompts = [cut_prompt(corpus, bos, i, 16 + (i * 37) % 497) for i in range(num_requests)]
     outputs = [32 + (i * 53) % 225 for i in range(num_requests)]
     return Workload("throughput", prompts, outputs)
+
+
+def parallel(tokenizer, num_requests: int = 32) -> Workload:
+    """32 requests, prompts as ``throughput``, 128 output tokens each, sampled n=4 (seed i)."""
+    base = throughput(tokenizer, num_requests)
+    return Workload("parallel", base.prompts, [128] * num_requests)
+
+
+def prefix(tokenizer, num_requests: int = 64, prefix_len: int = 512) -> Workload:
+    """64 requests: one shared 512-token prefix plus a distinct 16-64-token suffix; 64 output tokens."""
+    corpus = corpus_token_ids(tokenizer)
+    shared = cut_prompt(corpus, tokenizer.bos_token_id, 0, prefix_len)
+    prompts = []
+    for i in range(num_requests):
+        n = 16 + (i * 37) % 49
+        offset = prefix_len + (i * 1999) % (len(corpus) - prefix_len - n)
+        prompts.append(shared + corpus[offset : offset + n])
+    return Workload("prefix", prompts, [64] * num_requests)

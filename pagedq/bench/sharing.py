@@ -1,0 +1,89 @@
+"""``pagedq bench sharing``: KV sharing on and off, on the ``parallel`` and ``prefix`` workloads.
+
+With sharing, a request with ``n=4`` prefills its prompt once and its samples share the prompt
+blocks, and requests reuse cached prefix blocks. Without it, the same work is submitted as
+``n`` separate requests with prefix caching off. Both produce the same tokens (sample ``j`` of a
+request seeded ``s`` draws from ``s + j``); the report is peak KV blocks in use, the memory
+saved, and throughput.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from pagedq import LLM, SamplingParams
+
+from . import workloads
+
+
+def _run(model_dir: str, args, shared: bool, prompts, params) -> dict:
+    with LLM(
+        model_dir,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=shared,
+    ) as llm:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        s = llm.stats()
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {
+        "seconds": dt,
+        "tps": tokens / dt,
+        "peak": s["peak_kv_blocks_in_use"],
+        "hits": s["prefix_cache_hits"],
+        "outs": [c.token_ids for o in outs for c in o.outputs],
+    }
+
+
+def _parallel(tok, n):
+    w = workloads.parallel(tok)
+    shared = (
+        [{"prompt_token_ids": p} for p in w.prompts],
+        [
+            SamplingParams(n=n, temperature=1.0, max_tokens=m, seed=i, ignore_eos=True)
+            for i, m in enumerate(w.output_lens)
+        ],
+    )
+    sep_prompts, sep_params = [], []
+    for i, (p, m) in enumerate(zip(w.prompts, w.output_lens)):
+        for j in range(n):
+            sep_prompts.append({"prompt_token_ids": p})
+            sep_params.append(SamplingParams(temperature=1.0, max_tokens=m, seed=i + j, ignore_eos=True))
+    return shared, (sep_prompts, sep_params)
+
+
+def _prefix(tok):
+    w = workloads.prefix(tok)
+    prompts = [{"prompt_token_ids": p} for p in w.prompts]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in w.output_lens]
+    return (prompts, params), (prompts, params)
+
+
+def main(args) -> None:
+    from pagedq.models.build import MODEL_SHAPES, ensure_model
+
+    model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
+    with LLM(model_dir, num_kv_blocks=1) as probe:
+        tok = probe.get_tokenizer()
+    cases = {"parallel": _parallel(tok, 4), "prefix": _prefix(tok)}
+    print(f"model {model_dir} ({args.dtype}), block size {args.block_size}, medians of {args.runs} runs")
+    print(f"{'workload':<10}{'sharing':>9}{'peak blocks':>13}{'saved':>8}{'out tok/s':>11}{'speed-up':>10}")
+    for name, (with_sharing, without) in cases.items():
+        on, off = [], []
+        for _ in range(args.runs):  # interleaved
+            on.append(_run(model_dir, args, True, *with_sharing))
+            off.append(_run(model_dir, args, False, *without))
+        if on[-1]["outs"] != off[-1]["outs"]:
+            print(f"  warning: {name}: outputs with and without sharing differ")
+        p_on, p_off = on[-1]["peak"], off[-1]["peak"]
+        t_on = statistics.median(r["tps"] for r in on)
+        t_off = statistics.median(r["tps"] for r in off)
+        print(
+            f"{name:<10}{'on':>9}{p_on:>13}{100 * (1 - p_on / p_off):>7.1f}%{t_on:>11.1f}{t_on / t_off:>9.2f}x"
+        )
+        print(f"{'':<10}{'off':>9}{p_off:>13}{'':>8}{t_off:>11.1f}")
+    print("beam: beam search is not implemented yet (open work of the KV-sharing issue)")
