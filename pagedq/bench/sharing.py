@@ -78,7 +78,12 @@ def main(args) -> None:
             on.append(_run(model_dir, args, True, *with_sharing))
             off.append(_run(model_dir, args, False, *without))
         if on[-1]["outs"] != off[-1]["outs"]:
-            print(f"  warning: {name}: outputs with and without sharing differ")
+            # expected outside float32: the two runs batch different sequences together, and
+            # reduced-precision GEMMs round differently for different batch shapes
+            print(
+                f"  note: {name}: tokens with and without sharing differ ({args.dtype} batch-shape rounding; "
+                "they agree in float32)"
+            )
         p_on, p_off = on[-1]["peak"], off[-1]["peak"]
         t_on = statistics.median(r["tps"] for r in on)
         t_off = statistics.median(r["tps"] for r in off)
