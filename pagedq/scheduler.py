@@ -19,6 +19,7 @@ The scheduler only does CPU bookkeeping; the model runner turns its output into 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -77,8 +78,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
-        self.waiting.sort(key=self.policy.key)
+        bisect.insort(self.waiting, seq, key=self.policy.key)
 
     def add_running(self, seq: Sequence) -> None:
         """Add a sequence that already holds its computed blocks (a fork) to the running set."""
@@ -135,8 +135,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.insert(0, seq)
-        self.waiting.sort(key=self.policy.key)
+        bisect.insort(self.waiting, seq, key=self.policy.key)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
