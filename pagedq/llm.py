@@ -81,8 +81,7 @@ class LLM:
         """Yield incremental outputs (cumulative text so far) as tokens are produced."""
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        self._validate_all(prompts, params)
-        return self.engine.stream(prompts, params)
+        return self.engine.stream(self._validate_all(prompts, params), params)
 
     def chat(
         self,
@@ -134,14 +133,20 @@ class LLM:
             )
         return params
 
-    def _validate_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> None:
-        """Check every prompt before queueing any: one bad prompt queues nothing."""
+    def _validate_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[dict]:
+        """Check every prompt before queueing any: one bad prompt queues nothing.
+
+        Returns the prompts already tokenized, so that queueing them does not tokenize again.
+        """
+        checked = []
         for p, sp in zip(prompts, params):
-            self.engine.validate_request(p, sp)
+            text, ids = self.engine.validate_request(p, sp)
+            checked.append({"prompt": text, "prompt_token_ids": ids})
+        return checked
 
     def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
-        self._validate_all(prompts, params)
-        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        checked = self._validate_all(prompts, params)
+        return [self.engine.add_request(p, sp) for p, sp in zip(checked, params)]
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:
