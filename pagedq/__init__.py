@@ -3,6 +3,7 @@
 The public API mirrors vLLM's: ``LLM``, ``SamplingParams``, ``RequestOutput``.
 """
 
+from .beam_search import BeamSearchParams
 from .config import EngineConfig
 from .engine import LLMEngine
 from .llm import LLM
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "EngineConfig",
     "LLMEngine",

@@ -15,7 +15,8 @@ that block's cache entry — and a sequence frees its blocks tail first, so the 
 are evicted before the shared beginnings.
 
 Sharing. ``fork`` makes a sequence point at all the blocks of another (parallel sampling
-forks the ``n`` samples after one prefill of the prompt). A sequence about to write into a
+forks the ``n`` samples after one prefill of the prompt; beam search forks a beam that several
+next beams continue). A sequence about to write into a
 block that others also hold first gets a private copy (copy on write); the copies of a step
 are handed to the model runner as one batch.
 
@@ -167,18 +168,36 @@ class BlockManager:
             self.num_evictions += 1
         return block
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Make ``child`` share every block of ``parent`` (parallel sampling, beams)."""
+    def fork(self, parent: Sequence, child: Sequence, share: bool = True) -> bool:
+        """Give ``child`` the computed KV of ``parent`` (parallel sampling, beams).
+
+        With ``share`` the child points at the parent's blocks (ref counts go up; the diverging
+        partial block is copied on write later). Without it — the layout of engines that keep
+        one contiguous cache per sequence, kept as the baseline of ``pagedq bench sharing`` —
+        every block is copied into a fresh one now; if the pool has too few free blocks the
+        child gets none and returns ``False``: it must recompute its tokens.
+        """
         if child.block_table:
             raise RuntimeError(f"{child} already holds blocks; only an empty sequence can be forked into")
-        child.block_table = list(parent.block_table)
-        for block in child.block_table:
-            self.ref_counts[block] += 1
+        if share:
+            child.block_table = list(parent.block_table)
+            for block in child.block_table:
+                self.ref_counts[block] += 1
+        elif len(parent.block_table) > len(self.free_queue):
+            child.num_computed_tokens = 0
+            return False
+        else:
+            for src in parent.block_table:
+                dst = self._pop_free()
+                self.ref_counts[dst] = 1
+                child.block_table.append(dst)
+                self.pending_copies.append((src, dst))
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_blocks = parent.num_cached_blocks
         child.cache_parent_cid = parent.cache_parent_cid
         if child.block_table:
             self._holders[child.seq_id] = child
+        return True
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -95,7 +95,9 @@ class EngineConfig:
 
     The KV pool is sized by ``num_kv_blocks`` or by ``kv_cache_memory`` (bytes or "2GiB");
     with neither, it gets what ``max_num_seqs`` sequences of ``max_model_len`` tokens need,
-    capped by a share of the device memory.
+    capped by a share of the device memory. ``enable_kv_sharing=False`` makes forked sequences
+    (``n > 1`` samples, beams) copy their parent's blocks instead of sharing them — the
+    baseline that ``pagedq bench sharing`` measures against.
     """
 
     model: str
@@ -110,6 +112,7 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
+    enable_kv_sharing: bool = True
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from . import detokenizer
+from .beam_search import BeamSearch, BeamSearchParams
 from .block_manager import BlockManager
 from .config import EngineConfig, resolve_device, resolve_dtype
 from .model_runner import ModelRunner
@@ -27,11 +28,12 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Logprob, Request, Sequence
+from .sequence import Logprob, Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+ParamsType = SamplingParams | BeamSearchParams
 
 # Without num_kv_blocks or kv_cache_memory, the pool takes what max_num_seqs sequences of
 # max_model_len tokens need, but no more than this share of the device's memory.
@@ -162,7 +164,7 @@ class LLMEngine:
         )
 
     def validate_request(
-        self, prompt: PromptType, params: SamplingParams | None
+        self, prompt: PromptType, params: ParamsType | None
     ) -> tuple[str | None, list[int]]:
         """Check one request without queueing it; return its prompt text and token ids.
 
@@ -170,8 +172,10 @@ class LLMEngine:
         """
         self._check_open()
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise ValueError(
+                f"params must be a SamplingParams or a BeamSearchParams, got {type(params).__name__}"
+            )
         params.validate()
         params.check_vocab(self.model_config.vocab_size)
         text, ids = self._prompt_ids(prompt)
@@ -189,17 +193,31 @@ class LLMEngine:
             )
         longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         need = self.block_manager.blocks_needed(longest)
+        what = f"up to {need} KV blocks ({longest} tokens)"
+        if isinstance(params, BeamSearchParams):
+            if params.beam_width > self.config.max_num_seqs:
+                raise ValueError(
+                    f"beam_width={params.beam_width} exceeds max_num_seqs={self.config.max_num_seqs}; "
+                    "lower beam_width or raise max_num_seqs"
+                )
+            # the beams share the prompt's full blocks (when sharing is on) and hold the rest each
+            shared = len(ids) // self.config.block_size if self.config.enable_kv_sharing else 0
+            need = shared + params.beam_width * (need - shared)
+            what = f"up to {need} KV blocks ({params.beam_width} beams of up to {longest} tokens)"
         if need > self.num_kv_blocks:
             raise ValueError(
-                f"request needs up to {need} KV blocks ({longest} tokens) but the whole pool has {self.num_kv_blocks}; "
+                f"request needs {what} but the whole pool has {self.num_kv_blocks}; "
                 "lower max_tokens or give the engine more KV memory (num_kv_blocks / kv_cache_memory)"
             )
         return text, ids
 
     def add_request(
-        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: PromptType, params: ParamsType | None = None, request_id: str | None = None
     ) -> str:
-        """Validate and queue one request; return its id. Raises ``ValueError`` on bad input."""
+        """Validate and queue one request; return its id. Raises ``ValueError`` on bad input.
+
+        ``params`` is a :class:`SamplingParams` or, for beam search, a :class:`BeamSearchParams`.
+        """
         params = params or SamplingParams()
         text, ids = self.validate_request(prompt, params)
         if request_id is None:
@@ -211,20 +229,30 @@ class LLMEngine:
                 f"request_id {request_id!r} is already in use; pick another or wait until it finishes"
             )
         req = Request(request_id, text, ids, params, next(self._arrivals))
-        if params.prompt_logprobs is not None:
-            req.prompt_logprobs = [None]
-        for i in range(params.n):
-            seq = Sequence(req, i)
-            detokenizer.start(seq)
-            if params.seed is not None:
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(params.seed + i)
-            req.seqs.append(seq)
+        if isinstance(params, BeamSearchParams):
+            # one beam prefills the prompt; the search forks it when its first logits arrive
+            stop_ids = ([] if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
+            max_new = min(params.max_tokens, self.max_model_len - len(ids))
+            req.beam = BeamSearch(params, stop_ids, params.stop_token_ids, max_new)
+            req.seqs.append(Sequence(req, 0))
+            req.beam.live = list(req.seqs)
+            req.beam.scores = [0.0]
+            self._counters["prompt_tokens"] += len(ids)
+        else:
+            if params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]
+            for i in range(params.n):
+                seq = Sequence(req, i)
+                detokenizer.start(seq)
+                if params.seed is not None:
+                    seq.generator = torch.Generator(device=self.device)
+                    seq.generator.manual_seed(params.seed + i)
+                req.seqs.append(seq)
+            self._counters["prompt_tokens"] += len(ids) * params.n
         # n > 1: the prompt is prefilled once, by sample 0; the others fork from it (sharing its
         # blocks) when its prefill completes, and sample their first token from the same logits
         self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
-        self._counters["prompt_tokens"] += len(ids) * params.n
         self._counters["num_requests"] += 1
         return request_id
 
@@ -249,6 +277,11 @@ class LLMEngine:
         self._check_open()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError(
+                    f"the scheduler could not run any of {len(self.scheduler.running)} running and "
+                    f"{len(self.scheduler.waiting)} waiting sequences (a bug in pagedq; please report it)"
+                )
             return []
         batch = [s for s in sched.scheduled if s.num_new_tokens == 1] + [
             s for s in sched.scheduled if s.num_new_tokens > 1
@@ -278,12 +311,26 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(item.seq)
         self._counters["computed_tokens"] += start
         self._counters["num_steps"] += 1
+        # KV occupancy peaks here: this step's blocks are allocated and written, and nothing
+        # finished or pruned in it has been freed yet
+        self._update_kv_stats()
 
         touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in batch}
         if prompt_rows:
             self._record_prompt_logprobs(logits[len(sample_rows) :], prompt_targets)
         if samplers:
             sample_logits = logits[: len(sample_rows)]
+            beams = [i for i, seq in enumerate(samplers) if seq.request.beam is not None]
+            if beams:
+                picked = sample_logits.index_select(0, torch.tensor(beams, device=logits.device))
+                self._collect_beam_rows(picked, [samplers[i] for i in beams])
+                if len(beams) < len(samplers):
+                    keep = [i for i, seq in enumerate(samplers) if seq.request.beam is None]
+                    sample_logits = sample_logits.index_select(0, torch.tensor(keep, device=logits.device))
+                    samplers = [samplers[i] for i in keep]
+                else:
+                    samplers = []
+        if samplers:
             forked = self._fork_siblings(samplers)
             if forked:
                 rows = torch.tensor([row for _, row in forked], device=logits.device)
@@ -292,13 +339,61 @@ class LLMEngine:
             out = self.sampler(sample_logits, samplers)
             for seq, token, lp in zip(samplers, out.token_ids, out.logprobs):
                 self._append_token(seq, token, lp)
-        self._update_kv_stats()
         outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` from ``parent``'s tokens and KV, in the parent's place in the queues."""
+        if parent.block_table and self.block_manager.fork(parent, child, self.config.enable_kv_sharing):
+            if parent.status is SequenceStatus.RUNNING:
+                self.scheduler.add_running(child)
+                return
+        # the parent holds no KV now (preempted), or the pool cannot hold a copy: recompute
+        if child.block_table:
+            self.block_manager.free(child)
+        child.num_computed_tokens = 0
+        self.scheduler.add(child)
+
+    def _collect_beam_rows(self, logits: torch.Tensor, beams: list[Sequence]) -> None:
+        """Keep each beam's next-token log-probabilities (rows of ``logits``, in order of
+        ``beams``); run the search step of every request whose live beams all have theirs."""
+        rows = torch.log_softmax(logits.float(), dim=-1)
+        reqs: dict[str, Request] = {}
+        for seq, row in zip(beams, rows):
+            seq.request.beam.rows[seq.seq_id] = row
+            reqs[seq.request.request_id] = seq.request
+        for req in reqs.values():
+            if req.beam.ready():
+                self._beam_step(req)
+
+    def _beam_step(self, req: Request) -> None:
+        """Advance one beam-search request by a token: fork, extend and prune its beams."""
+        search: BeamSearch = req.beam
+        picks = search.select()
+        continuing: set[int] = set()
+        new_live: list[tuple[Sequence, int, float]] = []
+        for parent, token, score in picks:
+            if parent.seq_id in continuing:  # a second child: fork before the parent grows
+                child = Sequence(req, search.next_index(), parent.token_ids)
+                self._fork(parent, child)
+            else:
+                continuing.add(parent.seq_id)
+                child = parent
+            new_live.append((child, token, score))
+        for beam in search.live:
+            if beam.seq_id not in continuing:  # pruned, or the search is over: free at once
+                self.scheduler.finish(beam)
+        for seq, token, score in new_live:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob = score
+        self._counters["generated_tokens"] += len(new_live)
+        search.live = [seq for seq, _, _ in new_live]
+        search.scores = [score for _, _, score in new_live]
+        req.seqs = list(search.live)
 
     def _fork_siblings(self, samplers: list[Sequence]) -> list[tuple[Sequence, int]]:
         """Fork the waiting samples of every request whose sample 0 just finished its prefill.
@@ -311,11 +406,11 @@ class LLMEngine:
             if seq.index != 0 or len(req.seqs) == 1 or seq.num_output_tokens:
                 continue
             for sib in req.seqs[1:]:
-                if sib.block_table or sib.is_finished or sib.num_output_tokens:
+                if sib.block_table or sib.is_finished or sib.num_output_tokens or sib in self.scheduler.waiting:
                     continue  # already forked
-                self.block_manager.fork(seq, sib)
-                self.scheduler.add_running(sib)
-                forked.append((sib, row))
+                self._fork(seq, sib)
+                if sib.status is SequenceStatus.RUNNING:
+                    forked.append((sib, row))
         return forked
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
@@ -375,6 +470,8 @@ class LLMEngine:
         return "stop", stop
 
     def _output(self, req: Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         outs = [
             CompletionOutput(
                 index=s.index,
@@ -394,6 +491,42 @@ class LLMEngine:
             outputs=outs,
             finished=req.finished,
             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+        )
+
+    def _beam_output(self, req: Request) -> RequestOutput:
+        """The kept hypotheses, best first, once the search is over; the live beams before."""
+        search: BeamSearch = req.beam
+        skip = req.params.skip_special_tokens
+        if search.done:
+            outs = [
+                CompletionOutput(
+                    index=i,
+                    text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip),
+                    token_ids=list(h.token_ids),
+                    cumulative_logprob=h.cumulative_logprob,
+                    finish_reason=h.finish_reason,
+                    stop_reason=h.stop_reason,
+                    score=h.score,
+                )
+                for i, h in enumerate(search.finished)
+            ]
+        else:
+            outs = [
+                CompletionOutput(
+                    index=i,
+                    text=self.tokenizer.decode(s.output_token_ids, skip_special_tokens=skip),
+                    token_ids=list(s.output_token_ids),
+                    cumulative_logprob=s.cumulative_logprob,
+                    finish_reason=s.finish_reason,
+                )
+                for i, s in enumerate(req.seqs)
+            ]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            outputs=outs,
+            finished=req.finished,
         )
 
     # --- streaming ---------------------------------------------------------------------------

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from .beam_search import BeamSearchParams
 from .config import EngineConfig
-from .engine import LLMEngine, PromptType
+from .engine import LLMEngine, ParamsType, PromptType
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -33,13 +34,15 @@ class LLM:
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: ParamsType | Sequence[ParamsType] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``. Every
-        prompt is validated before any is queued, so one bad prompt queues nothing.
+        prompt is validated before any is queued, so one bad prompt queues nothing. A
+        :class:`BeamSearchParams` in place of a ``SamplingParams`` runs beam search for that
+        prompt, batched with the others.
         """
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
@@ -72,6 +75,23 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finals[rid] for rid in ids]
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Beam search for every prompt; each output lists the ``beam_width`` best hypotheses,
+        best first (``outputs[0]``), with their ``score`` and ``cumulative_logprob``.
+
+        The beams of a prompt share its KV blocks and copy only the block where they diverge;
+        the results equal Hugging Face ``generate(num_beams=beam_width, do_sample=False)`` with
+        the same ``length_penalty``, ``early_stopping`` and ``max_new_tokens``.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search needs a BeamSearchParams, got {type(params).__name__}")
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
 
     def stream(
         self,
@@ -121,10 +141,10 @@ class LLM:
     # --- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+    def _params_list(sampling_params, n: int) -> list[ParamsType]:
         if sampling_params is None:
             return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, (SamplingParams, BeamSearchParams)):
             return [sampling_params] * n
         params = list(sampling_params)
         if len(params) != n:

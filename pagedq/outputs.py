@@ -9,7 +9,8 @@ from .sequence import Logprob
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence of a request (``n`` of them when ``SamplingParams.n > 1``)."""
+    """One generated sequence of a request (``n`` of them when ``SamplingParams.n > 1``; the
+    ``beam_width`` best hypotheses, best first, for beam search)."""
 
     index: int
     text: str
@@ -18,6 +19,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # beam search: cumulative_logprob / num_tokens ** length_penalty, what the beams are ranked by
+    score: float | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -14,6 +14,9 @@ blocks of the KV pool:
    (prefix caching) and only the rest is computed. Nothing new is admitted in a step that had
    to preempt.
 
+A beam-search request advances all its beams together: a beam whose next-token logits are in
+sits in the running set without being scheduled until its sibling beams have theirs.
+
 The scheduler only does CPU bookkeeping; the model runner turns its output into tensors.
 """
 
@@ -99,6 +102,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # a beam whose logits are in, waiting for its sibling beams
+                i += 1
+                continue
             while not bm.can_allocate(seq, n):
                 victim = self.running[-1]  # lowest priority among those not scheduled yet
                 self._preempt(victim)
@@ -121,7 +127,13 @@ class Scheduler:
             hit = bm.find_cached_prefix(seq) if seq.params.prompt_logprobs is None else []
             n = min(seq.num_tokens - max(seq.num_computed_tokens, len(hit) * bm.block_size), budget)
             if not bm.can_allocate(seq, n, hit):
-                break
+                if out.scheduled or not self.running:
+                    break
+                # Nothing runs this step: every running sequence is a beam waiting for a sibling
+                # beam that is queued here. Make room by preempting the lowest-priority one (the
+                # pool holds any one beam-search request whole, so this always ends).
+                self._preempt(self.running[-1])
+                continue
             self.waiting.pop(0)
             bm.allocate(seq, n, hit)
             seq.status = SequenceStatus.RUNNING

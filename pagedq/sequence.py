@@ -42,12 +42,12 @@ class Sequence:
     token per step while decoding, everything again after a preemption).
     """
 
-    def __init__(self, request: Request, index: int):
+    def __init__(self, request: Request, index: int, token_ids: list[int] | None = None):
         self.seq_id = next(_seq_counter)
         self.request = request
         self.index = index
-        self.token_ids: list[int] = list(request.prompt_token_ids)
-        self.num_prompt_tokens = len(self.token_ids)
+        self.token_ids: list[int] = list(request.prompt_token_ids if token_ids is None else token_ids)
+        self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         # prefix cache: leading blocks registered so far, and the content id of the last one
@@ -99,14 +99,18 @@ class Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # or a BeamSearchParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Logits of the prompt positions come from the first forward pass(es); with chunked
     # prefill they arrive in pieces, so the count of positions already scored is kept.
     num_prompt_logprobs_done: int = 0
+    # Beam-search state (a ``beam_search.BeamSearch``); ``seqs`` are then the live beams.
+    beam: object | None = None
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None and self.beam.done:
+            return True
         return all(s.is_finished for s in self.seqs)
