@@ -76,7 +76,9 @@ class BeamSearchParams:
             or not math.isfinite(self.length_penalty)
         ):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+        if self.early_stopping not in (True, False, "never") or not isinstance(
+            self.early_stopping, (bool, str)
+        ):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
@@ -85,7 +87,9 @@ class BeamSearchParams:
     def check_vocab(self, vocab_size: int) -> None:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids has token ids outside the vocabulary (size {vocab_size}): {bad}")
+            raise ValueError(
+                f"stop_token_ids has token ids outside the vocabulary (size {vocab_size}): {bad}"
+            )
         if self.beam_width > vocab_size:
             raise ValueError(f"beam_width must be <= the vocabulary size {vocab_size}, got {self.beam_width}")
 
@@ -104,7 +108,9 @@ class Hypothesis:
 class BeamSearch:
     """The beam state of one request: live beams, their scores, the kept hypotheses."""
 
-    def __init__(self, params: BeamSearchParams, stop_ids: list[int], user_stop_ids: list[int], max_new_tokens: int):
+    def __init__(
+        self, params: BeamSearchParams, stop_ids: list[int], user_stop_ids: list[int], max_new_tokens: int
+    ):
         self.params = params
         self.width = params.beam_width
         self.stop_ids = set(stop_ids)

@@ -163,9 +163,7 @@ class LLMEngine:
             f"a prompt must be a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
         )
 
-    def validate_request(
-        self, prompt: PromptType, params: ParamsType | None
-    ) -> tuple[str | None, list[int]]:
+    def validate_request(self, prompt: PromptType, params: ParamsType | None) -> tuple[str | None, list[int]]:
         """Check one request without queueing it; return its prompt text and token ids.
 
         Raises ``ValueError`` naming the field, the value and what is allowed.
@@ -406,7 +404,12 @@ class LLMEngine:
             if seq.index != 0 or len(req.seqs) == 1 or seq.num_output_tokens:
                 continue
             for sib in req.seqs[1:]:
-                if sib.block_table or sib.is_finished or sib.num_output_tokens or sib in self.scheduler.waiting:
+                if (
+                    sib.block_table
+                    or sib.is_finished
+                    or sib.num_output_tokens
+                    or sib in self.scheduler.waiting
+                ):
                     continue  # already forked
                 self._fork(seq, sib)
                 if sib.status is SequenceStatus.RUNNING:

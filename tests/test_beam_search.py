@@ -42,9 +42,7 @@ class HFBeams:
             )
         n = ids.shape[1]
         lens = (g.beam_indices != -1).sum(dim=1).tolist()
-        return [
-            (g.sequences[i, n : n + lens[i]].tolist(), float(g.sequences_scores[i])) for i in range(k)
-        ]
+        return [(g.sequences[i, n : n + lens[i]].tolist(), float(g.sequences_scores[i])) for i in range(k)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -66,7 +64,11 @@ def test_beam_search_equals_hf(model_factory, arch):
         for k in (2, 4):
             for lp, es in SETTINGS:
                 params = BeamSearchParams(
-                    beam_width=k, max_tokens=max_new, length_penalty=lp, early_stopping=es, stop_token_ids=[stop]
+                    beam_width=k,
+                    max_tokens=max_new,
+                    length_penalty=lp,
+                    early_stopping=es,
+                    stop_token_ids=[stop],
                 )
                 outs = run_checked(llm, BEAM_PROMPTS, params)
                 for p, out in zip(BEAM_PROMPTS, outs):
@@ -80,7 +82,11 @@ def test_beam_search_equals_hf(model_factory, arch):
                     for c in out.outputs:
                         if len(c.token_ids) < max_new:
                             finished_early += 1
-                            assert c.token_ids[-1] == stop and c.finish_reason == "stop" and c.stop_reason == stop
+                            assert (
+                                c.token_ids[-1] == stop
+                                and c.finish_reason == "stop"
+                                and c.stop_reason == stop
+                            )
                         assert c.text == llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True)
         assert finished_early > 0
 
@@ -120,7 +126,11 @@ def test_sharing_off_gives_the_same_beams_with_more_blocks(tiny_llama):
     runs = {}
     for sharing in (True, False):
         with LLM(
-            tiny_llama, dtype="float32", block_size=4, enable_kv_sharing=sharing, enable_prefix_caching=sharing
+            tiny_llama,
+            dtype="float32",
+            block_size=4,
+            enable_kv_sharing=sharing,
+            enable_prefix_caching=sharing,
         ) as llm:
             outs = run_checked(llm, prompts, params)
             runs[sharing] = ([[c.token_ids for c in o.outputs] for o in outs], llm.stats())
@@ -158,7 +168,9 @@ def test_beam_and_sampling_requests_batch_together(tiny_llama):
     ]
     # width 1 is greedy search
     with LLM(tiny_llama, dtype="float32") as llm:
-        one = llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=1, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        one = llm.beam_search(
+            PROMPTS[:2], BeamSearchParams(beam_width=1, max_tokens=16, ignore_eos=True), use_tqdm=False
+        )
     assert [o.outputs[0].token_ids for o in one] == [o.outputs[0].token_ids for o in solo_g]
 
 
@@ -170,11 +182,15 @@ def test_abort_and_stream_of_a_beam_request(tiny_llama):
         for _ in range(5):
             outs = eng.step()
         assert outs and not outs[0].finished and len(outs[0].outputs) == 3
-        assert all(len(c.token_ids) == 5 for c in outs[0].outputs)  # a token per step, the first from the prefill
+        assert all(
+            len(c.token_ids) == 5 for c in outs[0].outputs
+        )  # a token per step, the first from the prefill
         final = eng.abort(rid)
         assert final.finished and all(c.finish_reason == "abort" for c in final.outputs)
         assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
-        streamed = list(llm.stream([PROMPTS[4]], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)))
+        streamed = list(
+            llm.stream([PROMPTS[4]], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
+        )
         assert streamed[-1].finished and len(streamed[-1].outputs) == 3
         assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
 
@@ -196,4 +212,6 @@ def test_bad_beam_params_are_rejected_with_the_fix(tiny_llama):
         with pytest.raises(ValueError, match="beam_search needs a BeamSearchParams"):
             llm.beam_search(PROMPTS[0], SamplingParams())
         # the engine is untouched and still serves
-        assert llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=2, max_tokens=4), use_tqdm=False)[0].finished
+        assert llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=2, max_tokens=4), use_tqdm=False)[
+            0
+        ].finished
