@@ -34,6 +34,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--beam-width", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: length exponent")
 
 
 def _engine_kwargs(a) -> dict:
@@ -51,8 +53,15 @@ def _engine_kwargs(a) -> dict:
 
 
 def _sampling_params(a):
-    from pagedq import SamplingParams
+    from pagedq import BeamSearchParams, SamplingParams
 
+    if a.beam_width is not None:
+        return BeamSearchParams(
+            beam_width=a.beam_width,
+            max_tokens=a.max_tokens,
+            length_penalty=a.length_penalty,
+            ignore_eos=a.ignore_eos,
+        )
     return SamplingParams(
         n=a.n,
         temperature=a.temperature,
@@ -81,7 +90,7 @@ def cmd_generate(a) -> None:
 
     sp = _sampling_params(a)
     with LLM(_resolve_model(a.model), **_engine_kwargs(a)) as llm:
-        if a.stream and sp.n == 1 and len(a.prompt) == 1:
+        if a.stream and sp.n == 1 and len(a.prompt) == 1 and a.beam_width is None:
             shown = 0
             for out in llm.stream(a.prompt, sp):
                 text = out.outputs[0].text
@@ -182,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-num-seqs", type=int, default=256)
     b.add_argument("--kv-cache-memory", default=None)
     b.add_argument("--hf-batch-size", type=int, default=32)
+    b.add_argument(
+        "--cases", default="parallel,beam,prefix", help="sharing: which workloads, comma-separated"
+    )
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers run")
     b.add_argument(
         "--vllm-python",

@@ -113,6 +113,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     enable_kv_sharing: bool = True
+    quantization: str | None = None
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -127,6 +128,11 @@ class EngineConfig:
             _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
+        if self.quantization is not None and self.quantization not in ("int8", "int4"):
+            raise ValueError(
+                f"quantization must be 'int8', 'int4' or None (GPTQ/AWQ checkpoints are detected from "
+                f"config.json), got {self.quantization!r}"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

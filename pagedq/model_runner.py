@@ -28,12 +28,13 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         block_size: int,
+        quantization: str | None = None,
     ):
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
-        self.model = load_model(model_dir, model_config, dtype, device, max_model_len)
+        self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._kv_storage: torch.Tensor | None = None
         self._workspace: dict = {}

@@ -215,3 +215,26 @@ def test_bad_beam_params_are_rejected_with_the_fix(tiny_llama):
         assert llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=2, max_tokens=4), use_tqdm=False)[
             0
         ].finished
+
+
+def test_cli_generate_with_beams(tiny_llama, capsys):
+    from pagedq import cli
+
+    cli.main(
+        [
+            "generate",
+            "--model",
+            tiny_llama,
+            "--dtype",
+            "float32",
+            "x = 1",
+            "--beam-width",
+            "3",
+            "--max-tokens",
+            "6",
+        ]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    with LLM(tiny_llama, dtype="float32") as llm:
+        ref = llm.beam_search("x = 1", BeamSearchParams(beam_width=3, max_tokens=6), use_tqdm=False)[0]
+    assert lines == [f"[0.{c.index}] x = 1{c.text}" for c in ref.outputs]

@@ -1,10 +1,13 @@
-"""``pagedq bench sharing``: KV sharing on and off, on the ``parallel`` and ``prefix`` workloads.
+"""``pagedq bench sharing``: KV sharing on and off, on the ``parallel``, ``beam`` and ``prefix`` workloads.
 
 With sharing, a request with ``n=4`` prefills its prompt once and its samples share the prompt
-blocks, and requests reuse cached prefix blocks. Without it, the same work is submitted as
-``n`` separate requests with prefix caching off. Both produce the same tokens (sample ``j`` of a
-request seeded ``s`` draws from ``s + j``); the report is peak KV blocks in use, the memory
-saved, and throughput.
+blocks; beams share the blocks of their common history and copy only the block where they
+diverge; requests reuse cached prefix blocks. Without it, the ``n`` samples are submitted as
+separate requests, a forked beam gets a private copy of all its parent's blocks (what a
+contiguous per-sequence cache does), and prefix caching is off. Both produce the same tokens
+(sample ``j`` of a request seeded ``s`` draws from ``s + j``); the report is peak KV blocks in
+use, the memory saved, and throughput (tokens generated per second; for beam search, the tokens
+of every live beam).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from pagedq import LLM, SamplingParams
+from pagedq import LLM, BeamSearchParams, SamplingParams
 
 from . import workloads
 
@@ -24,15 +27,16 @@ def _run(model_dir: str, args, shared: bool, prompts, params) -> dict:
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=shared,
+        enable_kv_sharing=shared,
+        max_num_seqs=args.max_num_seqs,
     ) as llm:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         s = llm.stats()
-    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
         "seconds": dt,
-        "tps": tokens / dt,
+        "tps": s["generated_tokens"] / dt,
         "peak": s["peak_kv_blocks_in_use"],
         "hits": s["prefix_cache_hits"],
         "outs": [c.token_ids for o in outs for c in o.outputs],
@@ -56,6 +60,13 @@ def _parallel(tok, n):
     return shared, (sep_prompts, sep_params)
 
 
+def _beam(tok, width):
+    w = workloads.beam(tok)
+    prompts = [{"prompt_token_ids": p} for p in w.prompts]
+    params = [BeamSearchParams(beam_width=width, max_tokens=m) for m in w.output_lens]
+    return (prompts, params), (prompts, params)
+
+
 def _prefix(tok):
     w = workloads.prefix(tok)
     prompts = [{"prompt_token_ids": p} for p in w.prompts]
@@ -69,7 +80,16 @@ def main(args) -> None:
     model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     with LLM(model_dir, num_kv_blocks=1) as probe:
         tok = probe.get_tokenizer()
-    cases = {"parallel": _parallel(tok, 4), "prefix": _prefix(tok)}
+    builders = {
+        "parallel": lambda: _parallel(tok, 4),
+        "beam": lambda: _beam(tok, 4),
+        "prefix": lambda: _prefix(tok),
+    }
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in builders]
+    if unknown:
+        raise SystemExit(f"unknown sharing workload(s) {unknown}; choose from {sorted(builders)}")
+    cases = {name: builders[name]() for name in names}
     print(f"model {model_dir} ({args.dtype}), block size {args.block_size}, medians of {args.runs} runs")
     print(f"{'workload':<10}{'sharing':>9}{'peak blocks':>13}{'saved':>8}{'out tok/s':>11}{'speed-up':>10}")
     for name, (with_sharing, without) in cases.items():
@@ -91,4 +111,3 @@ def main(args) -> None:
             f"{name:<10}{'on':>9}{p_on:>13}{100 * (1 - p_on / p_off):>7.1f}%{t_on:>11.1f}{t_on / t_off:>9.2f}x"
         )
         print(f"{'':<10}{'off':>9}{p_off:>13}{'':>8}{t_off:>11.1f}")
-    print("beam: beam search is not implemented yet (open work of the KV-sharing issue)")

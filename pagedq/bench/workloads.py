@@ -55,6 +55,12 @@ def parallel(tokenizer, num_requests: int = 32) -> Workload:
     return Workload("parallel", base.prompts, [128] * num_requests)
 
 
+def beam(tokenizer, num_requests: int = 16) -> Workload:
+    """16 requests, prompts as ``throughput``, up to 64 output tokens, beam width 4 (EOS stops a beam)."""
+    base = throughput(tokenizer, num_requests)
+    return Workload("beam", base.prompts, [64] * num_requests)
+
+
 def prefix(tokenizer, num_requests: int = 64, prefix_len: int = 512) -> Workload:
     """64 requests: one shared 512-token prefix plus a distinct 16-64-token suffix; 64 output tokens."""
     corpus = corpus_token_ids(tokenizer)

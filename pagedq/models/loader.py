@@ -67,10 +67,38 @@ def _fused_slice(model: LlamaForCausalLM, fused: str, part) -> slice:
     return slice(part * i, (part + 1) * i)
 
 
+_QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def load_model(
-    model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str | None = None,
 ):
-    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint."""
+    """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint.
+
+    A checkpoint with a ``quantization_config`` (GPTQ, AWQ) loads its projections as
+    quantized layers; ``quantization="int8"`` or ``"int4"`` quantizes a dense checkpoint's
+    projections as it loads (embeddings, norms and the LM head stay in ``dtype``).
+    """
+    qcfg = None
+    if cfg.raw.get("quantization_config") is not None or os.path.isfile(
+        os.path.join(model_dir, "quantize_config.json")
+    ):
+        from pagedq.quant.formats import read_quant_config
+
+        qcfg = read_quant_config(model_dir, cfg.raw)
+        if qcfg.method == "bitsandbytes":
+            raise ValueError(_BNB_ERROR)
+        if quantization is not None:
+            raise ValueError(
+                f"this checkpoint is already quantized ({qcfg.method}); drop quantization={quantization!r}"
+            )
     cls = MODEL_CLASSES[cfg.architecture]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in the model dtype: no float32 copy
@@ -81,12 +109,19 @@ def load_model(
         torch.set_default_dtype(previous)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    # tensors of quantized projections: module key -> leaf name -> tensor
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in iter_tensors(model_dir):
         if "rotary_emb.inv_freq" in name:
             continue
         key = name[len("model.") :] if name.startswith("model.") else name
         if key == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: the head is the embedding matrix
+        if qcfg is not None:
+            module, _, leaf = key.rpartition(".")
+            if leaf in _QUANT_LEAVES or (leaf == "bias" and module.endswith(_PROJECTIONS)):
+                quantized.setdefault(module, {})[leaf] = tensor
+                continue
         target, rows = key, None
         for frag, (fused, part) in _FUSED.items():
             if f".{frag}." in key:
@@ -105,8 +140,13 @@ def load_model(
             )
         dst.copy_(tensor)
         loaded.add(f"{target}[{rows.start}]" if rows is not None else target)
+    replaced: set[str] = set()
+    if qcfg is not None:
+        replaced = _install_quantized(model, quantized, qcfg, dtype, device, loaded)
     expected = set()
     for pname in params:
+        if pname.rpartition(".")[0] in replaced:
+            continue
         if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
             expected.update(f"{pname}[{_fused_slice(model, 'qkv_proj', s).start}]" for s in "qkv")
         elif pname.endswith("gate_up_proj.weight"):
@@ -118,5 +158,74 @@ def load_model(
         raise ValueError(
             f"checkpoint in {model_dir!r} lacks weights: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
         )
+    if quantization is not None:
+        _quantize_on_load(model, quantization, dtype, device)
     model.eval()
     return model
+
+
+_BNB_ERROR = (
+    "this checkpoint holds bitsandbytes weights; pagedq reads GPTQ and AWQ checkpoints and quantizes "
+    "dense ones on load (quantization='int8' / 'int4'), but does not execute bitsandbytes layers"
+)
+
+
+def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[str]) -> set[str]:
+    """Replace the fused projections whose parts the checkpoint holds quantized; return their names."""
+    from pagedq.quant.formats import UNPACKERS
+    from pagedq.quant.linear import make_fused_quant_linear
+
+    replaced = set()
+    for layer_idx, layer in enumerate(model.layers):
+        for parent_name, fused_name, parts in (
+            ("self_attn", "qkv_proj", _FUSED_PARTS["qkv_proj"]),
+            ("self_attn", "o_proj", ("o_proj",)),
+            ("mlp", "gate_up_proj", _FUSED_PARTS["gate_up_proj"]),
+            ("mlp", "down_proj", ("down_proj",)),
+        ):
+            keys = [f"layers.{layer_idx}.{parent_name}.{p}" for p in parts]
+            have = [k for k in keys if "qweight" in tensors.get(k, {})]
+            if not have:
+                continue
+            if len(have) != len(keys):
+                raise ValueError(f"checkpoint quantizes only some of {keys}; pagedq needs all or none")
+            weights = [UNPACKERS[qcfg.method](tensors[k], qcfg) for k in keys]
+            biases = [tensors[k].get("bias") for k in keys]
+            bias = None if all(b is None for b in biases) else torch.cat([b.to(dtype) for b in biases])
+            parent = getattr(layer, parent_name)
+            dense = getattr(parent, fused_name)
+            if tuple(dense.weight.shape) != (sum(w.shape[0] for w in weights), weights[0].shape[1]):
+                raise ValueError(
+                    f"quantized {keys} unpack to {[w.shape for w in weights]}, which does not fit "
+                    f"{fused_name} {tuple(dense.weight.shape)}; is config.json right?"
+                )
+            setattr(parent, fused_name, make_fused_quant_linear(weights, bias, dtype, device))
+            replaced.add(f"layers.{layer_idx}.{parent_name}.{fused_name}")
+    leftover = sorted(k for k, v in tensors.items() if "qweight" in v and not k.startswith("layers."))
+    if leftover:
+        raise ValueError(f"checkpoint has quantized tensors pagedq cannot place: {leftover[:4]}")
+    for module, leaves in tensors.items():  # dense projections with a bias (nothing quantized)
+        if "qweight" not in leaves and "bias" in leaves:
+            raise ValueError(f"checkpoint has a bias for {module} but no weights for it")
+    return replaced
+
+
+def _quantize_on_load(model, method: str, dtype, device) -> None:
+    from pagedq.quant.linear import make_quant_linear
+    from pagedq.quant.rtn import ON_LOAD, rtn
+
+    if method not in ON_LOAD:
+        raise ValueError(f"quantization must be one of {sorted(ON_LOAD)} or None, got {method!r}")
+    for layer in model.layers:
+        for parent, name in (
+            (layer.self_attn, "qkv_proj"),
+            (layer.self_attn, "o_proj"),
+            (layer.mlp, "gate_up_proj"),
+            (layer.mlp, "down_proj"),
+        ):
+            dense = getattr(parent, name)
+            bias = None if dense.bias is None else dense.bias.data
+            opts = dict(ON_LOAD[method])
+            if dense.in_features % max(opts["group_size"], 1):
+                opts["group_size"] = -1  # narrower than one group: one scale per output channel
+            setattr(parent, name, make_quant_linear(rtn(dense.weight.data, **opts), bias, dtype, device))

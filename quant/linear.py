@@ -1,0 +1,240 @@
+"""``QuantLinear``: linear layers over quantized weights, one small class per execution path.
+
+Every class holds its weight in the layout its kernel reads and implements two things:
+``_kernel(x)`` (the weight-only-quantized matmul, best for few tokens: decode) and
+``dequantize(dtype)`` (the real weight, for many tokens: prefill). ``forward`` picks between
+them by the number of rows: on CPU the int4/int8 kernels beat a bf16 GEMM only while the work
+is memory-bound, and a dequantize-then-GEMM wins beyond ``dequant_min_tokens`` rows (measured
+by ``pagedq bench quant --crossover``).
+
+* :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
+  ``(8 - z) * s`` (the kernel computes ``(q - 8) * s + offset``). GPTQ act-order (``g_idx``
+  not sorted) becomes sorted groups by permuting the input channels once at load and the
+  activations at run time.
+* :class:`Int8Linear` — 8-bit per-output-channel symmetric codes (``quantization="int8"``,
+  GPTQ 8-bit without groups): ``torch.ops.aten._weight_int8pack_mm``.
+* :class:`GroupedLinear` — any other bits / groups / ``g_idx``: dequantize and GEMM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import QuantWeight
+
+logger = logging.getLogger(__name__)
+
+# Rows from which dequantize + dense GEMM beats the weight-only kernels (see module docstring).
+DEQUANT_MIN_TOKENS = 32
+
+_INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes, largest first
+
+
+class QuantLinear(nn.Module):
+    """Base class: ``y = x @ W.T + b`` with ``W`` held quantized."""
+
+    in_features: int
+    out_features: int
+    dequant_min_tokens: int = DEQUANT_MIN_TOKENS
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= self.dequant_min_tokens:
+            return F.linear(self._prepare(x), self.dequantize(x.dtype), self.bias)
+        out = self._kernel(self._prepare(x))
+        return out if self.bias is None else out + self.bias
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+def _int4_layout_ok(n: int, k: int) -> bool:
+    """Whether the CPU int4 packing of an ``[n, k]`` weight is the one ``_unpack_int4`` reads.
+
+    The packed layout is internal to torch; it is checked on a probe once per shape rather
+    than trusted, so a torch that packs differently falls back to keeping codes as bytes.
+    """
+    key = (n, k)
+    if key not in _LAYOUT_CHECKED:
+        g = torch.Generator().manual_seed(n * 7919 + k)
+        probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        _LAYOUT_CHECKED[key] = bool(
+            packed.shape == (n, k // 2)
+            and n % 64 == 0
+            and torch.equal(_unpack_int4(packed, n, k), probe.to(torch.uint8))
+        )
+    return _LAYOUT_CHECKED[key]
+
+
+_LAYOUT_CHECKED: dict[tuple[int, int], bool] = {}
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes ``[n, k]`` from torch's CPU int4 packing: blocks of 64 output channels, each a
+    ``[k, 32]`` byte array whose low nibbles are channels 0-31 and high nibbles 32-63."""
+    b = packed.view(n // 64, k, 32)
+    q = torch.cat([b & 0xF, b >> 4], dim=2)  # [n/64, k, 64]
+    return q.transpose(1, 2).reshape(n, k)
+
+
+class Int4Linear(QuantLinear):
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        n, k = w.shape
+        super().__init__(k, n, bias)
+        perm = None
+        g_idx, q = w.g_idx, w.q
+        if w.regular_group_size is None:  # act-order: sort input channels by group
+            perm = torch.argsort(g_idx, stable=True)
+            g_idx, q = g_idx[perm], q[:, perm]
+        groups = w.scales.shape[0]
+        size = k // groups
+        scales, zeros = w.scales, w.zeros
+        if size not in _INT4_GROUPS:  # one group per channel (group_size -1): repeat it
+            size = next(s for s in _INT4_GROUPS if k % s == 0 and s <= size and size % s == 0)
+            reps = (k // groups) // size
+            scales, zeros = scales.repeat_interleave(reps, 0), zeros.repeat_interleave(reps, 0)
+        self.group_size = size
+        self.register_buffer("perm", perm)
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        )
+        self.register_buffer(
+            "scale_zeros", torch.stack([scales, (8.0 - zeros) * scales], dim=-1).to(dtype).contiguous()
+        )
+        # codes for dequantize(), kept only if torch's packing is not the layout we can read
+        self.register_buffer("codes", None if _int4_layout_ok(n, k) else q.contiguous())
+
+    @staticmethod
+    def supports(w: QuantWeight) -> bool:
+        n, k = w.shape
+        if w.bits != 4 or k % 32:
+            return False
+        groups = w.scales.shape[0]
+        if k % groups:
+            return False
+        size = k // groups
+        if size not in _INT4_GROUPS and not any(size % s == 0 and k % s == 0 for s in _INT4_GROUPS):
+            return False
+        counts = torch.bincount(w.g_idx, minlength=groups)
+        return bool((counts == size).all())  # act-order is fine if every group is full
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.perm is None else x.index_select(-1, self.perm)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self.scale_zeros if self.scale_zeros.dtype == x.dtype else self.scale_zeros.to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        q = self.codes if self.codes is not None else _unpack_int4(self.packed, n, k)
+        sz = self.scale_zeros.to(dtype)  # [G, N, 2]
+        s = sz[..., 0].T.repeat_interleave(self.group_size, 1)  # [N, K]
+        off = sz[..., 1].T.repeat_interleave(self.group_size, 1)
+        return (q.to(dtype) - 8) * s + off
+
+
+class Int8Linear(QuantLinear):
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        n, k = w.shape
+        super().__init__(k, n, bias)
+        self.register_buffer("weight_int8", (w.q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        self.register_buffer("scales", w.scales[0].to(dtype).contiguous())
+
+    @staticmethod
+    def supports(w: QuantWeight) -> bool:
+        return w.bits == 8 and w.scales.shape[0] == 1 and bool((w.zeros == 128).all())
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, s)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
+
+class GroupedLinear(QuantLinear):
+    """Any canonical weight, dequantized for every call: correct for every layout, not fast."""
+
+    dequant_min_tokens = 0
+
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        n, k = w.shape
+        super().__init__(k, n, bias)
+        self.bits = w.bits
+        self.register_buffer("q", w.q.contiguous())
+        self.register_buffer("scales", w.scales.to(dtype))
+        self.register_buffer("zeros", w.zeros.to(dtype))
+        self.register_buffer("g_idx", w.g_idx)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self.scales.to(dtype)[self.g_idx].T
+        z = self.zeros.to(dtype)[self.g_idx].T
+        return (self.q.to(dtype) - z) * s
+
+
+def make_quant_linear(
+    w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> QuantLinear:
+    """The fastest layer that can run ``w`` on ``device``."""
+    if device.type == "cpu":
+        if Int4Linear.supports(w):
+            return Int4Linear(w, bias, dtype)
+        if Int8Linear.supports(w):
+            return Int8Linear(w, bias, dtype)
+    logger.debug("quantized layer %s (%d-bit) runs as dequantize + GEMM", w.shape, w.bits)
+    return GroupedLinear(w, bias, dtype).to(device)
+
+
+class ConcatLinear(nn.Module):
+    """Layers that read one input but could not be fused (e.g. q/k/v with different act-order
+    permutations): run each, concatenate the outputs."""
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def make_fused_quant_linear(
+    weights: list[QuantWeight], bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """One layer for projections that share an input (q/k/v, gate/up), fused when their
+    quantization groups agree."""
+    if len(weights) == 1:
+        return make_quant_linear(weights[0], bias, dtype, device)
+    try:
+        fused = QuantWeight.cat(weights)
+    except ValueError:
+        sizes = [w.shape[0] for w in weights]
+        biases = [None] * len(weights) if bias is None else list(bias.split(sizes))
+        return ConcatLinear([make_quant_linear(w, b, dtype, device) for w, b in zip(weights, biases)])
+    return make_quant_linear(fused, bias, dtype, device)

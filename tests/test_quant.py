@@ -1,0 +1,337 @@
+"""Quantized weights: GPTQ / AWQ checkpoints and quantize-on-load, against dequantized references.
+
+The checkpoints here are packed by the small writer below, written from the published layouts
+(AutoGPTQ / AutoAWQ), not with pagedq's own packing code, so a loader bug cannot hide behind a
+matching writer bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from pagedq.quant.formats import QuantConfig, QuantWeight, awq_unpack, gptq_unpack
+from pagedq.quant.linear import (
+    GroupedLinear,
+    Int4Linear,
+    Int8Linear,
+    make_fused_quant_linear,
+    make_quant_linear,
+)
+from safetensors.torch import load_file, save_file
+
+from pagedq import LLM, SamplingParams
+
+from .conftest import PROMPTS
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+# --- an independent writer of the published layouts ----------------------------------------------
+
+
+def _to_int32(words: list[int]) -> torch.Tensor:
+    return torch.tensor([w - 2**32 if w >= 2**31 else w for w in words], dtype=torch.int64).to(torch.int32)
+
+
+def ref_pack_gptq(q, zeros, scales, g_idx, bits, v1):
+    """AutoGPTQ layout: qweight[K/pf, N] packed along K, qzeros[G, N/pf] along N, LSB first."""
+    n, k = q.shape
+    pf = 32 // bits
+    qw = [[0] * n for _ in range(k // pf)]
+    for kk in range(k):
+        for nn in range(n):
+            qw[kk // pf][nn] |= int(q[nn, kk]) << (bits * (kk % pf))
+    g = zeros.shape[0]
+    qz = [[0] * (n // pf) for _ in range(g)]
+    for gg in range(g):
+        for nn in range(n):
+            z = int(zeros[gg, nn]) - (1 if v1 else 0)
+            qz[gg][nn // pf] |= z << (bits * (nn % pf))
+    return {
+        "qweight": torch.stack([_to_int32(r) for r in qw]),
+        "qzeros": torch.stack([_to_int32(r) for r in qz]),
+        "scales": scales.to(torch.float16),
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def ref_pack_awq(q, zeros, scales):
+    """AutoAWQ GEMM layout: qweight[K, N/8] packed along N, nibble i holds column AWQ_ORDER[i]."""
+
+    def pack_cols(m):  # m: [R, N] codes
+        r, n = m.shape
+        out = []
+        for rr in range(r):
+            row = []
+            for c in range(n // 8):
+                word = 0
+                for i in range(8):
+                    word |= int(m[rr, 8 * c + AWQ_ORDER[i]]) << (4 * i)
+                row.append(word)
+            out.append(_to_int32(row))
+        return torch.stack(out)
+
+    return {"qweight": pack_cols(q.T), "qzeros": pack_cols(zeros), "scales": scales.to(torch.float16)}
+
+
+def ref_dequant(q, zeros, scales, g_idx):
+    s = scales.to(torch.float16).float()  # the checkpoint stores fp16 scales
+    return (q.float() - zeros[g_idx].T.float()) * s[g_idx].T
+
+
+def random_weight(n, k, bits, group, sym, act_order, seed, v1=True):
+    g = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    size = k if group == -1 else group
+    groups = k // size
+    q = torch.randint(0, maxq + 1, (n, k), generator=g, dtype=torch.int64)
+    if sym:
+        zeros = torch.full((groups, n), (maxq + 1) // 2, dtype=torch.int64)
+    else:
+        zeros = torch.randint(1 if v1 else 0, maxq + 1, (groups, n), generator=g, dtype=torch.int64)
+    scales = torch.rand(groups, n, generator=g) * 0.02 + 0.001
+    if act_order:
+        perm = torch.randperm(k, generator=g)
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[perm] = torch.arange(k) // size
+    else:
+        g_idx = torch.arange(k) // size
+    return q, zeros, scales, g_idx
+
+
+GPTQ_CASES = [
+    # bits, group, sym, act_order, v1
+    (4, 32, True, False, True),
+    (4, 64, False, False, True),
+    (4, 32, False, True, True),
+    (4, 32, False, True, False),
+    (4, -1, True, False, False),
+    (8, 32, True, False, True),
+    (8, 64, False, True, False),
+    (8, -1, True, False, True),
+]
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order,v1", GPTQ_CASES)
+def test_gptq_layer_equals_dequantized_reference(bits, group, sym, act_order, v1):
+    n, k = 128, 256
+    q, zeros, scales, g_idx = random_weight(n, k, bits, group, sym, act_order, seed=bits * 100 + k, v1=v1)
+    packed = ref_pack_gptq(q, zeros, scales, g_idx, bits, v1)
+    cfg = QuantConfig("gptq", bits, group, sym, act_order, "gptq" if v1 else "gptq_v2")
+    w = gptq_unpack(packed, cfg)
+    ref_w = ref_dequant(q, zeros, scales, g_idx)
+    torch.testing.assert_close(w.dequantize(), ref_w, rtol=0, atol=0)
+    bias = torch.randn(n)
+    layer = make_quant_linear(w, bias, torch.float32, torch.device("cpu"))
+    if bits == 4:
+        assert isinstance(layer, Int4Linear)
+    elif group == -1 and sym:
+        assert isinstance(layer, Int8Linear)
+    else:
+        assert isinstance(layer, GroupedLinear)
+    for rows in (3, 40):  # the weight-only kernel, then dequantize + GEMM
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_awq_layer_equals_dequantized_reference():
+    n, k = 128, 256
+    q, zeros, scales, g_idx = random_weight(n, k, 4, 64, False, False, seed=7, v1=False)
+    w = awq_unpack(ref_pack_awq(q, zeros, scales), QuantConfig("awq", 4, 64, False))
+    ref_w = ref_dequant(q, zeros, scales, g_idx)
+    torch.testing.assert_close(w.dequantize(), ref_w, rtol=0, atol=0)
+    layer = make_quant_linear(w, None, torch.float32, torch.device("cpu"))
+    assert isinstance(layer, Int4Linear)
+    for rows in (1, 33):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(layer(x), x @ ref_w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_kernels_stay_close_to_the_reference():
+    n, k = 128, 256
+    q, zeros, scales, g_idx = random_weight(n, k, 4, 32, False, True, seed=3)
+    ref_w = ref_dequant(q, zeros, scales, g_idx)
+    w = QuantWeight(q.to(torch.uint8), scales.to(torch.float16).float(), zeros.float(), g_idx, 4)
+    layer = make_quant_linear(w, None, torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(4, k)
+    ref = x @ ref_w.T
+    for rows in (4, 64):
+        xb = torch.randn(rows, k)
+        out = layer(xb.bfloat16()).float()
+        err = (out - xb @ ref_w.T).abs().max() / (xb @ ref_w.T).abs().max()
+        assert err < 2e-2, err
+    assert ref.shape == (4, n)
+
+
+def test_unfusable_projections_run_side_by_side():
+    """q/k/v with different act-order permutations cannot share one int4 layer: they run apart."""
+    parts, refs = [], []
+    for seed in (1, 2, 3):
+        q, zeros, scales, g_idx = random_weight(64, 128, 4, 32, False, True, seed=seed)
+        parts.append(QuantWeight(q.to(torch.uint8), scales, zeros.float(), g_idx, 4))
+        refs.append(parts[-1].dequantize())
+    layer = make_fused_quant_linear(parts, None, torch.float32, torch.device("cpu"))
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(layer(x), x @ torch.cat(refs).T, rtol=1e-5, atol=1e-4)
+
+
+# --- whole models ----------------------------------------------------------------------------------
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_quantized(
+    src: str, out_q: str, out_dense: str, fmt: str, bits: int, group: int, sym: bool, act_order: bool
+):
+    """Quantize every projection of ``src`` (round to nearest), write it in ``fmt``'s layout to
+    ``out_q`` and the dequantized weights as a dense checkpoint to ``out_dense``."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    qt, dt = {}, {}
+    g = torch.Generator().manual_seed(0)
+    perms = {}
+    for name, t in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        proj = module.rpartition(".")[2]
+        if proj not in PROJ or leaf != "weight":
+            qt[name] = dt[name] = t
+            continue
+        n, k = t.shape
+        size = k if group == -1 else group
+        maxq = 2**bits - 1
+        w = t.float().reshape(n, k // size, size)
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        if sym:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        scale = ((hi - lo) / maxq).to(torch.float16).float()
+        zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-lo / scale).clamp(1, maxq)
+        if act_order:  # one permutation per input: q/k/v share it, as do gate/up
+            key = (
+                module.rpartition(".")[0],
+                k,
+                proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+            )
+            if key not in perms:
+                perms[key] = torch.randperm(k, generator=g)
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[perms[key]] = torch.arange(k) // size
+        else:
+            g_idx = torch.arange(k) // size
+        s_k, z_k = scale.T[g_idx].T, zero.T[g_idx].T  # [N, K]
+        q = torch.clamp(torch.round(t.float() / s_k) + z_k, 0, maxq).to(torch.int64)
+        zeros_i, scales_g = zero.T.to(torch.int64), scale.T
+        dt[name] = ref_dequant(q, zeros_i, scales_g, g_idx)
+        if fmt == "awq":
+            packed = ref_pack_awq(q, zeros_i, scales_g)
+        else:
+            packed = ref_pack_gptq(q, zeros_i, scales_g, g_idx, bits, v1=True)
+        for leaf_name, v in packed.items():
+            qt[f"{module}.{leaf_name}"] = v
+    for out, ts in ((out_q, qt), (out_dense, dt)):
+        shutil.copytree(src, out)
+        os.remove(os.path.join(out, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ts.items()}, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out_q, "config.json")) as f:
+        cfg = json.load(f)
+    if fmt == "awq":
+        cfg["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group,
+            "zero_point": True,
+            "version": "gemm",
+        }
+    else:
+        cfg["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group,
+            "sym": sym,
+            "desc_act": act_order,
+            "checkpoint_format": "gptq",
+        }
+    with open(os.path.join(out_q, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+MODEL_CASES = [
+    ("llama", "gptq", 4, 32, False, True),
+    ("qwen2", "gptq", 4, 32, True, False),
+    ("llama", "gptq", 8, -1, True, False),
+    ("llama", "gptq", 8, 32, False, True),
+    ("llama", "awq", 4, 32, False, False),
+]
+
+
+@pytest.mark.parametrize("arch,fmt,bits,group,sym,act_order", MODEL_CASES)
+def test_quantized_model_generates_like_its_dequantized_twin(
+    model_factory, tmp_path, arch, fmt, bits, group, sym, act_order
+):
+    src = model_factory(arch)
+    qdir, ddir = str(tmp_path / "q"), str(tmp_path / "d")
+    write_quantized(src, qdir, ddir, fmt, bits, group, sym, act_order)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(ddir, dtype="float32") as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        dense_bytes = llm.stats()["weight_bytes"]
+    with LLM(qdir, dtype="float32") as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        layer = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+        assert layer.__class__.__name__ in ("Int4Linear", "Int8Linear", "GroupedLinear")
+        assert llm.stats()["weight_bytes"] < dense_bytes
+    assert got == ref
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_on_load_equals_its_dequantized_weights(tiny_llama, method):
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(tiny_llama, dtype="float32", quantization=method) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        model = llm.engine.runner.model
+        deq = {}
+        for i, layer in enumerate(model.layers):
+            for mod, name in (
+                (layer.self_attn, "qkv_proj"),
+                (layer.self_attn, "o_proj"),
+                (layer.mlp, "gate_up_proj"),
+                (layer.mlp, "down_proj"),
+            ):
+                deq[(i, name)] = getattr(mod, name).dequantize(torch.float32).clone()
+        qbytes = llm.stats()["weight_bytes"]
+    with LLM(tiny_llama, dtype="float32") as llm:
+        model = llm.engine.runner.model
+        dense_bytes = llm.stats()["weight_bytes"]
+        for (i, name), w in deq.items():
+            layer = model.layers[i]
+            mod = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
+            getattr(mod, name).weight.data.copy_(w)
+        ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    assert got == ref
+    assert qbytes < dense_bytes
+
+
+def test_quantization_errors_name_the_fix(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="quantization must be 'int8', 'int4' or None"):
+        LLM(tiny_llama, quantization="int3")
+    out = tmp_path / "awq-gemv"
+    shutil.copytree(tiny_llama, out)
+    with open(out / "config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="AWQ version 'gemv' is not supported; pagedq reads AWQ 'gemm'"):
+        LLM(str(out))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 3, "group_size": 32}
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="GPTQ with bits=3 is not supported"):
+        LLM(str(out))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(str(out), quantization="int8")
