@@ -33,13 +33,19 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w.float() / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
 
 
-def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False) -> QuantWeight:
-    """Quantize a dense ``[N, K]`` weight group by group along K."""
+def rtn(
+    weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False, min_zero: int = 0
+) -> QuantWeight:
+    """Quantize a dense ``[N, K]`` weight group by group along K.
+
+    ``min_zero=1`` keeps zero points >= 1, which GPTQ's v1 checkpoint format needs.
+    """
     n, k = weight.shape
     size = k if group_size == -1 else group_size
     if k % size:
         raise ValueError(f"in_features={k} is not a multiple of group_size={size}")
     groups = weight.float().reshape(n, k // size, size)
     scale, zero = scale_zero(groups, bits, sym)  # [N, G]
+    zero = zero.clamp(min=min_zero)
     q = quantize_codes(groups, scale, zero, bits).reshape(n, k).to(torch.uint8)
     return QuantWeight(q, scale.T.contiguous(), zero.T.contiguous(), torch.arange(k) // size, bits)
