@@ -1,5 +1,14 @@
 """Weight formats, quantizers and evaluation of pagedq (``import pagedq.quant``).
 
-The engine loads unquantized checkpoints today; quantized formats arrive here with the
-quantization work (see the README's roadmap).
+* reading: GPTQ (4/8-bit, act-order, v1/v2) and AWQ (GEMM) checkpoints load through
+  ``LLM(path)``; ``LLM(path, quantization="int8" | "int4")`` quantizes a dense one on load;
+* writing: :func:`quantize` makes a GPTQ / AWQ / RTN checkpoint from a dense one;
+* execution: :mod:`pagedq.quant.linear` (``Int4Linear``, ``Int8Linear``, ``GroupedLinear``).
+
+Everything here needs torch alone.
 """
+
+from .formats import QuantConfig, QuantWeight
+from .quantize import QuantizeResult, quantize
+
+__all__ = ["QuantConfig", "QuantWeight", "QuantizeResult", "quantize"]

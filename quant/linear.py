@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dequant_min_tokens:
-            return F.linear(self._prepare(x), self.dequantize(x.dtype), self.bias)
+            return F.linear(self._prepare(x), self._gemm_weight(x.dtype), self.bias)
         out = self._kernel(self._prepare(x))
         return out if self.bias is None else out + self.bias
 
@@ -60,7 +60,12 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The real weight ``[out_features, in_features]``."""
         raise NotImplementedError
+
+    def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as the dense GEMM of :meth:`forward` reads it (after ``_prepare``)."""
+        return self.dequantize(dtype)
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -150,6 +155,10 @@ class Int4Linear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self._gemm_weight(dtype)
+        return w if self.perm is None else w[:, torch.argsort(self.perm)]
+
+    def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         q = self.codes if self.codes is not None else _unpack_int4(self.packed, n, k)
         sz = self.scale_zeros.to(dtype)  # [G, N, 2]

@@ -31,7 +31,9 @@ _GROUPS = (
 @dataclass
 class QuantizeResult:
     out_dir: str
-    weights: dict[str, QuantWeight] = field(default_factory=dict)  # "model.layers.0.self_attn.q_proj" -> weight
+    weights: dict[str, QuantWeight] = field(
+        default_factory=dict
+    )  # "model.layers.0.self_attn.q_proj" -> weight
 
 
 class _Stop(Exception):
@@ -44,7 +46,14 @@ def default_calibration(tokenizer, num_samples: int = 32, seq_len: int = 256) ->
 
     texts = []
     stdlib = sysconfig.get_paths()["stdlib"]
-    for name in ("argparse.py", "json/decoder.py", "collections/__init__.py", "typing.py", "pathlib.py", "inspect.py"):
+    for name in (
+        "argparse.py",
+        "json/decoder.py",
+        "collections/__init__.py",
+        "typing.py",
+        "pathlib.py",
+        "inspect.py",
+    ):
         path = os.path.join(stdlib, name)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -57,7 +66,9 @@ def calibration_ids(tokenizer, texts: list[str], num_samples: int, seq_len: int)
     for t in texts:
         ids.extend(tokenizer.encode(t, add_special_tokens=False))
     if len(ids) < seq_len:
-        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}; pass more text")
+        raise ValueError(
+            f"calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}; pass more text"
+        )
     n = min(num_samples, len(ids) // seq_len)
     stride = (len(ids) - seq_len) // max(n - 1, 1)
     return torch.tensor([ids[i * stride : i * stride + seq_len] for i in range(n)])
@@ -120,7 +131,9 @@ def quantize(
     model.eval()
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    src_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", ""))
+    src_dtype = getattr(
+        torch, str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    )
     ids = (
         calibration_ids(tok, calibration, num_samples, seq_len)
         if calibration is not None
@@ -211,7 +224,11 @@ def _write(model_dir, out_dir, model, result: QuantizeResult, config: dict, qcon
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(model_dir):
         src = os.path.join(model_dir, name)
-        if os.path.isfile(src) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+        if (
+            os.path.isfile(src)
+            and not name.endswith(".safetensors")
+            and name != "model.safetensors.index.json"
+        ):
             shutil.copy(src, os.path.join(out_dir, name))
     tensors = {}
     tied = config.get("tie_word_embeddings", False)
