@@ -8,6 +8,16 @@ The packed batch of one step holds the decode tokens first (one query per sequen
 prefill chunks (several queries per sequence). Decodes run as one batched attention over
 their gathered blocks; each prefill chunk runs as one causal attention — a step has few
 prefill chunks and many decodes, so that split keeps the hot path free of per-sequence loops.
+
+Quantized KV cache, told apart by the cache tensor's dtype:
+
+* ``int8``: codes ``round(x / s)`` with one float16 scale ``s = max|x| / 127`` per token and
+  KV head, kept in ``k_scale`` / ``v_scale`` (``[num_blocks, block_size, num_kv_heads]``);
+* ``uint8``: the bits of float8 e4m3 values (``x`` clamped to +-448, no scale; torch's CPU
+  ``index_copy_`` does not take float8 tensors, so the cache holds their bytes).
+
+Reads dequantize the gathered blocks to the query's dtype; a fresh prompt attends to its own
+unquantized K/V, as in vLLM.
 """
 
 from __future__ import annotations
@@ -46,17 +56,45 @@ class AttentionMetadata:
     workspace: dict = field(default_factory=dict)
 
 
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, kvh, hd]`` as the cache stores it: (codes, per-token-head scales or None)."""
+    if cache_dtype == torch.int8:
+        scale = (x.abs().amax(dim=-1).float() / 127.0).clamp(min=1e-8).to(torch.float16)
+        codes = torch.round(x.float() / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+        return codes, scale
+    if cache_dtype == torch.uint8:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8), None
+    return x.to(cache_dtype), None
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_kv`; ``scale`` has the shape of ``codes`` without the last dim."""
+    if codes.dtype == torch.int8:
+        return (codes.float() * scale.float()[..., None]).to(dtype)
+    if codes.dtype == torch.uint8:
+        return codes.view(torch.float8_e4m3fn).to(dtype)
+    return codes.to(dtype)
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write new K/V ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
     kvh, hd = key.shape[-2:]
-    k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        codes, s = quantize_kv(x, cache.dtype)
+        cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, codes)
+        if s is not None:
+            scale.view(-1, kvh).index_copy_(0, slot_mapping, s)
 
 
 def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_dim: int = 0) -> None:
@@ -79,38 +117,48 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, workspace: dict
 
 
 def paged_attention_decode(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its blocks. ``query``: [B, num_heads, head_dim].
 
-    On CPU the native kernel reads the blocks in place; elsewhere (and as the reference) the
-    blocks are gathered into a reused buffer and attended with one batched SDPA call.
+    On CPU the native kernel reads the blocks in place; elsewhere (and as the reference, and
+    for a quantized cache) the blocks are gathered into a reused buffer and attended with one
+    batched SDPA call.
     """
     if native.supports(query, k_cache):
         tables = meta.decode_block_ids.view(query.shape[0], meta.decode_max_blocks)
         return native.paged_decode(query, k_cache, v_cache, tables, meta.decode_context_lens, scale)
-    return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale)
+    return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale, k_scale, v_scale)
 
 
 def paged_attention_decode_torch(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     b, nh, hd = query.shape
     _, bs, kvh, _ = k_cache.shape
     ctx = meta.decode_max_blocks * bs
-    k = (
-        _gather_blocks(k_cache, meta.decode_block_ids, meta.workspace, "k")
-        .view(b, ctx, kvh, hd)
-        .transpose(1, 2)
-    )
-    v = (
-        _gather_blocks(v_cache, meta.decode_block_ids, meta.workspace, "v")
-        .view(b, ctx, kvh, hd)
-        .transpose(1, 2)
-    )
+    kv = []
+    for name, cache, sc in (("k", k_cache, k_scale), ("v", v_cache, v_scale)):
+        x = _gather_blocks(cache, meta.decode_block_ids, meta.workspace, name).view(b, ctx, kvh, hd)
+        if cache.dtype != query.dtype:
+            s = None if sc is None else sc.index_select(0, meta.decode_block_ids).view(b, ctx, kvh)
+            x = dequantize_kv(x, s, query.dtype)
+        kv.append(x.transpose(1, 2))
     # GQA without repeating K/V: the query heads of one KV head act as that head's query rows.
     q = query.view(b, kvh, nh // kvh, hd)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=meta.decode_mask, scale=scale)
     return out.reshape(b, nh, hd)
 
 
@@ -122,6 +170,8 @@ def paged_attention_prefill(
     v_cache: torch.Tensor,
     chunk: PrefillChunk,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one chunk's queries ``[L, num_heads, head_dim]`` over its context.
 
@@ -138,13 +188,20 @@ def paged_attention_prefill(
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=nh != kvh)
     else:
         ctx = chunk.context_len
-        k = k_cache.index_select(0, chunk.block_table).view(-1, kvh, hd)[:ctx].transpose(0, 1).unsqueeze(0)
-        v = v_cache.index_select(0, chunk.block_table).view(-1, kvh, hd)[:ctx].transpose(0, 1).unsqueeze(0)
+        kv = []
+        for cache, sc in ((k_cache, k_scale), (v_cache, v_scale)):
+            x = cache.index_select(0, chunk.block_table).view(-1, kvh, hd)[:ctx]
+            if cache.dtype != query.dtype:
+                s = None if sc is None else sc.index_select(0, chunk.block_table).view(-1, kvh)[:ctx]
+                x = dequantize_kv(x, s, query.dtype)
+            kv.append(x.transpose(0, 1).unsqueeze(0))
         start = ctx - L
         q_pos = torch.arange(start, ctx, device=query.device)[:, None]
         k_pos = torch.arange(ctx, device=query.device)[None, :]
         mask = k_pos <= q_pos
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nh != kvh)
+        out = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=nh != kvh
+        )
     return out.squeeze(0).transpose(0, 1)  # [L, nh, hd]
 
 
@@ -156,16 +213,23 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend. Shapes: ``[num_tokens, heads, head_dim]``."""
-    reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    """Write this step's K/V into the cache, then attend. Shapes: ``[num_tokens, heads, head_dim]``.
+
+    ``k_scale`` / ``v_scale``: the per-token scales of an int8 cache (None otherwise).
+    """
+    reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     nd = meta.num_decode_tokens
     if not meta.prefills:
-        return paged_attention_decode(query, k_cache, v_cache, meta, scale)
+        return paged_attention_decode(query, k_cache, v_cache, meta, scale, k_scale, v_scale)
     out = torch.empty_like(query)
     if nd:
-        out[:nd] = paged_attention_decode(query[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = paged_attention_decode(query[:nd], k_cache, v_cache, meta, scale, k_scale, v_scale)
     for chunk in meta.prefills:
         s, e = chunk.query_start, chunk.query_start + chunk.query_len
-        out[s:e] = paged_attention_prefill(query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale)
+        out[s:e] = paged_attention_prefill(
+            query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale, k_scale, v_scale
+        )
     return out

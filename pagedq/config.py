@@ -114,6 +114,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_kv_sharing: bool = True
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -132,6 +133,12 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be 'int8', 'int4' or None (GPTQ/AWQ checkpoints are detected from "
                 f"config.json), got {self.quantization!r}"
+            )
+        if self.kv_cache_dtype == "fp8":
+            self.kv_cache_dtype = "fp8_e4m3"
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8_e4m3"):
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' (the model dtype), 'int8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}"
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

@@ -82,7 +82,14 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model_dir)
 
         self.runner = ModelRunner(
-            model_dir, mc, self.dtype, self.device, self.max_model_len, config.block_size, config.quantization
+            model_dir,
+            mc,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            config.block_size,
+            config.quantization,
+            config.kv_cache_dtype,
         )
         self.num_kv_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)

@@ -29,11 +29,15 @@ class ModelRunner:
         max_model_len: int,
         block_size: int,
         quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
+        # storage dtype of the KV cache: the model dtype, int8 codes (+ scales) or fp8 bytes
+        self.kv_storage_dtype = {"auto": dtype, "int8": torch.int8, "fp8_e4m3": torch.uint8}[kv_cache_dtype]
+        self._kv_scales: torch.Tensor | None = None
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._kv_storage: torch.Tensor | None = None
@@ -49,7 +53,11 @@ class ModelRunner:
         return total
 
     def block_bytes(self) -> int:
-        return self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        cfg = self.model_config
+        per_token = cfg.kv_bytes_per_token(self.kv_storage_dtype)
+        if self.kv_storage_dtype == torch.int8:  # one float16 scale per token, KV head, K and V
+            per_token += 2 * cfg.num_layers * cfg.num_kv_heads * 2
+        return per_token * self.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One tensor for all layers' K and V.
@@ -61,20 +69,31 @@ class ModelRunner:
         """
         cfg = self.model_config
         shape = (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self._kv_storage = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._kv_storage = torch.empty(shape, dtype=self.kv_storage_dtype, device=self.device)
         self._zeroed_blocks = 0
-        self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
+        if self.kv_storage_dtype == torch.int8:
+            self._kv_scales = torch.empty(shape[:-1], dtype=torch.float16, device=self.device)
+            sc = self._kv_scales
+            self.kv_caches = [
+                (self._kv_storage[i, 0], self._kv_storage[i, 1], sc[i, 0], sc[i, 1])
+                for i in range(cfg.num_layers)
+            ]
+        else:
+            self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
 
     def _zero_new_blocks(self, batch: list[ScheduledSeq]) -> None:
         top = max((max(item.seq.block_table) for item in batch if item.seq.block_table), default=-1) + 1
         if top > self._zeroed_blocks:
             self._kv_storage[:, :, self._zeroed_blocks : top].zero_()
+            if self._kv_scales is not None:
+                self._kv_scales[:, :, self._zeroed_blocks : top].zero_()
             self._zeroed_blocks = top
 
     def release(self) -> None:
         """Drop the weights, the cache and every buffer this runner holds."""
         self.kv_caches = []
         self._kv_storage = None
+        self._kv_scales = None
         self._workspace = {}
         self.model = None
 
@@ -138,6 +157,8 @@ class ModelRunner:
             src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
             dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
             copy_blocks(self._kv_storage, src, dst, block_dim=2)
+            if self._kv_scales is not None:
+                copy_blocks(self._kv_scales, src, dst, block_dim=2)
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)

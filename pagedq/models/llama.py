@@ -110,7 +110,7 @@ class Attention(nn.Module):
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],  # (k, v) or, for an int8 cache, (k, v, k_scale, v_scale)
         meta: AttentionMetadata,
         rope: RotaryEmbedding,
     ) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
         return self.o_proj(out.reshape(t, self.q_size))
 
 
