@@ -424,6 +424,11 @@ class LLMEngine:
         return forked
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
+        keep = [i for i, (req, _) in enumerate(targets) if req.prompt_distributions is not None]
+        if keep:
+            rows = torch.log_softmax(logits[keep].float(), dim=-1).cpu()
+            for j, i in enumerate(keep):
+                targets[i][0].prompt_distributions.append(rows[j : j + 1])
         ids = torch.tensor([t for _, t in targets], device=logits.device)
         want = [req.params.prompt_logprobs for req, _ in targets]
         rows = Sampler.token_logprobs(logits, ids, want)

@@ -93,6 +93,35 @@ class LLM:
             raise ValueError(f"beam_search needs a BeamSearchParams, got {type(params).__name__}")
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
+    def next_token_logprobs(self, prompts: PromptType | Sequence[PromptType]) -> list:
+        """For each prompt, the log-probabilities of every next token after every prefix:
+        a float32 tensor ``[num_tokens - 1, vocab]`` whose row ``i`` is ``log p(. | tokens[:i+1])``.
+
+        What perplexity and KL-divergence studies of quantized models need (``pagedq.quant.evaluate``).
+        """
+        import torch
+
+        prompts = _as_prompt_list(prompts)
+        sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        checked = self._validate_all(prompts, [sp] * len(prompts))
+        ids, reqs = [], {}
+        try:
+            for p in checked:
+                rid = self.engine.add_request(p, sp)
+                reqs[rid] = self.engine.requests[rid]
+                reqs[rid].prompt_distributions = []
+                ids.append(rid)
+            dists = {}
+            while len(dists) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in reqs and out.request_id not in dists:
+                        dists[out.request_id] = torch.cat(reqs[out.request_id].prompt_distributions)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [dists[rid] for rid in ids]
+
     def stream(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -106,6 +106,9 @@ class Request:
     # Logits of the prompt positions come from the first forward pass(es); with chunked
     # prefill they arrive in pieces, so the count of positions already scored is kept.
     num_prompt_logprobs_done: int = 0
+    # When a list: the full next-token log-softmax of every scored prompt position is kept
+    # here too (``LLM.next_token_logprobs``, quantization studies), in chunks as they arrive.
+    prompt_distributions: list | None = None
     # Beam-search state (a ``beam_search.BeamSearch``); ``seqs`` are then the live beams.
     beam: object | None = None
 

@@ -396,3 +396,41 @@ def test_quantizer_writes_checkpoints_that_load_back(tiny_llama, tmp_path, metho
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
         out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) > 0 for o in out)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_evaluate_perplexity_matches_hf_and_kl_orders_the_quantizations(tiny_llama):
+    from pagedq.quant import compare, evaluate
+    from transformers import AutoModelForCausalLM
+
+    texts = [PROMPTS[4] * 3, PROMPTS[8] * 2]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with LLM(tiny_llama, dtype="float32") as llm:
+        tok = llm.get_tokenizer()
+        res = evaluate(llm, texts, reference=llm, decode_tokens=4, decode_runs=1)
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok.encode(t)])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].float(), -1)
+        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
+        n += ids.shape[1] - 1
+    assert res.num_tokens == n
+    assert res.perplexity == pytest.approx(float(torch.exp(torch.tensor(nll / n))), rel=1e-4)
+    assert res.kl_divergence == pytest.approx(0.0, abs=1e-6)
+    assert res.decode_tokens_per_s > 0
+
+    rows = compare(
+        tiny_llama,
+        {"fp32": {}, "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"}},
+        texts=texts,
+        dtype="float32",
+        decode_tokens=0,
+    )
+    assert [r.name for r in rows] == ["fp32", "int8", "int4"]
+    fp32, int8, int4 = rows
+    assert fp32.kl_divergence == pytest.approx(0.0, abs=1e-6)
+    assert 0 < int8.kl_divergence < int4.kl_divergence
+    assert int4.weight_bytes < int8.weight_bytes < fp32.weight_bytes
