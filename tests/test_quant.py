@@ -132,9 +132,11 @@ def test_gptq_layer_equals_dequantized_reference(bits, group, sym, act_order, v1
         assert isinstance(layer, Int8Linear)
     else:
         assert isinstance(layer, GroupedLinear)
-    for rows in (3, 40):  # the weight-only kernel, then dequantize + GEMM
-        x = torch.randn(rows, k)
-        torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-4)
+    for threshold in (10**9, 0):  # the weight-only kernel, then dequantize + GEMM
+        layer.dequant_min_tokens = threshold
+        for rows in (1, 5):
+            x = torch.randn(rows, k)
+            torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-4)
 
 
 def test_awq_layer_equals_dequantized_reference():
@@ -145,8 +147,9 @@ def test_awq_layer_equals_dequantized_reference():
     torch.testing.assert_close(w.dequantize(), ref_w, rtol=0, atol=0)
     layer = make_quant_linear(w, None, torch.float32, torch.device("cpu"))
     assert isinstance(layer, Int4Linear)
-    for rows in (1, 33):
-        x = torch.randn(rows, k)
+    for threshold in (10**9, 0):
+        layer.dequant_min_tokens = threshold
+        x = torch.randn(7, k)
         torch.testing.assert_close(layer(x), x @ ref_w.T, rtol=1e-5, atol=1e-4)
 
 
@@ -158,8 +161,9 @@ def test_bf16_kernels_stay_close_to_the_reference():
     layer = make_quant_linear(w, None, torch.bfloat16, torch.device("cpu"))
     x = torch.randn(4, k)
     ref = x @ ref_w.T
-    for rows in (4, 64):
-        xb = torch.randn(rows, k)
+    for threshold in (10**9, 0):
+        layer.dequant_min_tokens = threshold
+        xb = torch.randn(6, k)
         out = layer(xb.bfloat16()).float()
         err = (out - xb @ ref_w.T).abs().max() / (xb @ ref_w.T).abs().max()
         assert err < 2e-2, err

@@ -65,7 +65,9 @@ def main(args) -> None:
     try:
         for name, extra in VARIANTS.items():
             t0 = time.perf_counter()
-            llms[name] = LLM(model_dir, dtype=args.dtype, kv_cache_memory=kv, block_size=args.block_size, **extra)
+            llms[name] = LLM(
+                model_dir, dtype=args.dtype, kv_cache_memory=kv, block_size=args.block_size, **extra
+            )
             print(f"loaded {name} in {time.perf_counter() - t0:.1f} s", flush=True)
         tok = llms["bf16"].get_tokenizer()
         prompt = workloads.cut_prompt(workloads.corpus_token_ids(tok), tok.bos_token_id, 0, 16)
@@ -76,13 +78,17 @@ def main(args) -> None:
         texts = default_texts()
         ids = [tok.encode(t)[:256] for t in texts]
         ref = reference_distributions(llms["bf16"], ids)
-        quality = {n: evaluate(llm, texts, ref, name=n, max_len=256, decode_tokens=0) for n, llm in llms.items()}
+        quality = {
+            n: evaluate(llm, texts, ref, name=n, max_len=256, decode_tokens=0) for n, llm in llms.items()
+        }
         base = statistics.median(speeds["bf16"])
         print(
             f"\nmodel {model_dir} ({args.dtype}); batch-1 decode of {args.decode_tokens} tokens, medians of "
             f"{args.runs} interleaved runs; embeddings and LM head stay {args.dtype}"
         )
-        print(f"{'weights':<8}{'MiB':>9}{'decode tok/s':>14}{'vs bf16':>9}{'perplexity':>12}{'KL vs bf16':>12}   runs")
+        print(
+            f"{'weights':<8}{'MiB':>9}{'decode tok/s':>14}{'vs bf16':>9}{'perplexity':>12}{'KL vs bf16':>12}   runs"
+        )
         for name in llms:
             med = statistics.median(speeds[name])
             q = quality[name]
