@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .formats import QuantWeight
 from .linear import QuantLinear
@@ -63,8 +64,10 @@ class Bnb4bitLinear(QuantLinear):
         self.quant_type = qs.quant_type
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.quant_state.dtype:  # e.g. float32 runs: the exact dequantized weight
+            return F.linear(x, self.dequantize(x.dtype))
         bnb = require_bnb()
-        return bnb.matmul_4bit(x, self.packed.t(), quant_state=self.quant_state).to(x.dtype)
+        return bnb.matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         bnb = require_bnb()

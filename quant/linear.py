@@ -251,18 +251,33 @@ class ConcatLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
 
 def make_fused_quant_linear(
-    weights: list[QuantWeight], bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    weights: list[QuantWeight | QuantLinear],
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> nn.Module:
     """One layer for projections that share an input (q/k/v, gate/up), fused when their
-    quantization groups agree."""
-    if len(weights) == 1:
-        return make_quant_linear(weights[0], bias, dtype, device)
-    try:
-        fused = QuantWeight.cat(weights)
-    except ValueError:
-        sizes = [w.shape[0] for w in weights]
-        biases = [None] * len(weights) if bias is None else list(bias.split(sizes))
-        return ConcatLinear([make_quant_linear(w, b, dtype, device) for w, b in zip(weights, biases)])
-    return make_quant_linear(fused, bias, dtype, device)
+    quantization groups agree. ``weights`` may also hold ready layers (bitsandbytes 4-bit)."""
+    if all(isinstance(w, QuantWeight) for w in weights):
+        if len(weights) == 1:
+            return make_quant_linear(weights[0], bias, dtype, device)
+        try:
+            return make_quant_linear(QuantWeight.cat(weights), bias, dtype, device)
+        except ValueError:
+            pass
+    sizes = [w.shape[0] if isinstance(w, QuantWeight) else w.out_features for w in weights]
+    biases = [None] * len(weights) if bias is None else list(bias.split(sizes))
+    layers = []
+    for w, b in zip(weights, biases):
+        if isinstance(w, QuantWeight):
+            layers.append(make_quant_linear(w, b, dtype, device))
+        else:
+            if b is not None:
+                w.bias = nn.Parameter(b, requires_grad=False)
+            layers.append(w)
+    return layers[0] if len(layers) == 1 else ConcatLinear(layers)

@@ -438,3 +438,81 @@ def test_evaluate_perplexity_matches_hf_and_kl_orders_the_quantizations(tiny_lla
     assert fp32.kl_divergence == pytest.approx(0.0, abs=1e-6)
     assert 0 < int8.kl_divergence < int4.kl_divergence
     assert int4.weight_bytes < int8.weight_bytes < fp32.weight_bytes
+
+
+# --- bitsandbytes checkpoints ------------------------------------------------------------------------
+
+
+def write_bnb(src: str, out_q: str, out_dense: str, mode: str, double_quant: bool = False):
+    """Serialize like transformers does for bitsandbytes (weight + SCB, or weight + quant state)."""
+    import bitsandbytes as bnb
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    qt, dt = {}, {}
+    for name, t in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module.rpartition(".")[2] not in PROJ or leaf != "weight":
+            qt[name] = dt[name] = t
+            continue
+        if mode == "int8":
+            cb, scb, _ = bnb.functional.int8_vectorwise_quant(t.half())
+            qt[name], qt[f"{module}.SCB"] = cb, scb
+            qt[f"{module}.weight_format"] = torch.tensor([0], dtype=torch.uint8)
+            dt[name] = cb.float() * scb[:, None] / 127.0
+        else:
+            packed, state = bnb.functional.quantize_4bit(
+                t.bfloat16(), quant_type=mode, compress_statistics=double_quant, blocksize=64
+            )
+            qt[name] = packed
+            for k, v in state.as_dict(packed=True).items():
+                qt[f"{name}.{k}"] = v
+            dt[name] = bnb.functional.dequantize_4bit(packed, state).float()
+    for out, ts in ((out_q, qt), (out_dense, dt)):
+        shutil.copytree(src, out)
+        os.remove(os.path.join(out, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ts.items()}, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out_q, "config.json")) as f:
+        cfg = json.load(f)
+    if mode == "int8":
+        cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    else:
+        cfg["quantization_config"] = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": mode,
+            "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": "bfloat16",
+        }
+    with open(os.path.join(out_q, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("mode,double_quant", [("int8", False), ("nf4", False), ("nf4", True), ("fp4", True)])
+def test_bitsandbytes_checkpoints_generate_like_their_dequantized_twin(
+    model_factory, tmp_path, mode, double_quant
+):
+    pytest.importorskip("bitsandbytes")
+    src = model_factory("qwen2")  # with q/k/v biases
+    qdir, ddir = str(tmp_path / "q"), str(tmp_path / "d")
+    write_bnb(src, qdir, ddir, mode, double_quant)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(ddir, dtype="float32") as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    with LLM(qdir, dtype="float32") as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        layer = llm.engine.runner.model.layers[0].mlp.down_proj
+        assert type(layer).__name__ == ("Int8Linear" if mode == "int8" else "Bnb4bitLinear")
+    assert got == ref
+    if mode != "int8":  # bf16 activations go through bitsandbytes' own 4-bit matmul
+        with LLM(qdir, dtype="bfloat16") as llm:
+            out = llm.generate(PROMPTS[:2], sp, use_tqdm=False)
+            assert all(len(o.outputs[0].token_ids) == 16 for o in out)
+
+
+def test_bitsandbytes_missing_names_the_extra(model_factory, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    src = model_factory("llama")
+    write_bnb(src, str(tmp_path / "q"), str(tmp_path / "d"), "nf4")
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(ValueError, match=r"pip install 'pagedq\[bnb\]'"):
+        LLM(str(tmp_path / "q"))

@@ -49,9 +49,9 @@ def _crossover(llm: LLM, dtype: torch.dtype) -> None:
         x = torch.randn(m, k, dtype=dtype)
         xk = layer._prepare(x)
         print(
-            f"{m:>7}{t(lambda: layer._kernel(xk)):>10.2f}"
-            f"{t(lambda: torch.nn.functional.linear(xk, layer._gemm_weight(dtype))):>14.2f}"
-            f"{t(lambda: torch.nn.functional.linear(x, dense)):>11.2f}"
+            f"{m:>7}{t(lambda xk=xk: layer._kernel(xk)):>10.2f}"
+            f"{t(lambda xk=xk: torch.nn.functional.linear(xk, layer._gemm_weight(dtype))):>14.2f}"
+            f"{t(lambda x=x: torch.nn.functional.linear(x, dense)):>11.2f}"
         )
 
 

@@ -93,8 +93,6 @@ def load_model(
         from pagedq.quant.formats import read_quant_config
 
         qcfg = read_quant_config(model_dir, cfg.raw)
-        if qcfg.method == "bitsandbytes":
-            raise ValueError(_BNB_ERROR)
         if quantization is not None:
             raise ValueError(
                 f"this checkpoint is already quantized ({qcfg.method}); drop quantization={quantization!r}"
@@ -118,8 +116,10 @@ def load_model(
         if key == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: the head is the embedding matrix
         if qcfg is not None:
-            module, _, leaf = key.rpartition(".")
-            if leaf in _QUANT_LEAVES or (leaf == "bias" and module.endswith(_PROJECTIONS)):
+            module, leaf = _split_projection(key)
+            if module is not None and (
+                qcfg.method == "bitsandbytes" or leaf in _QUANT_LEAVES or leaf == "bias"
+            ):
                 quantized.setdefault(module, {})[leaf] = tensor
                 continue
         target, rows = key, None
@@ -164,10 +164,27 @@ def load_model(
     return model
 
 
-_BNB_ERROR = (
-    "this checkpoint holds bitsandbytes weights; pagedq reads GPTQ and AWQ checkpoints and quantizes "
-    "dense ones on load (quantization='int8' / 'int4'), but does not execute bitsandbytes layers"
-)
+def _split_projection(key: str) -> tuple[str | None, str]:
+    """``layers.0.self_attn.q_proj.weight.absmax`` -> (``layers.0.self_attn.q_proj``, ``weight.absmax``)."""
+    for proj in _PROJECTIONS:
+        i = key.find(f".{proj}.")
+        if i != -1:
+            end = i + len(proj) + 1
+            return key[:end], key[end + 1 :]
+    return None, ""
+
+
+def _bnb_layer(tensors: dict[str, torch.Tensor], qcfg, dtype, device):
+    """One bitsandbytes projection: 8-bit as a canonical weight, 4-bit as a bitsandbytes layer."""
+    from pagedq.quant import bnb
+
+    if "SCB" in tensors:
+        return bnb.int8_weight(tensors)
+    if any(k.startswith("weight.quant_state.") for k in tensors):
+        return bnb.Bnb4bitLinear(tensors, None, dtype, device)
+    raise ValueError(
+        f"bitsandbytes tensors {sorted(tensors)} are neither LLM.int8 (SCB) nor 4-bit (quant_state)"
+    )
 
 
 def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[str]) -> set[str]:
@@ -184,30 +201,43 @@ def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[st
             ("mlp", "down_proj", ("down_proj",)),
         ):
             keys = [f"layers.{layer_idx}.{parent_name}.{p}" for p in parts]
-            have = [k for k in keys if "qweight" in tensors.get(k, {})]
+            have = [k for k in keys if _is_quantized(tensors.get(k, {}), qcfg)]
             if not have:
                 continue
             if len(have) != len(keys):
                 raise ValueError(f"checkpoint quantizes only some of {keys}; pagedq needs all or none")
-            weights = [UNPACKERS[qcfg.method](tensors[k], qcfg) for k in keys]
+            if qcfg.method == "bitsandbytes":
+                weights = [_bnb_layer(tensors[k], qcfg, dtype, device) for k in keys]
+            else:
+                weights = [UNPACKERS[qcfg.method](tensors[k], qcfg) for k in keys]
             biases = [tensors[k].get("bias") for k in keys]
             bias = None if all(b is None for b in biases) else torch.cat([b.to(dtype) for b in biases])
             parent = getattr(layer, parent_name)
             dense = getattr(parent, fused_name)
-            if tuple(dense.weight.shape) != (sum(w.shape[0] for w in weights), weights[0].shape[1]):
+            shapes = [
+                (w.out_features, w.in_features) if isinstance(w, torch.nn.Module) else w.shape
+                for w in weights
+            ]
+            if tuple(dense.weight.shape) != (sum(s[0] for s in shapes), shapes[0][1]):
                 raise ValueError(
-                    f"quantized {keys} unpack to {[w.shape for w in weights]}, which does not fit "
+                    f"quantized {keys} unpack to {shapes}, which does not fit "
                     f"{fused_name} {tuple(dense.weight.shape)}; is config.json right?"
                 )
             setattr(parent, fused_name, make_fused_quant_linear(weights, bias, dtype, device))
             replaced.add(f"layers.{layer_idx}.{parent_name}.{fused_name}")
-    leftover = sorted(k for k, v in tensors.items() if "qweight" in v and not k.startswith("layers."))
+    leftover = sorted(k for k, v in tensors.items() if _is_quantized(v, qcfg) and not k.startswith("layers."))
     if leftover:
         raise ValueError(f"checkpoint has quantized tensors pagedq cannot place: {leftover[:4]}")
     for module, leaves in tensors.items():  # dense projections with a bias (nothing quantized)
-        if "qweight" not in leaves and "bias" in leaves:
+        if not _is_quantized(leaves, qcfg) and "bias" in leaves:
             raise ValueError(f"checkpoint has a bias for {module} but no weights for it")
     return replaced
+
+
+def _is_quantized(leaves: dict, qcfg) -> bool:
+    if qcfg.method == "bitsandbytes":
+        return "weight" in leaves
+    return "qweight" in leaves
 
 
 def _quantize_on_load(model, method: str, dtype, device) -> None:
