@@ -225,10 +225,77 @@ class GroupedLinear(QuantLinear):
         return (self.q.to(dtype) - z) * s
 
 
+class TritonQuantLinear(QuantLinear):
+    """4- or 8-bit weights in GPTQ's packed layout (or AWQ's, for AWQ checkpoints), multiplied by
+    the Triton W4A16/W8A16 kernel of ``pagedq.kernels.triton_gemm`` at every token count."""
+
+    dequant_min_tokens = 2**62  # the fused kernel serves prefill as well
+
+    def __init__(
+        self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device, layout: str = "gptq"
+    ):
+        from .formats import _awq_pack_cols, pack_int32
+
+        n, k = w.shape
+        super().__init__(k, n, bias)
+        self.bits = w.bits
+        self.awq = layout == "awq" and w.bits == 4 and w.regular_group_size is not None and n % 8 == 0
+        zeros = w.zeros.round().to(torch.int64)
+        if self.awq:
+            self.group_size = w.regular_group_size
+            qweight, qzeros = _awq_pack_cols(w.q.T.contiguous()), _awq_pack_cols(zeros.to(torch.uint8))
+            g_idx = None
+        else:
+            pf = 32 // w.bits
+            if k % pf or n % pf:
+                raise ValueError(
+                    f"a {w.bits}-bit layer needs in/out features divisible by {pf}, got {k} x {n}"
+                )
+            self.group_size = 0
+            qweight, qzeros = pack_int32(w.q.T.contiguous(), w.bits, 0), pack_int32(zeros, w.bits, 1)
+            g_idx = w.g_idx.to(torch.int32)
+        self.register_buffer("qweight", qweight.to(device))
+        self.register_buffer("qzeros", qzeros.to(device))
+        self.register_buffer("scales", w.scales.float().to(device))
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(device))
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        from pagedq.kernels.triton_gemm import quant_matmul
+
+        return quant_matmul(
+            x.contiguous(), self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
+            self.awq, self.out_features,
+        )  # fmt: skip
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        from .formats import _awq_unpack_cols, unpack_int32
+
+        if self.awq:
+            q = _awq_unpack_cols(self.qweight).T.float()
+            z = _awq_unpack_cols(self.qzeros).float()
+            g = torch.arange(self.in_features, device=q.device) // self.group_size
+        else:
+            q = unpack_int32(self.qweight, self.bits, 0).T.float()
+            z = unpack_int32(self.qzeros, self.bits, 1).float()
+            g = self.g_idx.long()
+        return ((q - z[g].T) * self.scales[g].T).to(dtype)
+
+
 def make_quant_linear(
-    w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    w: QuantWeight,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: str = "gptq",
 ) -> QuantLinear:
-    """The fastest layer that can run ``w`` on ``device``."""
+    """The fastest layer that can run ``w`` on ``device`` (``layout``: the checkpoint's packing,
+    which the Triton kernel reads as it is: ``gptq`` or ``awq``)."""
+    from pagedq.kernels.backend import backend
+
+    if backend(device) == "triton" and w.bits in (4, 8):
+        return TritonQuantLinear(w, bias, dtype, device, layout)
     if device.type == "cpu":
         if Int4Linear.supports(w):
             return Int4Linear(w, bias, dtype)
@@ -260,14 +327,15 @@ def make_fused_quant_linear(
     bias: torch.Tensor | None,
     dtype: torch.dtype,
     device: torch.device,
+    layout: str = "gptq",
 ) -> nn.Module:
     """One layer for projections that share an input (q/k/v, gate/up), fused when their
     quantization groups agree. ``weights`` may also hold ready layers (bitsandbytes 4-bit)."""
     if all(isinstance(w, QuantWeight) for w in weights):
         if len(weights) == 1:
-            return make_quant_linear(weights[0], bias, dtype, device)
+            return make_quant_linear(weights[0], bias, dtype, device, layout)
         try:
-            return make_quant_linear(QuantWeight.cat(weights), bias, dtype, device)
+            return make_quant_linear(QuantWeight.cat(weights), bias, dtype, device, layout)
         except ValueError:
             pass
     sizes = [w.shape[0] if isinstance(w, QuantWeight) else w.out_features for w in weights]
@@ -275,7 +343,7 @@ def make_fused_quant_linear(
     layers = []
     for w, b in zip(weights, biases):
         if isinstance(w, QuantWeight):
-            layers.append(make_quant_linear(w, b, dtype, device))
+            layers.append(make_quant_linear(w, b, dtype, device, layout))
         else:
             if b is not None:
                 w.bias = nn.Parameter(b, requires_grad=False)

@@ -223,7 +223,8 @@ def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[st
                     f"quantized {keys} unpack to {shapes}, which does not fit "
                     f"{fused_name} {tuple(dense.weight.shape)}; is config.json right?"
                 )
-            setattr(parent, fused_name, make_fused_quant_linear(weights, bias, dtype, device))
+            layout = "awq" if qcfg.method == "awq" else "gptq"
+            setattr(parent, fused_name, make_fused_quant_linear(weights, bias, dtype, device, layout))
             replaced.add(f"layers.{layer_idx}.{parent_name}.{fused_name}")
     leftover = sorted(k for k, v in tensors.items() if _is_quantized(v, qcfg) and not k.startswith("layers."))
     if leftover:
