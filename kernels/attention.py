@@ -38,6 +38,7 @@ class PrefillChunk:
     query_len: int  # new tokens in this chunk
     context_len: int  # tokens in the cache once this chunk is written (cached prefix + chunk)
     block_table: torch.Tensor | None  # [num_blocks] int64; None when the chunk is the whole context
+    block_ids: list[int] | None = None  # the sequence's blocks (the Triton path reads every chunk from them)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class AttentionMetadata:
     # Reused gather buffer for decode K/V: fresh multi-MB allocations page-fault on every
     # call (glibc hands them back to the OS), which costs more than the gather itself.
     workspace: dict = field(default_factory=dict)
+    backend: str = "torch"  # "triton": the kernels of kernels/triton_attention.py
+    prefill_tables: torch.Tensor | None = None  # Triton: padded block tables of the prefill chunks
 
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
@@ -97,12 +100,21 @@ def reshape_and_cache(
             scale.view(-1, kvh).index_copy_(0, slot_mapping, s)
 
 
-def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_dim: int = 0) -> None:
+def copy_blocks(
+    cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_dim: int = 0, backend: str = "torch"
+) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` along ``block_dim`` in one batched op (copy on write).
 
     Given the engine's single ``[layers, 2, num_blocks, ...]`` KV tensor and ``block_dim=2``,
-    one call copies the blocks of every layer's K and V.
+    one call copies the blocks of every layer's K and V. All sources are read before any
+    destination is written (a block may be a source and, of another pair, a destination);
+    the Triton kernel copies concurrently, so it only takes batches where no block is both.
     """
+    if backend == "triton" and cache.is_contiguous() and not set(src.tolist()) & set(dst.tolist()):
+        from . import triton_attention
+
+        triton_attention.copy_blocks(cache, src, dst, block_dim)
+        return
     cache.index_copy_(block_dim, dst, cache.index_select(block_dim, src))
 
 
@@ -220,6 +232,8 @@ def paged_attention(
 
     ``k_scale`` / ``v_scale``: the per-token scales of an int8 cache (None otherwise).
     """
+    if meta.backend == "triton":
+        return _paged_attention_triton(query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale)
     reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     nd = meta.num_decode_tokens
     if not meta.prefills:
@@ -231,5 +245,33 @@ def paged_attention(
         s, e = chunk.query_start, chunk.query_start + chunk.query_len
         out[s:e] = paged_attention_prefill(
             query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale, k_scale, v_scale
+        )
+    return out
+
+
+def _paged_attention_triton(
+    query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale
+) -> torch.Tensor:
+    from . import triton_attention as ta
+
+    ta.reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    out = torch.empty_like(query)
+    nd = meta.num_decode_tokens
+    if nd:
+        tables = meta.decode_block_ids.view(nd, meta.decode_max_blocks)
+        out[:nd] = ta.paged_decode(
+            query[:nd], k_cache, v_cache, tables, meta.decode_context_lens, scale, k_scale, v_scale
+        )
+    if meta.prefills:
+        if meta.prefill_tables is None:  # built once per step, shared by every layer
+            width = max(len(c.block_ids) for c in meta.prefills)
+            meta.prefill_tables = torch.tensor(
+                [c.block_ids + [0] * (width - len(c.block_ids)) for c in meta.prefills],
+                dtype=torch.int32,
+                device=query.device,
+            )
+        chunks = [(c.query_start, c.query_len, c.context_len) for c in meta.prefills]
+        ta.paged_prefill(
+            query, k_cache, v_cache, chunks, meta.prefill_tables, scale, k_scale, v_scale, out=out
         )
     return out

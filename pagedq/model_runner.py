@@ -38,6 +38,9 @@ class ModelRunner:
         # storage dtype of the KV cache: the model dtype, int8 codes (+ scales) or fp8 bytes
         self.kv_storage_dtype = {"auto": dtype, "int8": torch.int8, "fp8_e4m3": torch.uint8}[kv_cache_dtype]
         self._kv_scales: torch.Tensor | None = None
+        from pagedq.kernels.backend import backend
+
+        self.backend = backend(device)
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._kv_storage: torch.Tensor | None = None
@@ -121,13 +124,14 @@ class ModelRunner:
             else:
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
                 bt = torch.tensor(table, dtype=torch.long) if start > 0 else None
-                prefills.append(PrefillChunk(len(input_ids) - n, n, start + n, bt))
+                prefills.append(PrefillChunk(len(input_ids) - n, n, start + n, bt, table))
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=len(decode_lens),
             prefills=prefills,
             workspace=self._workspace,
+            backend=self.backend,
         )
         for p in prefills:
             if p.block_table is not None:
@@ -156,9 +160,9 @@ class ModelRunner:
         if copies:
             src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
             dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
-            copy_blocks(self._kv_storage, src, dst, block_dim=2)
+            copy_blocks(self._kv_storage, src, dst, block_dim=2, backend=self.backend)
             if self._kv_scales is not None:
-                copy_blocks(self._kv_scales, src, dst, block_dim=2)
+                copy_blocks(self._kv_scales, src, dst, block_dim=2, backend=self.backend)
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
