@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 
 # Rows from which dequantize + dense GEMM beats the weight-only kernels, per class (see the
 # module docstring). Measured with ``pagedq bench quant --crossover`` on bench-1b's gate_up
-# ([16384 x 2048], bf16, 2 cores): int8 kernel 0.23 ms/row against an 18 ms dequantize;
-# int4 kernel 0.19 ms/row against a 96 ms dequantize; a bf16 GEMM costs 0.07 ms/row.
-DEQUANT_MIN_TOKENS = 128
+# ([16384 x 2048], bf16, 2 cores): the int8 kernel costs 0.26 ms/row, its dequantize 5 ms;
+# the int4 kernel 0.19 ms/row, its dequantize 36 ms; a bf16 GEMM 0.07 ms/row.
+DEQUANT_MIN_TOKENS = 40
 
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes, largest first
 
@@ -110,7 +110,7 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(QuantLinear):
-    dequant_min_tokens = 768
+    dequant_min_tokens = 320
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
@@ -169,17 +169,16 @@ class Int4Linear(QuantLinear):
         if self.codes is not None:
             s = sz[..., 0].T.repeat_interleave(g, 1)
             return (self.codes.to(dtype) - 8) * s + sz[..., 1].T.repeat_interleave(g, 1)
-        # straight from torch's packing ([n/64, k, 32] bytes: channels 0-31 low, 32-63 high),
-        # scales broadcast per group: no [N, K] scale tensors are built
-        b = self.packed.view(n // 64, k // g, g, 32)
-        q = torch.empty(n // 64, k // g, g, 64, dtype=dtype)
-        q[..., :32] = b & 0xF
-        q[..., 32:] = b >> 4
-        q.sub_(8)
-        s = sz[..., 0].T.reshape(n // 64, 64, k // g).transpose(1, 2).unsqueeze(2)  # [n/64, k/g, 1, 64]
-        off = sz[..., 1].T.reshape(n // 64, 64, k // g).transpose(1, 2).unsqueeze(2)
-        q.mul_(s).add_(off)
-        return q.view(n // 64, k, 64).transpose(1, 2).reshape(n, k)
+        # straight from torch's packing ([n/64, k, 32] bytes: channels 0-31 low nibbles, 32-63
+        # high): nibbles split four bytes at a time, one byte-sized transpose, one conversion,
+        # then the group scales broadcast in place — no [N, K] scale tensors are built
+        words = self.packed.view(torch.int32)
+        both = torch.empty(2, n // 64, k, 32, dtype=torch.uint8, device=words.device)
+        torch.bitwise_and(words, 0x0F0F0F0F, out=both[0].view(torch.int32).view(words.shape))
+        torch.bitwise_and(words >> 4, 0x0F0F0F0F, out=both[1].view(torch.int32).view(words.shape))
+        w = both.permute(1, 0, 3, 2).reshape(n, k).to(dtype).view(n, k // g, g)
+        w.sub_(8).mul_(sz[..., 0].T[:, :, None]).add_(sz[..., 1].T[:, :, None])
+        return w.view(n, k)
 
 
 class Int8Linear(QuantLinear):
