@@ -13,6 +13,20 @@ from .sequence import Logprob
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext pagedq``: registers ``%pagedq`` and ``%%generate`` (Jupyter code loads only here)."""
+    from pagedq.jupyter_ext.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from pagedq.jupyter_ext.magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 __all__ = [
     "LLM",
     "BeamSearchParams",

@@ -1,0 +1,330 @@
+"""``%load_ext pagedq``: the ``%pagedq`` line magic and the ``%%generate`` cell magic.
+
+One engine per kernel, held by :data:`session`; a background :class:`EngineDriver` thread steps
+it, so foreground cells, ``--background`` generations and widgets share one continuous batch.
+``%pagedq unload`` closes the engine, joins the thread and hands freed memory back to the
+operating system, so that a new ``load`` works at once in the same kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import html
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from .driver import EngineDriver, Generation
+
+UPDATE_INTERVAL = 0.05  # seconds between display updates while tokens stream
+
+
+@dataclass
+class Session:
+    llm: object | None = None
+    driver: EngineDriver | None = None
+    model: str | None = None
+    options: dict = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    def require(self):
+        if self.llm is None:
+            raise ValueError(
+                "no model is loaded; run %pagedq load MODEL first (e.g. %pagedq load pagedq-tiny)"
+            )
+        return self.llm, self.driver
+
+    def load(self, model: str, **options):
+        from pagedq import LLM
+
+        self.unload()
+        self.llm = LLM(model, **options)
+        self.driver = EngineDriver(self.llm)
+        self.model, self.options, self.loaded_at = model, options, time.perf_counter()
+        return self.llm
+
+    def unload(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+        if self.llm is not None:
+            self.llm.close()
+        self.llm = self.driver = None
+        self.model = None
+        release_memory()
+
+
+session = Session()
+
+
+def release_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc ``malloc_trim``)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def driver_for(llm=None) -> EngineDriver:
+    """The session's driver, or one for ``llm`` (kept on it, so every widget shares it)."""
+    if llm is None or llm is session.llm:
+        return session.require()[1]
+    drv = getattr(llm, "_pagedq_driver", None)
+    if drv is None:
+        drv = EngineDriver(llm)
+        llm._pagedq_driver = drv
+    return drv
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+class Rendered:
+    """What a ``%%generate`` cell shows: the prompt's completions (side by side when n > 1)."""
+
+    def __init__(self, texts: list[str], fmt: str = "text", footer: str = ""):
+        self.texts, self.fmt, self.footer = texts, fmt, footer
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        if len(self.texts) == 1:
+            plain = self.texts[0]
+        else:
+            plain = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(self.texts))
+        if self.footer:
+            plain += f"\n\n[{self.footer}]"
+        bundle = {"text/plain": plain}
+        if len(self.texts) > 1:
+            cols = "".join(
+                f"<td style='vertical-align:top;padding:4px 8px'><b>sample {i}</b>"
+                f"<pre style='white-space:pre-wrap'>{html.escape(t)}</pre></td>"
+                for i, t in enumerate(self.texts)
+            )
+            bundle["text/html"] = f"<table><tr>{cols}</tr></table>" + self._html_footer()
+        elif self.fmt == "markdown":
+            bundle["text/markdown"] = self.texts[0] + (f"\n\n*{self.footer}*" if self.footer else "")
+        elif self.fmt == "code":
+            bundle["text/markdown"] = f"```python\n{self.texts[0]}\n```" + (
+                f"\n\n*{self.footer}*" if self.footer else ""
+            )
+        return bundle
+
+    def _html_footer(self) -> str:
+        return (
+            f"<div style='color:#777;font-size:smaller'>{html.escape(self.footer)}</div>"
+            if self.footer
+            else ""
+        )
+
+
+def interpolate(text: str, namespace: dict) -> str:
+    """Replace ``{name}`` with the value of notebook variable ``name``; unknown names stay as they are."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        return str(namespace[name]) if name in namespace else m.group(0)
+
+    return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
+
+
+class Status:
+    def __init__(self, rows: list[tuple[str, str]]):
+        self.rows = rows
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><td style='text-align:left'><b>{k}</b></td><td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self.rows
+        )
+        return f"<table>{body}</table>"
+
+    def __repr__(self) -> str:
+        width = max(len(k) for k, _ in self.rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows)
+
+
+def _quantization_name(eng) -> str:
+    if eng.config.quantization:
+        return f"{eng.config.quantization} (on load)"
+    raw = eng.model_config.raw.get("quantization_config")
+    return (
+        f"{raw.get('quant_method')} {raw.get('bits', '')}-bit checkpoint".replace(" -bit", "")
+        if raw
+        else "none"
+    )
+
+
+def status() -> Status:
+    if session.llm is None:
+        return Status([("model", "none loaded (%pagedq load MODEL)")])
+    s = session.llm.stats()
+    eng = session.llm.engine
+    up = time.perf_counter() - session.loaded_at
+    free = s["num_kv_blocks"] - s["kv_blocks_in_use"]
+    return Status(
+        [
+            ("model", f"{session.model} ({eng.model_config.architecture})"),
+            ("dtype", f"{eng.dtype}".replace("torch.", "")),
+            ("quantization", _quantization_name(eng)),
+            ("KV cache", f"{s['kv_blocks_in_use']} of {s['num_kv_blocks']} blocks used, {free} free "
+             f"({s['block_size']} tokens each, {eng.config.kv_cache_dtype})"),
+            ("KV waste", f"{100 * s['kv_waste']:.1f}% now, {100 * s['peak_kv_waste']:.1f}% at peak"),
+            ("prefix cache", f"{s['prefix_cache_hits']} of {s['prefix_cache_queries']} prompt tokens hit"),
+            ("queue", f"{s['num_running']} running, {s['num_waiting']} waiting"),
+            ("tokens", f"{s['generated_tokens']} generated, {s['generated_tokens'] / max(up, 1e-9):.1f} tok/s since load"),
+            ("weights", f"{s['weight_bytes'] / 2**20:.1f} MiB"),
+        ]
+    )  # fmt: skip
+
+
+# --- the magics ---------------------------------------------------------------------------------
+
+
+@magics_class
+class PagedqMagics(Magics):
+    @line_magic
+    def pagedq(self, line: str):
+        """%pagedq load MODEL [--dtype D] [--quantization int8|int4] [--kv-cache-dtype auto|int8|fp8_e4m3]
+        [--kv-cache-memory 1GiB] [--max-num-seqs N] [--max-model-len N] [--block-size N]
+        %pagedq status      the engine at a glance
+        %pagedq unload      free the weights and the KV cache (a new load works at once)
+        """
+        import argparse
+
+        words = shlex.split(line)
+        if not words or words[0] not in ("load", "status", "unload"):
+            print(self.pagedq.__doc__)
+            return None
+        cmd = words[0]
+        if cmd == "status":
+            return status()
+        if cmd == "unload":
+            session.unload()
+            print("pagedq: unloaded")
+            return None
+        p = argparse.ArgumentParser(prog="%pagedq load", add_help=False)
+        p.add_argument("model")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--quantization", default=None)
+        p.add_argument("--kv-cache-dtype", default="auto")
+        p.add_argument("--kv-cache-memory", default=None)
+        p.add_argument("--num-kv-blocks", type=int, default=None)
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-model-len", type=int, default=None)
+        p.add_argument("--block-size", type=int, default=16)
+        try:
+            a = p.parse_args(words[1:])
+        except SystemExit:
+            print(p.format_usage())
+            return None
+        opts = {k: v for k, v in vars(a).items() if k != "model" and v is not None}
+        t0 = time.perf_counter()
+        session.load(a.model, **opts)
+        print(f"pagedq: loaded {a.model} in {time.perf_counter() - t0:.1f} s")
+        return None
+
+    @magic_arguments()
+    @argument("--max-tokens", type=int, default=128)
+    @argument("--temperature", type=float, default=0.7)
+    @argument("--top-p", type=float, default=1.0)
+    @argument("--top-k", type=int, default=0)
+    @argument("--min-p", type=float, default=0.0)
+    @argument("--seed", type=int, default=None)
+    @argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    @argument("--n", type=int, default=1, help="samples, shown side by side")
+    @argument("--logprobs", type=int, default=None, help="keep the top-k logprobs of every token")
+    @argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    @argument("--system", default=None, help="system message (with --chat)")
+    @argument("-o", "--output", default=None, help="store the RequestOutput in this variable")
+    @argument("--format", default="text", choices=["text", "markdown", "code"])
+    @argument("--background", action="store_true", help="return a Generation handle at once")
+    @cell_magic
+    def generate(self, line: str, cell: str):
+        """Generate a completion of the cell's text with the loaded model, streaming into the cell.
+
+        ``{name}`` in the cell is replaced by the notebook variable ``name`` (unknown names stay
+        as written). Interrupting the kernel aborts the request and frees its KV blocks.
+        """
+        from pagedq import SamplingParams
+
+        args = parse_argstring(self.generate, line)
+        llm, driver = session.require()
+        ns = self.shell.user_ns if self.shell is not None else {}
+        text = interpolate(cell.rstrip("\n"), ns)
+        prompt: object = text
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": text}
+            ]
+            ids = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompt = {"prompt": text, "prompt_token_ids": list(ids)}
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            stop=args.stop,
+            max_tokens=args.max_tokens,
+            logprobs=args.logprobs,
+        )
+        gen = driver.submit(prompt, params)
+        handle = display(Rendered([""] * args.n, args.format), display_id=True)
+        updater = _Updater(handle, args.format, gen)
+        if args.background:
+            if args.output:
+                gen.on_output(lambda out: out.finished and ns.__setitem__(args.output, out))
+            gen.on_output(updater)
+            return gen
+        try:
+            for out in gen.outputs():
+                updater(out)
+        except KeyboardInterrupt:
+            gen.cancel()
+            updater.final(gen.latest, note="interrupted: request aborted, its KV blocks freed")
+            return None
+        if args.output:
+            ns[args.output] = gen.latest
+        return None
+
+
+class _Updater:
+    """Throttled display updates: at most one per ``UPDATE_INTERVAL``, and always the last."""
+
+    def __init__(self, handle, fmt: str, gen: Generation):
+        self.handle, self.fmt, self.gen = handle, fmt, gen
+        self.last = 0.0
+
+    def __call__(self, out) -> None:
+        now = time.perf_counter()
+        if out.finished:
+            self.final(out)
+        elif now - self.last >= UPDATE_INTERVAL:
+            self.last = now
+            self.handle.update(Rendered([c.text for c in out.outputs], self.fmt))
+
+    def final(self, out, note: str = "") -> None:
+        if out is None:
+            return
+        n = sum(len(c.token_ids) for c in out.outputs)
+        reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
+        footer = f"{n} tokens, {self.gen.tokens_per_second:.1f} tok/s, finish: {reasons}"
+        if note:
+            footer = f"{note}; {footer}"
+        self.handle.update(Rendered([c.text for c in out.outputs], self.fmt, footer))
+
+
+def load_ipython_extension(ipython) -> None:
+    ipython.register_magics(PagedqMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    session.unload()
