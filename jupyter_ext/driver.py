@@ -54,9 +54,11 @@ class Generation:
             raise RuntimeError(f"generation {self.request_id} failed: {self.error}") from self.error
 
     def result(self, timeout: float | None = None) -> RequestOutput:
-        """The final output (waits for it)."""
-        if not self.done.wait(timeout):
-            raise TimeoutError(f"generation {self.request_id} is still running")
+        """The final output (waits for it; Ctrl-C interrupts the wait)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.done.wait(0.1):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"generation {self.request_id} is still running")
         if self.error is not None:
             raise RuntimeError(f"generation {self.request_id} failed: {self.error}") from self.error
         return self.latest
@@ -110,13 +112,19 @@ class EngineDriver:
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="pagedq-engine", daemon=True)
         self._thread.start()
+        llm._driver = self  # LLM.generate / stream / next_token_logprobs now go through this thread
 
-    def submit(self, prompt, params=None) -> Generation:
-        """Validate and queue one request (``ValueError`` on bad input, nothing queued)."""
+    def submit(self, prompt, params=None, prepare=None) -> Generation:
+        """Validate and queue one request (``ValueError`` on bad input, nothing queued).
+
+        ``prepare(request)`` runs under the engine lock before the request is first stepped.
+        """
         with self.lock:
             if self._closed:
                 raise RuntimeError("the engine driver is closed; load a model again")
             rid = self.engine.add_request(prompt, params)
+            if prepare is not None:
+                prepare(self.engine.requests[rid])
             gen = Generation(self, rid)
             self._gens[rid] = gen
             self._wake.notify_all()
@@ -130,6 +138,41 @@ class EngineDriver:
             if out is not None:
                 gen._deliver(out)
             gen._finish()
+
+    def generate(self, prompts: list, params: list) -> list[RequestOutput]:
+        """``LLM.generate`` through the driver: every prompt validated first, results in order."""
+        checked = self.llm._validate_all(prompts, params)
+        gens = []
+        try:
+            for p, sp in zip(checked, params):
+                gens.append(self.submit(p, sp))
+            return [g.result() for g in gens]
+        except BaseException:
+            for g in gens:
+                g.cancel()
+            raise
+
+    def stream(self, prompts: list, params: list) -> Iterator[RequestOutput]:
+        """``LLM.stream`` through the driver: outputs of all prompts as they come."""
+        checked = self.llm._validate_all(prompts, params)
+        merged: queue.Queue[RequestOutput] = queue.Queue()
+        gens = [self.submit(p, sp) for p, sp in zip(checked, params)]
+        for g in gens:
+            g.on_output(merged.put)
+        pending = {g.request_id for g in gens}
+        try:
+            while pending:
+                try:
+                    out = merged.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if out.finished:
+                    pending.discard(out.request_id)
+                yield out
+        finally:
+            for g in gens:
+                if g.request_id in pending:
+                    g.cancel()
 
     @property
     def generations(self) -> list[Generation]:
@@ -169,3 +212,5 @@ class EngineDriver:
             self._closed = True
             self._wake.notify_all()
         self._thread.join(timeout=10)
+        if getattr(self.llm, "_driver", None) is self:
+            self.llm._driver = None

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="generate on the demo model and print text, throughput and KV statistics")
-    d.add_argument("--model", default="tiny")
+    d.add_argument("--model", default="pagedq-tiny")
     d.add_argument("--num-prompts", type=int, default=16)
     d.add_argument("--max-tokens", type=int, default=64)
     _add_engine_args(d)

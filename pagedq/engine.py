@@ -45,6 +45,10 @@ _DEFAULT_GPU_KV_SHARE = 0.85
 def resolve_model_dir(model: str) -> str:
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be a path to a Hugging Face model folder, got {model!r}")
+    from .models import default
+
+    if model == default.NAME and not os.path.isdir(model):
+        return default.path()  # the trained model shipped inside the package
     path = os.path.expanduser(model)
     if not os.path.isdir(path):
         raise ValueError(

@@ -23,6 +23,9 @@ class LLM:
 
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        # In a notebook a driver thread (pagedq.jupyter_ext) may own the engine's loop; then
+        # generate / stream / next_token_logprobs submit to it instead of stepping themselves.
+        self._driver = None
 
     @property
     def tokenizer(self):
@@ -46,6 +49,8 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        if self._driver is not None:
+            return self._driver.generate(prompts, params)
         ids = self._add_all(prompts, params)
         finals: dict[str, RequestOutput] = {}
         bar = None
@@ -104,6 +109,17 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
         checked = self._validate_all(prompts, [sp] * len(prompts))
+        if self._driver is not None:
+            reqs = []
+
+            def keep(req):
+                req.prompt_distributions = []
+                reqs.append(req)
+
+            gens = [self._driver.submit(p, sp, prepare=keep) for p in checked]
+            for g in gens:
+                g.result()
+            return [torch.cat(r.prompt_distributions) for r in reqs]
         ids, reqs = [], {}
         try:
             for p in checked:
@@ -130,6 +146,8 @@ class LLM:
         """Yield incremental outputs (cumulative text so far) as tokens are produced."""
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        if self._driver is not None:
+            return self._driver.stream(prompts, params)
         return self.engine.stream(self._validate_all(prompts, params), params)
 
     def chat(
@@ -159,6 +177,8 @@ class LLM:
         return self.engine.stats()
 
     def close(self) -> None:
+        if self._driver is not None:
+            self._driver.close()
         self.engine.close()
 
     def __enter__(self) -> LLM:

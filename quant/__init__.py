@@ -10,8 +10,17 @@
 Everything here needs torch alone.
 """
 
-from .evaluate import EvalResult, compare, evaluate
+from .evaluate import Comparison, EvalResult, compare, evaluate
 from .formats import QuantConfig, QuantWeight
 from .quantize import QuantizeResult, quantize
 
-__all__ = ["EvalResult", "QuantConfig", "QuantWeight", "QuantizeResult", "compare", "evaluate", "quantize"]
+__all__ = [
+    "Comparison",
+    "EvalResult",
+    "QuantConfig",
+    "QuantWeight",
+    "QuantizeResult",
+    "compare",
+    "evaluate",
+    "quantize",
+]

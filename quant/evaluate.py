@@ -10,6 +10,7 @@ quantization study needs, in a notebook or from ``pagedq bench quant``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import statistics
@@ -140,35 +141,143 @@ def evaluate(
             llm.close()
 
 
+SCHEMES = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "fp16": {"dtype": "float16"},
+    "int8": {"dtype": "bfloat16", "quantization": "int8"},
+    "int4": {"dtype": "bfloat16", "quantization": "int4"},
+    "gptq4": {"dtype": "bfloat16", "quantize": dict(method="gptq", bits=4)},
+    "gptq8": {"dtype": "bfloat16", "quantize": dict(method="gptq", bits=8, sym=True)},
+    "awq4": {"dtype": "bfloat16", "quantize": dict(method="awq", bits=4)},
+    "rtn4": {"dtype": "bfloat16", "quantize": dict(method="rtn", bits=4)},
+    # a KV-cache scheme only shows when prompts are scored in chunks that read the cache back
+    "kv-int8": {"dtype": "bfloat16", "kv_cache_dtype": "int8", "max_num_batched_tokens": 32},
+    "kv-fp8": {"dtype": "bfloat16", "kv_cache_dtype": "fp8_e4m3", "max_num_batched_tokens": 32},
+}
+
+
+def _scheme_config(model: str, name: str, group_size: int) -> dict:
+    """``LLM`` keyword arguments of a scheme name; GPTQ/AWQ/RTN checkpoints are written once
+    (with pagedq's quantizers) and cached under ``$PAGEDQ_CACHE/quantized``."""
+    from pagedq.models.build import cache_dir
+
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; choose from {sorted(SCHEMES)}")
+    cfg = dict(SCHEMES[name])
+    q = cfg.pop("quantize", None)
+    if q is not None:
+        from pagedq.engine import resolve_model_dir
+
+        from .quantize import quantize
+
+        src = resolve_model_dir(model)
+        tag = hashlib.sha256(os.path.realpath(src).encode()).hexdigest()[:10]
+        out = os.path.join(cache_dir(), "quantized", f"{os.path.basename(src)}-{tag}-{name}-g{group_size}")
+        if not os.path.isfile(os.path.join(out, "model.safetensors")):
+            quantize(src, out, group_size=group_size, progress=False, **q)
+        cfg["model"] = out
+    return cfg
+
+
+@dataclass
+class Comparison:
+    """Rows of :func:`compare`, shown as a table in a notebook; :meth:`plot` draws them."""
+
+    rows: list[EvalResult]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def _cells(self, r: EvalResult) -> list[str]:
+        kl = "-" if r.kl_divergence is None else f"{r.kl_divergence:.5f}"
+        tps = "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
+        return [r.name, f"{r.perplexity:.3f}", kl, f"{r.weight_bytes / 2**20:.2f}", tps]
+
+    _HEAD = ["scheme", "perplexity", "KL vs reference", "weights MiB", "decode tok/s"]
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in self._HEAD)
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in self._cells(r)) + "</tr>" for r in self.rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    def __repr__(self) -> str:
+        lines = [self._HEAD] + [self._cells(r) for r in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(self._HEAD))]
+        return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+    def plot(self):
+        """A matplotlib figure: perplexity, KL divergence, weight memory and speed per scheme."""
+        import matplotlib.pyplot as plt
+
+        names = [r.name for r in self.rows]
+        panels = [
+            ("perplexity", [r.perplexity for r in self.rows]),
+            ("KL vs reference (nats)", [r.kl_divergence or 0.0 for r in self.rows]),
+            ("weights (MiB)", [r.weight_bytes / 2**20 for r in self.rows]),
+            ("decode tok/s", [r.decode_tokens_per_s or 0.0 for r in self.rows]),
+        ]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
+        for ax, (title, values) in zip(axes, panels):
+            ax.bar(names, values, color="#4c72b0")
+            ax.set_title(title, fontsize=10)
+            ax.tick_params(axis="x", rotation=45, labelsize=8)
+        fig.tight_layout()
+        return fig
+
+
 def compare(
     model: str,
-    configs: dict[str, dict],
+    configs: dict[str, dict] | None = None,
     texts: list[str] | None = None,
     reference: str | None = None,
     max_len: int = 512,
     decode_tokens: int = 64,
     decode_runs: int = 3,
+    schemes: list[str] | None = None,
+    group_size: int = 128,
+    plot: bool = False,
     **common,
-) -> list[EvalResult]:
-    """Evaluate ``model`` under each of ``configs`` (name -> ``LLM`` keyword arguments, e.g.
-    ``{"bf16": {}, "int4": {"quantization": "int4"}}``) against one reference (the first
-    config by default); one engine at a time. Returns one :class:`EvalResult` per config."""
+) -> Comparison:
+    """Evaluate ``model`` under several configurations against one reference (the first by
+    default), one engine at a time.
+
+    ``schemes`` names them (``bf16``, ``int8``, ``int4``, ``gptq4``, ``gptq8``, ``awq4``,
+    ``rtn4``, ``kv-int8``, ``kv-fp8``, ``fp32``; GPTQ/AWQ/RTN checkpoints are made with
+    pagedq's quantizers and cached); ``configs`` gives them as ``name -> LLM keyword
+    arguments`` instead. ``plot=True`` also draws the figure (in a notebook, inline).
+    """
     from pagedq import LLM
 
+    if schemes is not None:
+        configs = {name: _scheme_config(model, name, group_size) for name in schemes}
+    if not configs:
+        raise ValueError("pass schemes=[...] (e.g. ['bf16', 'int8', 'int4']) or configs={name: LLM kwargs}")
     names = list(configs)
-    if not names:
-        raise ValueError("configs is empty; pass e.g. {'bf16': {}, 'int8': {'quantization': 'int8'}}")
     ref_name = reference or names[0]
     if ref_name not in configs:
-        raise ValueError(f"reference {ref_name!r} is not one of the configs {names}")
+        raise ValueError(f"reference {ref_name!r} is not one of {names}")
+
+    def open_llm(name):
+        cfg = dict(common, **configs[name])
+        return LLM(cfg.pop("model", model), **cfg)
+
     results: dict[str, EvalResult] = {}
-    with LLM(model, **common, **configs[ref_name]) as llm:
+    with open_llm(ref_name) as llm:
         token_lists = _token_lists(llm, texts if texts is not None else default_texts(), max_len)
         ref = reference_distributions(llm, token_lists)
         results[ref_name] = evaluate(llm, texts, ref, ref_name, max_len, decode_tokens, decode_runs)
     for n in names:
         if n != ref_name:
-            results[n] = evaluate(
-                model, texts, ref, n, max_len, decode_tokens, decode_runs, **common, **configs[n]
-            )
-    return [results[n] for n in names]
+            with open_llm(n) as llm:
+                results[n] = evaluate(llm, texts, ref, n, max_len, decode_tokens, decode_runs)
+    table = Comparison([results[n] for n in names])
+    if plot:
+        table.plot()
+    return table

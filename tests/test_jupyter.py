@@ -185,3 +185,31 @@ def test_playground_and_kv_view_models(tiny_llama):
         pg.prompt.value = ""
         pg.generate_button.click()
         assert "prompt is empty" in pg.error.value and not pg.generate_button.disabled
+
+
+def test_llm_api_goes_through_the_driver_thread(tiny_llama):
+    """With a driver (as in a notebook), LLM.generate / stream / next_token_logprobs submit to
+    its thread, so they batch with a background generation instead of racing it."""
+    from pagedq.jupyter_ext import EngineDriver
+
+    from pagedq import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(tiny_llama, dtype="float32") as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS_J, greedy, use_tqdm=False)]
+        dist = llm.next_token_logprobs(PROMPTS_J[0])[0]
+        driver = EngineDriver(llm)
+        bg = driver.submit(
+            "for i in range(10):", SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+        )
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS_J, greedy, use_tqdm=False)]
+        assert not bg.done.is_set()  # the background request was still running alongside
+        streamed = [o for o in llm.stream(PROMPTS_J[:1], greedy)]
+        assert streamed[-1].finished and streamed[-1].outputs[0].token_ids == ref[0]
+        d2 = llm.next_token_logprobs(PROMPTS_J[0])[0]
+        assert len(bg.result(60).outputs[0].token_ids) == 300
+    assert got == ref
+    assert (d2 - dist).abs().max() < 1e-4
+
+
+PROMPTS_J = ["def main(argv):\n    ", "import os\n", "x = 1"]

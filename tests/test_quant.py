@@ -516,3 +516,29 @@ def test_bitsandbytes_missing_names_the_extra(model_factory, tmp_path, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     with pytest.raises(ValueError, match=r"pip install 'pagedq\[bnb\]'"):
         LLM(str(tmp_path / "q"))
+
+
+def test_compare_schemes_table_and_plot(tiny_llama, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pagedq.quant import compare
+
+    monkeypatch.setenv("PAGEDQ_CACHE", str(tmp_path))
+    table = compare(
+        tiny_llama,
+        schemes=["fp32", "int8", "gptq4", "awq4", "kv-int8"],
+        texts=[PROMPTS[4] * 3],
+        group_size=32,
+        decode_tokens=0,
+        plot=True,
+    )
+    assert [r.name for r in table] == ["fp32", "int8", "gptq4", "awq4", "kv-int8"]
+    assert table[0].kl_divergence == pytest.approx(0.0, abs=1e-6)
+    assert all(r.kl_divergence > 0 for r in table.rows[1:])
+    assert table[2].weight_bytes < table[1].weight_bytes < table[0].weight_bytes
+    html = table._repr_html_()
+    assert "gptq4" in html and "perplexity" in html
+    assert len(os.listdir(tmp_path / "quantized")) == 2  # the GPTQ and AWQ checkpoints, cached
+    fig = table.plot()
+    assert len(fig.axes) == 4
