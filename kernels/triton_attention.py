@@ -76,7 +76,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_tok, stride_head, s_tok, s_head, stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    scale, HEAD_DIM, SPLIT_TOKENS,
+    scale, HEAD_DIM, SPLIT_TOKENS, WINDOW,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BS: tl.constexpr, KIND: tl.constexpr,
 ):  # fmt: skip
@@ -100,6 +100,8 @@ def _decode_kernel(
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, BLOCK_D), tl.float32)
     end = tl.minimum(start + SPLIT_TOKENS, ctx)
+    if WINDOW > 0:  # sliding window: the query (position ctx - 1) sees keys after ctx - 1 - WINDOW
+        start = tl.maximum(start, ctx - WINDOW)
     for t0 in range(start, end, BLOCK_N):
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
@@ -163,11 +165,13 @@ def paged_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     split_tokens: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """``query [B, num_heads, head_dim]`` against each sequence's blocks -> ``[B, num_heads, head_dim]``.
 
     ``split_tokens``: context tokens per split (None: one split when the batch fills the
-    device, else splits of 512 tokens).
+    device, else splits of 512 tokens). ``window > 0``: sliding-window attention (a query at
+    position p sees keys p - window < k <= p), as Mistral-style models use.
     """
     b, nh, hd = query.shape
     _, bs, kvh, _ = k_cache.shape
@@ -194,7 +198,7 @@ def paged_decode(
         query, k_cache, v_cache, ks, vs, block_tables, context_lens, part, lse,
         query.stride(0), query.stride(1), k_flat_tok, k_head, s_tok, s_head, block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        scale, hd, split_tokens,
+        scale, hd, split_tokens, window,
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(hd),
         BLOCK_N=block_n, BS=bs, KIND=kind, num_warps=warps, num_stages=2,
     )  # fmt: skip
@@ -212,7 +216,7 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, table_ptr,
     tile_chunk_ptr, tile_row_ptr, chunk_qstart_ptr, chunk_qlen_ptr, chunk_ctx_ptr,
     stride_qt, stride_qh, stride_tok, stride_head, s_tok, s_head, stride_tc, stride_ot, stride_oh,
-    scale, HEAD_DIM,
+    scale, HEAD_DIM, WINDOW,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BS: tl.constexpr, KIND: tl.constexpr,
 ):  # fmt: skip
@@ -239,7 +243,10 @@ def _prefill_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     last = tl.minimum(ctx, ctx - q_len + row0 + BLOCK_M)  # keys past the tile's last query are masked anyway
-    for t0 in range(0, last, BLOCK_N):
+    first = ctx * 0
+    if WINDOW > 0:
+        first = tl.maximum(0, ctx - q_len + row0 - WINDOW + 1)
+    for t0 in range(first, last, BLOCK_N):
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < last
         blk = tl.load(table_ptr + c * stride_tc + offs_n // BS, mask=mask_n, other=0)
@@ -252,6 +259,8 @@ def _prefill_kernel(
         )
         s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], float32 operands (exact in the interpreter)
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        if WINDOW > 0:
+            causal = causal & (offs_n[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(causal, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -278,6 +287,7 @@ def paged_prefill(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Extend attention for the packed prefill chunks ``(query_start, query_len, context_len)``,
     whose K/V are already in the cache; ``block_tables[i]``: chunk ``i``'s blocks (padded).
@@ -307,7 +317,7 @@ def paged_prefill(
         ints([c[2] for c in chunks]),
         query.stride(0), query.stride(1), k_cache.stride(1), k_cache.stride(2), s_tok, s_head,
         block_tables.stride(0), out.stride(0), out.stride(1),
-        scale, hd,
+        scale, hd, window,
         GROUP=nh // kvh, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(hd), BS=bs,
         KIND=kv_kind(k_cache), num_warps=warps, num_stages=2,
     )  # fmt: skip

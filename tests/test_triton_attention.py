@@ -108,7 +108,7 @@ def test_decode_equals_reference(kind, nh, kvh, hd, bs):
         assert _rel_err(out, ref) < TOL.get(kind, 1e-5), (split, _rel_err(out, ref))
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "fp8"])
+@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16", "int8", "fp8"])
 @pytest.mark.parametrize("nh,kvh,hd,bs", SHAPES)
 def test_prefill_extend_equals_reference(kind, nh, kvh, hd, bs):
     """Chunks of a packed batch: a fresh prompt, a continuing chunk, a chunk after a cached prefix."""
@@ -197,3 +197,46 @@ def test_backend_switch_errors(monkeypatch):
         backend(torch.device("cpu"))
     monkeypatch.setenv("PAGEDQ_BACKEND", "torch")
     assert backend(torch.device("cpu")) == "torch"
+
+
+def _dense_reference(q, kf, vf, table, bs, q_pos, ctx, window, scale):
+    """Attention of queries at ``q_pos`` over keys ``[0, ctx)`` of one sequence, written out."""
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)], device=q.device)
+    k = kf.view(-1, *kf.shape[2:])[slots]  # [ctx, kvh, hd]
+    v = vf.view(-1, *vf.shape[2:])[slots]
+    nh, kvh = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(nh // kvh, dim=1)
+    v = v.repeat_interleave(nh // kvh, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    pos = torch.arange(ctx, device=q.device)
+    allowed = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+    s = s.masked_fill(~allowed[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_sliding_window(kind):
+    nh, kvh, hd, bs, window = 4, 2, 64, 4, 7
+    lens = [5, 30]
+    tables, (k, v, ks, vs) = _fill(lens, bs, kvh, hd, kind, seed=11, writer=attention.reshape_and_cache)
+    kf, vf = _deq(k, ks), _deq(v, vs)
+    meta, ids = _decode_meta(tables, lens, bs)
+    q = torch.randn(len(lens), nh, hd, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    for split in (None, 8):
+        out = ta.paged_decode(
+            q, k, v, ids, meta.decode_context_lens, hd**-0.5, ks, vs, split_tokens=split, window=window
+        )
+        for i, (table, n) in enumerate(zip(tables, lens)):
+            ref = _dense_reference(
+                q[i : i + 1], kf, vf, table, bs, torch.tensor([n - 1], device=DEVICE), n, window, hd**-0.5
+            )
+            assert _rel_err(out[i : i + 1], ref) < 1e-5
+    # extend: 20 new queries at the end of a 30-token context
+    ql, ctx = 20, 30
+    qp = torch.randn(ql, nh, hd, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    tab = torch.tensor([tables[1]], dtype=torch.int32, device=DEVICE)
+    out = ta.paged_prefill(qp, k, v, [(0, ql, ctx)], tab, hd**-0.5, ks, vs, window=window)
+    ref = _dense_reference(
+        qp, kf, vf, tables[1], bs, torch.arange(ctx - ql, ctx, device=DEVICE), ctx, window, hd**-0.5
+    )
+    assert _rel_err(out, ref) < 1e-5
