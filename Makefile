@@ -8,6 +8,12 @@ PIP ?= $(PYTHON) -m pip
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	@# Debian's chromium for the JupyterLab browser test (never `playwright install`); the test
+	@# skips, saying why, where it cannot be installed
+	@command -v chromium >/dev/null 2>&1 || ( command -v apt-get >/dev/null 2>&1 && \
+		( DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		  ( apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 ) ) ) || \
+		echo "note: chromium not installed; the browser test will be skipped"
 
 demo: install
 	pagedq demo
