@@ -52,9 +52,8 @@ def lab(tmp_path):
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(
-                    "JupyterLab did not start:\n" + proc.stdout.read().decode(errors="replace")[-3000:]
-                )
+                log = proc.stdout.read().decode(errors="replace")[-3000:]
+                raise RuntimeError("JupyterLab did not start:\n" + log) from None
             time.sleep(0.5)
     yield url, token
     proc.terminate()
