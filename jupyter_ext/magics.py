@@ -75,11 +75,7 @@ def driver_for(llm=None) -> EngineDriver:
     """The session's driver, or one for ``llm`` (kept on it, so every widget shares it)."""
     if llm is None or llm is session.llm:
         return session.require()[1]
-    drv = getattr(llm, "_pagedq_driver", None)
-    if drv is None:
-        drv = EngineDriver(llm)
-        llm._pagedq_driver = drv
-    return drv
+    return llm._driver if llm._driver is not None else EngineDriver(llm)  # it registers itself on llm
 
 
 # --- rendering ------------------------------------------------------------------------------
