@@ -37,6 +37,7 @@ class Kernel:
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
         reply = self.kc.get_shell_msg(timeout=timeout)
+        self.last_reply = reply
         if reply["content"]["status"] == "error":
             raise AssertionError("\n".join(reply["content"]["traceback"]))
         return msgs
@@ -78,6 +79,12 @@ def test_generate_streams_display_updates_and_stores_the_output(kernel, tiny_lla
             "def main(argv):\n    ", SamplingParams(temperature=0, max_tokens=24), use_tqdm=False
         )
     assert text == ref[0].outputs[0].text
+
+
+def test_generate_help(kernel):
+    kernel.run("%%generate?\n")
+    pages = [p["data"]["text/plain"] for p in kernel.last_reply["content"]["payload"] if p.get("source") == "page"]
+    assert pages and "--max-tokens" in pages[0] and "--background" in pages[0] and "{name}" in pages[0]
 
 
 def test_generate_interpolates_samples_side_by_side_and_chat(kernel):
