@@ -83,7 +83,9 @@ def test_generate_streams_display_updates_and_stores_the_output(kernel, tiny_lla
 
 def test_generate_help(kernel):
     kernel.run("%%generate?\n")
-    pages = [p["data"]["text/plain"] for p in kernel.last_reply["content"]["payload"] if p.get("source") == "page"]
+    pages = [
+        p["data"]["text/plain"] for p in kernel.last_reply["content"]["payload"] if p.get("source") == "page"
+    ]
     assert pages and "--max-tokens" in pages[0] and "--background" in pages[0] and "{name}" in pages[0]
 
 
