@@ -72,6 +72,18 @@ def _load_kv(
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One tile of online softmax: scores ``s`` (masked with -inf) against the running max and
+    sum of every row. Returns the tile's weights, the factor that rescales what was accumulated
+    so far, and the new max and sum. Rows with nothing unmasked yet stay at zero weight."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_tok, stride_head, s_tok, s_head, stride_tb,
@@ -114,13 +126,8 @@ def _decode_kernel(
             v_ptr, vs_ptr, slots, kvh, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
         )
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _softmax_step(tl.where(mask_n[None, :], s, float("-inf")), m_i, l_i)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
@@ -261,14 +268,8 @@ def _prefill_kernel(
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         if WINDOW > 0:
             causal = causal & (offs_n[None, :] > q_pos[:, None] - WINDOW)
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _softmax_step(tl.where(causal, s, float("-inf")), m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p, v)
-        m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
