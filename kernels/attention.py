@@ -136,17 +136,18 @@ def paged_attention_decode(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence against its blocks. ``query``: [B, num_heads, head_dim].
 
-    On CPU the native kernel reads the blocks in place; elsewhere (and as the reference, and
-    for a quantized cache) the blocks are gathered into a reused buffer and attended with one
-    batched SDPA call.
+    On CPU the native kernel reads the blocks in place; elsewhere (and as the reference, for a
+    quantized cache, and for sliding-window layers) the blocks are gathered into a reused
+    buffer and attended with one batched SDPA call.
     """
-    if native.supports(query, k_cache):
+    if not window and native.supports(query, k_cache):
         tables = meta.decode_block_ids.view(query.shape[0], meta.decode_max_blocks)
         return native.paged_decode(query, k_cache, v_cache, tables, meta.decode_context_lens, scale)
-    return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
 
 
 def paged_attention_decode_torch(
@@ -157,10 +158,15 @@ def paged_attention_decode_torch(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     b, nh, hd = query.shape
     _, bs, kvh, _ = k_cache.shape
     ctx = meta.decode_max_blocks * bs
+    mask = meta.decode_mask
+    if window:  # the query at position len - 1 sees keys after len - 1 - window
+        first = (meta.decode_context_lens - window).view(b, 1, 1, 1)
+        mask = mask & (torch.arange(ctx, device=query.device).view(1, 1, 1, ctx) >= first)
     kv = []
     for name, cache, sc in (("k", k_cache, k_scale), ("v", v_cache, v_scale)):
         x = _gather_blocks(cache, meta.decode_block_ids, meta.workspace, name).view(b, ctx, kvh, hd)
@@ -170,7 +176,7 @@ def paged_attention_decode_torch(
         kv.append(x.transpose(1, 2))
     # GQA without repeating K/V: the query heads of one KV head act as that head's query rows.
     q = query.view(b, kvh, nh // kvh, hd)
-    out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=meta.decode_mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale)
     return out.reshape(b, nh, hd)
 
 
@@ -184,8 +190,10 @@ def paged_attention_prefill(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of one chunk's queries ``[L, num_heads, head_dim]`` over its context.
+    """Causal attention of one chunk's queries ``[L, num_heads, head_dim]`` over its context
+    (for a sliding-window layer, only keys after ``position - window``).
 
     When the chunk is the whole context (a fresh prompt), the new K/V are used as they are;
     otherwise (a chunked prefill continuing, or a cached prefix) the context is read from the
@@ -194,10 +202,16 @@ def paged_attention_prefill(
     L, nh, hd = query.shape
     kvh = key.shape[1]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, nh, L, hd]
-    if chunk.block_table is None:
+    if chunk.block_table is None and (not window or L <= window):
         k = key.transpose(0, 1).unsqueeze(0)
         v = value.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=nh != kvh)
+    elif chunk.block_table is None:  # a fresh prompt longer than the window
+        k = key.transpose(0, 1).unsqueeze(0)
+        v = value.transpose(0, 1).unsqueeze(0)
+        pos = torch.arange(L, device=query.device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nh != kvh)
     else:
         ctx = chunk.context_len
         kv = []
@@ -211,6 +225,8 @@ def paged_attention_prefill(
         q_pos = torch.arange(start, ctx, device=query.device)[:, None]
         k_pos = torch.arange(ctx, device=query.device)[None, :]
         mask = k_pos <= q_pos
+        if window:
+            mask = mask & (k_pos > q_pos - window)
         out = F.scaled_dot_product_attention(
             q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=nh != kvh
         )
@@ -227,30 +243,34 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Shapes: ``[num_tokens, heads, head_dim]``.
 
-    ``k_scale`` / ``v_scale``: the per-token scales of an int8 cache (None otherwise).
+    ``k_scale`` / ``v_scale``: the per-token scales of an int8 cache (None otherwise);
+    ``window``: the layer's sliding window (0: full causal attention).
     """
     if meta.backend == "triton":
-        return _paged_attention_triton(query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale)
+        return _paged_attention_triton(
+            query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale, window
+        )
     reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     nd = meta.num_decode_tokens
     if not meta.prefills:
-        return paged_attention_decode(query, k_cache, v_cache, meta, scale, k_scale, v_scale)
+        return paged_attention_decode(query, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     out = torch.empty_like(query)
     if nd:
-        out[:nd] = paged_attention_decode(query[:nd], k_cache, v_cache, meta, scale, k_scale, v_scale)
+        out[:nd] = paged_attention_decode(query[:nd], k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     for chunk in meta.prefills:
         s, e = chunk.query_start, chunk.query_start + chunk.query_len
         out[s:e] = paged_attention_prefill(
-            query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale, k_scale, v_scale
+            query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale, k_scale, v_scale, window
         )
     return out
 
 
 def _paged_attention_triton(
-    query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale
+    query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale, window=0
 ) -> torch.Tensor:
     from . import triton_attention as ta
 
@@ -260,7 +280,15 @@ def _paged_attention_triton(
     if nd:
         tables = meta.decode_block_ids.view(nd, meta.decode_max_blocks)
         out[:nd] = ta.paged_decode(
-            query[:nd], k_cache, v_cache, tables, meta.decode_context_lens, scale, k_scale, v_scale
+            query[:nd],
+            k_cache,
+            v_cache,
+            tables,
+            meta.decode_context_lens,
+            scale,
+            k_scale,
+            v_scale,
+            window=window,
         )
     if meta.prefills:
         if meta.prefill_tables is None:  # built once per step, shared by every layer
@@ -272,6 +300,15 @@ def _paged_attention_triton(
             )
         chunks = [(c.query_start, c.query_len, c.context_len) for c in meta.prefills]
         ta.paged_prefill(
-            query, k_cache, v_cache, chunks, meta.prefill_tables, scale, k_scale, v_scale, out=out
+            query,
+            k_cache,
+            v_cache,
+            chunks,
+            meta.prefill_tables,
+            scale,
+            k_scale,
+            v_scale,
+            out=out,
+            window=window,
         )
     return out

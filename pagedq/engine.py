@@ -73,11 +73,6 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                 f"({mc.max_position_embeddings}); lower max_model_len"
             )
-        if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
-            raise ValueError(
-                f"this model uses sliding-window attention (window {mc.sliding_window}), which pagedq does not "
-                f"implement yet; pass max_model_len <= {mc.sliding_window} so the window never applies"
-            )
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
 
         from transformers import AutoTokenizer  # the tokenizer and chat templates come from transformers

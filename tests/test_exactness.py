@@ -94,3 +94,22 @@ def test_sharded_checkpoint(tmp_path, tokenizer):
 def test_model_variants_match_transformers(model_factory, arch, overrides):
     d = model_factory(arch, **overrides)
     assert _ours(d)[0] == hf_greedy(d, PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("mistral", {"sliding_window": 8}),  # every layer windowed
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),  # layer 1 only
+    ],
+    ids=["mistral-window", "qwen2-window-layers"],
+)
+def test_sliding_window_matches_transformers(model_factory, arch, overrides, monkeypatch):
+    """Windows far shorter than the prompts and outputs; decode, fresh and chunked prefill."""
+    d = model_factory(arch, **overrides)
+    with LLM(d, dtype="float32") as llm:
+        windows = [layer.self_attn.window for layer in llm.engine.runner.model.layers]
+    assert windows == ([8, 8] if arch == "mistral" else [0, 8])
+    ref = hf_greedy(d, PROMPTS, MAX_NEW)
+    assert _ours(d, block_size=4)[0] == ref
+    assert _ours(d, block_size=4, max_num_batched_tokens=8)[0] == ref  # chunks read the cache

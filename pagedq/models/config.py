@@ -43,6 +43,8 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # per layer: the sliding window of its attention (0: full attention)
+    layer_windows: list[int] = field(default_factory=list)
     torch_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -103,6 +105,7 @@ class ModelConfig:
             qkv_bias=bool(traits.get("qkv_bias") or cfg.get("attention_bias", False)),
             qk_norm=bool(traits.get("qk_norm", False)),
             sliding_window=window,
+            layer_windows=_layer_windows(cfg, window, int(cfg["num_hidden_layers"])),
             torch_dtype=_DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -113,3 +116,14 @@ class ModelConfig:
         """Bytes of K and V that one token occupies across all layers."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def _layer_windows(cfg: dict, window: int | None, num_layers: int) -> list[int]:
+    """Which layers attend through a sliding window: ``layer_types`` when the config lists them
+    (Qwen2/Qwen3 with ``max_window_layers``, newer Mistral configs), else all or none."""
+    if not window:
+        return [0] * num_layers
+    types = cfg.get("layer_types")
+    if types:
+        return [window if t == "sliding_attention" else 0 for t in types]
+    return [window] * num_layers
