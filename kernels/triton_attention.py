@@ -72,6 +72,23 @@ def _load_kv(
 
 
 @triton.jit
+def _load_kv_tile(
+    k_ptr, v_ptr, ks_ptr, vs_ptr, table_row_ptr, offs_n, mask_n, head, offs_d, mask_d,
+    stride_tok, stride_head, s_tok, s_head, BS: tl.constexpr, KIND: tl.constexpr,
+):  # fmt: skip
+    """K and V of token positions ``offs_n`` of one sequence (its block table row), in float32."""
+    blk = tl.load(table_row_ptr + offs_n // BS, mask=mask_n, other=0)
+    slots = blk * BS + offs_n % BS
+    k = _load_kv(
+        k_ptr, ks_ptr, slots, head, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
+    )
+    v = _load_kv(
+        v_ptr, vs_ptr, slots, head, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
+    )
+    return k, v
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i):
     """One tile of online softmax: scores ``s`` (masked with -inf) against the running max and
     sum of every row. Returns the tile's weights, the factor that rescales what was accumulated
@@ -117,14 +134,10 @@ def _decode_kernel(
     for t0 in range(start, end, BLOCK_N):
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        blk = tl.load(table_ptr + b * stride_tb + offs_n // BS, mask=mask_n, other=0)
-        slots = blk * BS + offs_n % BS
-        k = _load_kv(
-            k_ptr, ks_ptr, slots, kvh, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
-        )
-        v = _load_kv(
-            v_ptr, vs_ptr, slots, kvh, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
-        )
+        k, v = _load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr + b * stride_tb, offs_n, mask_n, kvh, offs_d, mask_d,
+            stride_tok, stride_head, s_tok, s_head, BS, KIND,
+        )  # fmt: skip
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
         p, alpha, m_i, l_i = _softmax_step(tl.where(mask_n[None, :], s, float("-inf")), m_i, l_i)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
@@ -256,14 +269,10 @@ def _prefill_kernel(
     for t0 in range(first, last, BLOCK_N):
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < last
-        blk = tl.load(table_ptr + c * stride_tc + offs_n // BS, mask=mask_n, other=0)
-        slots = blk * BS + offs_n % BS
-        k = _load_kv(
-            k_ptr, ks_ptr, slots, kvh, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
-        )
-        v = _load_kv(
-            v_ptr, vs_ptr, slots, kvh, offs_d, mask_n, mask_d, stride_tok, stride_head, s_tok, s_head, KIND
-        )
+        k, v = _load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr + c * stride_tc, offs_n, mask_n, kvh, offs_d, mask_d,
+            stride_tok, stride_head, s_tok, s_head, BS, KIND,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], float32 operands (exact in the interpreter)
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         if WINDOW > 0:
