@@ -234,14 +234,8 @@ def write_quantized(
             packed = ref_pack_gptq(q, zeros_i, scales_g, g_idx, bits, v1=True)
         for leaf_name, v in packed.items():
             qt[f"{module}.{leaf_name}"] = v
-    for out, ts in ((out_q, qt), (out_dense, dt)):
-        shutil.copytree(src, out)
-        os.remove(os.path.join(out, "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ts.items()}, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out_q, "config.json")) as f:
-        cfg = json.load(f)
     if fmt == "awq":
-        cfg["quantization_config"] = {
+        qconfig = {
             "quant_method": "awq",
             "bits": 4,
             "group_size": group,
@@ -249,7 +243,7 @@ def write_quantized(
             "version": "gemm",
         }
     else:
-        cfg["quantization_config"] = {
+        qconfig = {
             "quant_method": "gptq",
             "bits": bits,
             "group_size": group,
@@ -257,6 +251,19 @@ def write_quantized(
             "desc_act": act_order,
             "checkpoint_format": "gptq",
         }
+    save_twins(src, out_q, out_dense, qt, dt, qconfig)
+
+
+def save_twins(src: str, out_q: str, out_dense: str, qt: dict, dt: dict, qconfig: dict) -> None:
+    """Write the quantized tensors ``qt`` (with ``qconfig``) and the dense ``dt`` beside the
+    other files of ``src``."""
+    for out, ts in ((out_q, qt), (out_dense, dt)):
+        shutil.copytree(src, out)
+        os.remove(os.path.join(out, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ts.items()}, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out_q, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = qconfig
     with open(os.path.join(out_q, "config.json"), "w") as f:
         json.dump(cfg, f)
 
@@ -467,24 +474,17 @@ def write_bnb(src: str, out_q: str, out_dense: str, mode: str, double_quant: boo
             for k, v in state.as_dict(packed=True).items():
                 qt[f"{name}.{k}"] = v
             dt[name] = bnb.functional.dequantize_4bit(packed, state).float()
-    for out, ts in ((out_q, qt), (out_dense, dt)):
-        shutil.copytree(src, out)
-        os.remove(os.path.join(out, "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ts.items()}, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out_q, "config.json")) as f:
-        cfg = json.load(f)
     if mode == "int8":
-        cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+        qconfig = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     else:
-        cfg["quantization_config"] = {
+        qconfig = {
             "quant_method": "bitsandbytes",
             "load_in_4bit": True,
             "bnb_4bit_quant_type": mode,
             "bnb_4bit_use_double_quant": double_quant,
             "bnb_4bit_compute_dtype": "bfloat16",
         }
-    with open(os.path.join(out_q, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    save_twins(src, out_q, out_dense, qt, dt, qconfig)
 
 
 @pytest.mark.parametrize("mode,double_quant", [("int8", False), ("nf4", False), ("nf4", True), ("fp4", True)])
