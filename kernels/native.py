@@ -27,7 +27,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_attention_cpu.c")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SRCS = [os.path.join(_CSRC, name) for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c")]
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -64,15 +65,14 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
         return None
-    with open(_SRC, "rb") as f:
-        src = f.read()
+    src = b"".join(open(p, "rb").read() for p in _SRCS)
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")
     if not os.path.isfile(path):
         os.makedirs(_cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(fd)
-        proc = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *_FLAGS, *_SRCS, "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
             logger.warning(
@@ -85,6 +85,16 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.woq_available.restype = ctypes.c_int
+    lib.woq_available.argtypes = []
+    lib.woq_gemm_bf16.restype = None
+    lib.woq_gemm_bf16.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int] * 2
+        + [ctypes.c_void_p]
+        + [ctypes.c_int] * 3
+    )
     return lib
 
 
@@ -143,3 +153,31 @@ def paged_decode(
         torch.get_num_threads(),
     )
     return out
+
+
+def woq_supported() -> bool:
+    """Whether the weight-only-quantized GEMM can run here (built, and the CPU has AVX-512 BF16)."""
+    lib = library()
+    return lib is not None and bool(lib.woq_available())
+
+
+def woq_gemm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    kc: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x`` [M, K] bf16 times the weight held as panel-packed codes (see
+    ``csrc/woq_gemm_cpu.c``): ``scales`` [K/group, Np] fp32, ``zeros`` [K/group, Np] uint8."""
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.bfloat16)
+    library().woq_gemm_bf16(
+        x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), zeros.data_ptr(), group, kc,
+        y.data_ptr(), out_features, scales.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+    return y

@@ -201,6 +201,103 @@ class Int8Linear(QuantLinear):
         return w.mul_(self.scales.to(dtype)[:, None])
 
 
+def _kc(group: int) -> int:
+    """The K block of the native kernel: the largest multiple of 4 up to 128 dividing the group
+    (a block never straddles two groups; 128 keeps the converted bf16 block in L1)."""
+    return max(d for d in range(4, min(group, 128) + 1, 4) if group % d == 0)
+
+
+class NativeQuantLinear(QuantLinear):
+    """4- or 8-bit codes with a scale and zero per group and output channel, multiplied by the
+    AVX-512 BF16 kernel of ``kernels/csrc/woq_gemm_cpu.c`` for bf16 activations.
+
+    The kernel converts each weight tile once per call and reuses it for every row, so unlike
+    torch's weight-only kernels it stays as fast as a bf16 GEMM at any token count (decode
+    batches and prefill chunks alike) while reading a half or a quarter of the weight bytes:
+    ``dequant_min_tokens`` is never reached. Activations of another dtype (the fp32 exactness
+    reference) multiply the dequantized weight. Codes are held in the kernel's panel layout:
+    64 output channels, K in pairs (``pack_panels``); act-order is a permutation of the input
+    channels, as in :class:`Int4Linear`.
+    """
+
+    dequant_min_tokens = 2**62
+
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        n, k = w.shape
+        super().__init__(k, n, bias)
+        g_idx, q, perm = w.g_idx, w.q, None
+        if w.regular_group_size is None:  # act-order: sort input channels by group
+            perm = torch.argsort(g_idx, stable=True)
+            g_idx, q = g_idx[perm], q[:, perm]
+        groups = w.scales.shape[0]
+        self.bits, self.group_size = w.bits, k // groups
+        self.kc = _kc(self.group_size)
+        np_ = -(-n // 64) * 64
+        pad = np_ - n
+        self.register_buffer("perm", perm)
+        self.register_buffer("codes", pack_panels(F.pad(q, (0, 0, 0, pad)), w.bits))
+        self.register_buffer("scales", F.pad(w.scales.float(), (0, pad)).contiguous())
+        self.register_buffer("zeros", F.pad(w.zeros.round(), (0, pad)).to(torch.uint8).contiguous())
+
+    @staticmethod
+    def supports(w: QuantWeight) -> bool:
+        from pagedq.kernels import native
+
+        n, k = w.shape
+        groups = w.scales.shape[0]
+        if w.bits not in (4, 8) or k % groups or (k // groups) % 4 or not native.woq_supported():
+            return False
+        z = w.zeros
+        if not bool(((z == z.round()) & (z >= 0) & (z < 2**w.bits)).all()):
+            return False
+        counts = torch.bincount(w.g_idx, minlength=groups)
+        return bool((counts == k // groups).all())  # act-order is fine if every group is full
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.perm is None else x.index_select(-1, self.perm)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return F.linear(x, self._gemm_weight(x.dtype))
+        from pagedq.kernels import native
+
+        return native.woq_gemm(
+            x, self.codes, self.bits, self.scales, self.zeros, self.group_size, self.kc, self.out_features
+        )
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self._gemm_weight(dtype)
+        return w if self.perm is None else w[:, torch.argsort(self.perm)]
+
+    def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        q = unpack_panels(self.codes, self.bits, k)[:n].float()
+        g = torch.arange(k, device=q.device) // self.group_size
+        return ((q - self.zeros[:, :n].float()[g].T) * self.scales[:, :n][g].T).to(dtype)
+
+
+def pack_panels(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[N, K]`` (N a multiple of 64) in the native kernel's layout: panels of 64 output
+    channels with K in pairs — int8 ``[N/64, K/2, 64, 2]`` holding ``q - 128``; 4-bit
+    ``[N/64, K/4, 64, 2]`` bytes whose low nibble is k = 4t + j and high nibble 4t + 2 + j."""
+    n, k = q.shape
+    p = n // 64
+    if bits == 8:
+        c = (q.to(torch.int16) - 128).to(torch.int8)
+        return c.view(p, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    u = q.to(torch.uint8).view(p, 64, k // 4, 2, 2)
+    return (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_panels(codes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The inverse of :func:`pack_panels`: codes ``[N, K]`` as uint8 (int8 as int16)."""
+    p = codes.shape[0]
+    if bits == 8:
+        return codes.permute(0, 2, 1, 3).reshape(p * 64, k).to(torch.int16) + 128
+    halves = torch.stack([codes & 0xF, codes >> 4], dim=2)  # [P, K/4, 2, 64, 2]
+    return halves.permute(0, 3, 1, 2, 4).reshape(p * 64, k)
+
+
 class GroupedLinear(QuantLinear):
     """Any canonical weight, dequantized for every call: correct for every layout, not fast."""
 
@@ -296,6 +393,8 @@ def make_quant_linear(
     if backend(device) == "triton" and w.bits in (4, 8):
         return TritonQuantLinear(w, bias, dtype, device, layout)
     if device.type == "cpu":
+        if dtype == torch.bfloat16 and NativeQuantLinear.supports(w):
+            return NativeQuantLinear(w, bias, dtype)
         if Int4Linear.supports(w):
             return Int4Linear(w, bias, dtype)
         if Int8Linear.supports(w):

@@ -1,0 +1,136 @@
+"""The native weight-only-quantized GEMM (``kernels/csrc/woq_gemm_cpu.c``, ``NativeQuantLinear``):
+every format option against a dequantize reference, its packing, the row tiling, and whole
+quantized models in bf16 against their dequantized fp32 twins."""
+
+import pytest
+import torch
+from pagedq.kernels import native
+from pagedq.quant.formats import QuantConfig, QuantWeight, awq_unpack, gptq_unpack
+from pagedq.quant.linear import Int4Linear, NativeQuantLinear, make_quant_linear, pack_panels, unpack_panels
+
+from pagedq import LLM, SamplingParams
+
+from .conftest import PROMPTS
+from .test_quant import (
+    GPTQ_CASES,
+    MODEL_CASES,
+    random_weight,
+    ref_dequant,
+    ref_pack_awq,
+    ref_pack_gptq,
+    write_quantized,
+)
+
+pytestmark = pytest.mark.skipif(
+    not native.woq_supported(), reason="the native int4/int8 GEMM needs a C compiler and AVX-512 BF16"
+)
+
+CPU = torch.device("cpu")
+# rows: the direct path (1-6), uneven tiles (7 = 4 + 3, 13 = 5 + 4 + 4), the converted-block path
+ROWS = (1, 3, 6, 7, 13, 40)
+
+
+def assert_bf16_exact(layer, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:
+    """The kernel's output (bf16) is ``x @ w.T`` computed in fp32 and rounded once: it multiplies
+    the integer codes exactly and applies scale and zero in fp32, so the only error is the final
+    rounding to bf16 (2^-9 relative) plus fp32 summation order. The bias is added in bf16 after."""
+    ref = x.float() @ w.T
+    scale = float(ref.abs().max())
+    out = layer._kernel(layer._prepare(x))
+    torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=1e-5 * scale)
+    if bias is not None:
+        torch.testing.assert_close(layer(x).float(), ref + bias.float(), rtol=2**-8, atol=2**-8 * scale)
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order,v1", GPTQ_CASES)
+def test_gptq_layer_in_bf16_equals_the_dequantized_reference(bits, group, sym, act_order, v1):
+    n, k = 96, 256  # 96 output channels: the last 64-channel panel is padded
+    q, zeros, scales, g_idx = random_weight(n, k, bits, group, sym, act_order, seed=bits * 10 + k, v1=v1)
+    w = gptq_unpack(
+        ref_pack_gptq(q, zeros, scales, g_idx, bits, v1),
+        QuantConfig("gptq", bits, group, sym, act_order, "gptq" if v1 else "gptq_v2"),
+    )
+    ref_w = ref_dequant(q, zeros, scales, g_idx)
+    bias = torch.randn(n).bfloat16()
+    layer = make_quant_linear(w, bias, torch.bfloat16, CPU)
+    assert isinstance(layer, NativeQuantLinear)
+    torch.testing.assert_close(layer.dequantize(torch.float32), ref_w, rtol=0, atol=0)
+    for rows in ROWS:
+        x = torch.randn(rows, k).bfloat16()
+        assert_bf16_exact(layer, x, ref_w, bias)
+
+
+def test_awq_layer_in_bf16_equals_the_dequantized_reference():
+    n, k = 192, 256
+    q, zeros, scales, g_idx = random_weight(n, k, 4, 64, False, False, seed=11, v1=False)
+    w = awq_unpack(ref_pack_awq(q, zeros, scales), QuantConfig("awq", 4, 64, False))
+    layer = make_quant_linear(w, None, torch.bfloat16, CPU)
+    assert isinstance(layer, NativeQuantLinear)
+    ref_w = ref_dequant(q, zeros, scales, g_idx)
+    for rows in ROWS:
+        x = torch.randn(rows, k).bfloat16()
+        assert_bf16_exact(layer, x, ref_w)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_group_longer_than_the_k_block(bits):
+    """Group 512 is converted in K blocks of 128: the zero-point term must enter once per group."""
+    n, k = 64, 1024
+    q, zeros, scales, g_idx = random_weight(n, k, bits, 512, False, False, seed=5)
+    w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, bits)
+    layer = make_quant_linear(w, None, torch.bfloat16, CPU)
+    assert isinstance(layer, NativeQuantLinear) and layer.kc == 128 and layer.group_size == 512
+    for rows in (2, 9):
+        x = torch.randn(rows, k).bfloat16()
+        assert_bf16_exact(layer, x, w.dequantize())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_panel_packing_round_trips(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (128, 96), generator=g, dtype=torch.uint8)
+    packed = pack_panels(q, bits)
+    assert packed.shape == ((2, 48, 64, 2) if bits == 8 else (2, 24, 64, 2))
+    assert packed.numel() * packed.element_size() == q.numel() * bits // 8
+    assert torch.equal(unpack_panels(packed, bits, 96).to(torch.uint8), q)
+    if bits == 4:  # the byte of channel c at t holds k = 4t + j (low) and 4t + 2 + j (high)
+        c, t, j = 70, 5, 1
+        byte = int(packed[c // 64, t, c % 64, j])
+        assert byte & 0xF == q[c, 4 * t + j] and byte >> 4 == q[c, 4 * t + 2 + j]
+
+
+def test_fp32_activations_and_unsupported_weights_take_other_paths(monkeypatch):
+    n, k = 64, 128
+    q, zeros, scales, g_idx = random_weight(n, k, 4, 32, False, False, seed=9)
+    w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, 4)
+    assert isinstance(make_quant_linear(w, None, torch.float32, CPU), Int4Linear)  # fp32: the exact path
+    layer = make_quant_linear(w, None, torch.bfloat16, CPU)
+    x = torch.randn(3, k)
+    torch.testing.assert_close(layer(x), x @ w.dequantize().T, rtol=1e-5, atol=1e-4)  # fp32 input
+    fractional = QuantWeight(w.q, w.scales, w.zeros + 0.5, g_idx, 4)  # zeros off the code grid
+    assert not NativeQuantLinear.supports(fractional)
+    monkeypatch.setattr(native, "woq_supported", lambda: False)  # a CPU without AVX-512 BF16
+    assert isinstance(make_quant_linear(w, None, torch.bfloat16, CPU), Int4Linear)
+
+
+@pytest.mark.parametrize("arch,fmt,bits,group,sym,act_order", MODEL_CASES)
+def test_quantized_model_in_bf16_follows_its_dequantized_twin(
+    model_factory, tmp_path, arch, fmt, bits, group, sym, act_order
+):
+    """Whole models on the native kernel (prefill and decode): next-token log-probabilities of
+    the bf16 quantized model stay within 0.1 of the fp32 model with the dequantized weights (the
+    difference is bf16 activations, not the weights), and greedy decoding runs to the end."""
+    src = model_factory(arch)
+    qdir, ddir = str(tmp_path / "q"), str(tmp_path / "d")
+    write_quantized(src, qdir, ddir, fmt, bits, group, sym, act_order)
+    with LLM(ddir, dtype="float32") as llm:
+        ref = llm.next_token_logprobs(PROMPTS)
+    with LLM(qdir, dtype="bfloat16") as llm:
+        assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj, NativeQuantLinear)
+        got = llm.next_token_logprobs(PROMPTS)
+        outs = llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+        )
+        assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    for g, r in zip(got, ref):
+        assert (g - r).abs().max() < 0.1
