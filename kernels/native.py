@@ -5,6 +5,10 @@ decode step has one query per sequence, and had to gather every sequence's block
 the longest context first. The C kernel in ``csrc/paged_attention_cpu.c`` reads K/V in place
 from the blocks and only up to each sequence's own length.
 
+``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
+(``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
+convert the weight again every few rows and fall behind a bf16 GEMM from ~8 rows on.
+
 The library is compiled once per source version and CPU (``-march=native``) into
 ``$PAGEDQ_CACHE/native`` and loaded with ctypes (which releases the GIL during the call).
 Without a C compiler, or with ``PAGEDQ_CPU_KERNELS=torch``, pagedq uses the torch

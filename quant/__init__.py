@@ -3,7 +3,7 @@
 * reading: GPTQ (4/8-bit, act-order, v1/v2) and AWQ (GEMM) checkpoints load through
   ``LLM(path)``; ``LLM(path, quantization="int8" | "int4")`` quantizes a dense one on load;
 * writing: :func:`quantize` makes a GPTQ / AWQ / RTN checkpoint from a dense one;
-* execution: :mod:`pagedq.quant.linear` (``Int4Linear``, ``Int8Linear``, ``GroupedLinear``);
+* execution: :mod:`pagedq.quant.linear` (``NativeQuantLinear``, ``Int4Linear``, ``Int8Linear``, ``GroupedLinear``);
 * evaluation: :func:`evaluate` / :func:`compare` (perplexity, KL divergence from a reference,
   weight bytes, decode tokens/s).
 

@@ -2,7 +2,8 @@
 
 * LLM.int8 (``load_in_8bit``): ``weight`` int8 ``[N, K]`` and ``SCB`` (each row's absmax).
   The real weight is ``weight * SCB / 127``: exactly pagedq's per-channel int8 form, so these
-  layers run as :class:`~pagedq.quant.linear.Int8Linear` (weight-only, ``_weight_int8pack_mm``)
+  layers run weight-only as int8 codes (:class:`~pagedq.quant.linear.NativeQuantLinear` in bf16,
+  :class:`~pagedq.quant.linear.Int8Linear` otherwise)
   and do not need the bitsandbytes package. (bitsandbytes itself also quantizes the
   activations, with fp16 outlier columns; weight-only keeps the checkpoint's weights exact.)
 * 4-bit NF4 / FP4 (``load_in_4bit``), with or without double quantization: the packed

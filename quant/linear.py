@@ -7,6 +7,9 @@ them by the number of rows: on CPU the int4/int8 kernels beat a bf16 GEMM only w
 is memory-bound, and a dequantize-then-GEMM wins beyond ``dequant_min_tokens`` rows (measured
 by ``pagedq bench quant --crossover``).
 
+* :class:`NativeQuantLinear` — 4- or 8-bit codes, any full groups, bf16 activations on a CPU with
+  AVX-512 BF16: our kernel (``kernels/csrc/woq_gemm_cpu.c``), as fast as a bf16 GEMM at every
+  token count, so it never dequantizes. The classes below serve other dtypes and CPUs.
 * :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
   ``(8 - z) * s`` (the kernel computes ``(q - 8) * s + offset``). GPTQ act-order (``g_idx``
@@ -270,10 +273,11 @@ class NativeQuantLinear(QuantLinear):
         return w if self.perm is None else w[:, torch.argsort(self.perm)]
 
     def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        q = unpack_panels(self.codes, self.bits, k)[:n].float()
-        g = torch.arange(k, device=q.device) // self.group_size
-        return ((q - self.zeros[:, :n].float()[g].T) * self.scales[:, :n][g].T).to(dtype)
+        n, k, size = self.out_features, self.in_features, self.group_size
+        w = unpack_panels(self.codes, self.bits, k)[:n].to(dtype).view(n, k // size, size)
+        # (q - z) is exact in every float dtype (|q - z| < 256), so one rounding: the product
+        w.sub_(self.zeros[:, :n].T.to(dtype)[:, :, None]).mul_(self.scales[:, :n].T.to(dtype)[:, :, None])
+        return w.view(n, k)
 
 
 def pack_panels(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -290,12 +294,14 @@ def pack_panels(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_panels(codes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """The inverse of :func:`pack_panels`: codes ``[N, K]`` as uint8 (int8 as int16)."""
+    """The inverse of :func:`pack_panels`: codes ``[N, K]`` uint8."""
     p = codes.shape[0]
-    if bits == 8:
-        return codes.permute(0, 2, 1, 3).reshape(p * 64, k).to(torch.int16) + 128
-    halves = torch.stack([codes & 0xF, codes >> 4], dim=2)  # [P, K/4, 2, 64, 2]
-    return halves.permute(0, 3, 1, 2, 4).reshape(p * 64, k)
+    # a channel's two codes of a K pair (bytes j = 0, 1) move together: transpose them as int16
+    rows = codes.view(torch.int16).squeeze(-1).transpose(1, 2).contiguous().view(codes.dtype)
+    if bits == 8:  # stored q - 128 as int8: flipping the top bit gives q as uint8
+        return rows.view(torch.uint8).view(p * 64, k) ^ 0x80
+    rows = rows.view(p, 64, k // 4, 1, 2)  # [P, 64, t, 1, j]
+    return torch.cat([rows & 0xF, rows >> 4], dim=3).view(p * 64, k)  # k = 4t + 2·half + j
 
 
 class GroupedLinear(QuantLinear):
