@@ -256,6 +256,16 @@ class NativeQuantLinear(QuantLinear):
         counts = torch.bincount(w.g_idx, minlength=groups)
         return bool((counts == k // groups).all())  # act-order is fine if every group is full
 
+    def quant_weight(self) -> QuantWeight:
+        """The canonical weight back (codes, scales, zeros, g_idx): for comparing kernels."""
+        n, k = self.out_features, self.in_features
+        q = unpack_panels(self.codes, self.bits, k)[:n]
+        g_idx = torch.arange(k) // self.group_size
+        if self.perm is not None:
+            inv = torch.argsort(self.perm)
+            q, g_idx = q[:, inv], g_idx[inv]
+        return QuantWeight(q, self.scales[:, :n], self.zeros[:, :n].float(), g_idx, self.bits)
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.perm is None else x.index_select(-1, self.perm)
 

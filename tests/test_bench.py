@@ -30,3 +30,25 @@ def test_bench_sharing_runs_and_sharing_keeps_tokens(tiny_llama, capsys):
     for name in ("parallel", "beam", "prefix"):
         saved = float(rows[name][3].rstrip("%"))
         assert saved > 30.0, f"{name}: sharing saved only {saved}% of peak KV blocks"
+
+
+def test_bench_quant_prints_every_variant_and_the_crossover(tiny_llama, capsys):
+    from pagedq.cli import main
+
+    main(
+        ["bench", "quant", "--model", tiny_llama, "--runs", "1", "--decode-tokens", "4", "--throughput"]
+        + ["--num-requests", "3", "--crossover"]
+    )
+    out = capsys.readouterr().out
+    rows: dict = {}
+    for line in out.splitlines():  # the first table: name, MiB, tok/s, ratio, perplexity, KL, runs
+        if line.split():
+            rows.setdefault(line.split()[0], line.split())
+    for name in ("bf16", "int8", "int4"):
+        assert name in rows, out
+    assert float(rows["bf16"][5]) == 0.0 and float(rows["int4"][5]) > 0.0  # KL from bf16
+    assert out.count("crossover, gate_up_proj") == 2
+    from pagedq.kernels import native
+
+    if native.woq_supported():  # ours beside torch's kernel on the same weights
+        assert "NativeQuantLinear" in out and "Int8Linear" in out and "Int4Linear" in out

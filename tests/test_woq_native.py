@@ -55,6 +55,8 @@ def test_gptq_layer_in_bf16_equals_the_dequantized_reference(bits, group, sym, a
     layer = make_quant_linear(w, bias, torch.bfloat16, CPU)
     assert isinstance(layer, NativeQuantLinear)
     torch.testing.assert_close(layer.dequantize(torch.float32), ref_w, rtol=0, atol=0)
+    back = layer.quant_weight()  # the canonical weight out of the panels, act-order undone
+    assert torch.equal(back.dequantize(), w.dequantize()) and torch.equal(back.g_idx, w.g_idx)
     for rows in ROWS:
         x = torch.randn(rows, k).bfloat16()
         assert_bf16_exact(layer, x, ref_w, bias)

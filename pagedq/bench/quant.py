@@ -4,8 +4,8 @@ All variants are loaded at once and measured interleaved, round by round: batch-
 tokens/s (the memory-bound case weight quantization is for), and with ``--throughput`` the
 ``throughput`` workload. Quality columns (perplexity, KL divergence from bf16) come from
 ``pagedq.quant.evaluate`` on held-out standard-library text. ``--crossover`` times one layer's
-weight-only kernel against dequantize + bf16 GEMM over growing token counts: the data behind
-``QuantLinear.dequant_min_tokens``.
+weight-only kernel (and torch's, on the same weights, when ours runs) against dequantize + bf16
+GEMM and the bf16 GEMM over growing token counts: the data behind ``QuantLinear.dequant_min_tokens``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ VARIANTS = {"bf16": {}, "int8": {"quantization": "int8"}, "int4": {"quantization
 
 
 def _crossover(llm: LLM, dtype: torch.dtype) -> None:
-    from pagedq.quant.linear import QuantLinear
+    from pagedq.quant.linear import Int4Linear, Int8Linear, NativeQuantLinear, QuantLinear
 
     model = llm.engine.runner.model
     layer = model.layers[0].mlp.gate_up_proj
@@ -32,6 +32,11 @@ def _crossover(llm: LLM, dtype: torch.dtype) -> None:
         return
     dense = layer.dequantize(dtype)
     k = layer.in_features
+    torch_layer = None  # torch's weight-only kernel on the same weights, beside ours
+    if isinstance(layer, NativeQuantLinear):
+        w = layer.quant_weight()
+        cls = next((c for c in (Int4Linear, Int8Linear) if c.supports(w)), None)
+        torch_layer = cls(w, None, dtype) if cls else None
 
     def t(f, reps=5):
         f()
@@ -44,12 +49,16 @@ def _crossover(llm: LLM, dtype: torch.dtype) -> None:
 
     name = type(layer).__name__
     print(f"\ncrossover, gate_up_proj [{layer.out_features} x {k}], {name}: ms per call (median of 5)")
-    print(f"{'tokens':>7}{'kernel':>10}{'dequant+gemm':>14}{'bf16 gemm':>11}")
+    other = f"{type(torch_layer).__name__:>13}" if torch_layer is not None else ""
+    print(f"{'tokens':>7}{'kernel':>10}{other}{'dequant+gemm':>14}{'bf16 gemm':>11}")
     for m in (1, 4, 8, 16, 32, 64, 128, 256, 512):
         x = torch.randn(m, k, dtype=dtype)
         xk = layer._prepare(x)
+        theirs = (
+            f"{t(lambda x=x: torch_layer._kernel(torch_layer._prepare(x))):>13.2f}" if torch_layer else ""
+        )
         print(
-            f"{m:>7}{t(lambda xk=xk: layer._kernel(xk)):>10.2f}"
+            f"{m:>7}{t(lambda xk=xk: layer._kernel(xk)):>10.2f}{theirs}"
             f"{t(lambda xk=xk: torch.nn.functional.linear(xk, layer._gemm_weight(dtype))):>14.2f}"
             f"{t(lambda x=x: torch.nn.functional.linear(x, dense)):>11.2f}"
         )
