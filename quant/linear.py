@@ -274,9 +274,11 @@ class NativeQuantLinear(QuantLinear):
             return F.linear(x, self._gemm_weight(x.dtype))
         from pagedq.kernels import native
 
-        return native.woq_gemm(
-            x, self.codes, self.bits, self.scales, self.zeros, self.group_size, self.kc, self.out_features
-        )
+        y = native.woq_gemm(
+            x.reshape(-1, self.in_features), self.codes, self.bits, self.scales, self.zeros,
+            self.group_size, self.kc, self.out_features,
+        )  # fmt: skip
+        return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         w = self._gemm_weight(dtype)

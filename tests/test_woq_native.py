@@ -85,6 +85,8 @@ def test_a_group_longer_than_the_k_block(bits):
     for rows in (2, 9):
         x = torch.randn(rows, k).bfloat16()
         assert_bf16_exact(layer, x, w.dequantize())
+    x = torch.randn(2, 3, k).bfloat16()  # leading batch dims are flattened and restored
+    assert torch.equal(layer(x), layer(x.view(6, k)).view(2, 3, n))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
