@@ -114,15 +114,16 @@ class EngineDriver:
         self._thread.start()
         llm._driver = self  # LLM.generate / stream / next_token_logprobs now go through this thread
 
-    def submit(self, prompt, params=None, prepare=None) -> Generation:
+    def submit(self, prompt, params=None, prepare=None, user: str | None = None) -> Generation:
         """Validate and queue one request (``ValueError`` on bad input, nothing queued).
 
-        ``prepare(request)`` runs under the engine lock before the request is first stepped.
+        ``prepare(request)`` runs under the engine lock before the request is first stepped;
+        ``user`` names who asked (fair sharing).
         """
         with self.lock:
             if self._closed:
                 raise RuntimeError("the engine driver is closed; load a model again")
-            rid = self.engine.add_request(prompt, params)
+            rid = self.engine.add_request(prompt, params, user=user)
             if prepare is not None:
                 prepare(self.engine.requests[rid])
             gen = Generation(self, rid)
@@ -139,13 +140,13 @@ class EngineDriver:
                 gen._deliver(out)
             gen._finish()
 
-    def generate(self, prompts: list, params: list) -> list[RequestOutput]:
+    def generate(self, prompts: list, params: list, user: str | None = None) -> list[RequestOutput]:
         """``LLM.generate`` through the driver: every prompt validated first, results in order."""
         checked = self.llm._validate_all(prompts, params)
         gens = []
         try:
             for p, sp in zip(checked, params):
-                gens.append(self.submit(p, sp))
+                gens.append(self.submit(p, sp, user=user))
             return [g.result() for g in gens]
         except BaseException:
             for g in gens:

@@ -97,7 +97,9 @@ class EngineConfig:
     with neither, it gets what ``max_num_seqs`` sequences of ``max_model_len`` tokens need,
     capped by a share of the device memory. ``enable_kv_sharing=False`` makes forked sequences
     (``n > 1`` samples, beams) copy their parent's blocks instead of sharing them — the
-    baseline that ``pagedq bench sharing`` measures against.
+    baseline that ``pagedq bench sharing`` measures against. ``scheduling_policy="fair"``
+    shares the engine fairly between the users named in ``add_request(..., user=)``, in
+    proportion to ``user_weights`` (default 1 each).
     """
 
     model: str
@@ -115,6 +117,8 @@ class EngineConfig:
     enable_kv_sharing: bool = True
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    scheduling_policy: str = "fcfs"
+    user_weights: dict[str, float] | None = None
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -140,6 +144,13 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' (the model dtype), 'int8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}"
             )
+        if self.scheduling_policy not in ("fcfs", "fair"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' (first come first served) or 'fair' (per-user fair "
+                f"share), got {self.scheduling_policy!r}"
+            )
+        if self.user_weights is not None and self.scheduling_policy != "fair":
+            raise ValueError("user_weights only apply with scheduling_policy='fair'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

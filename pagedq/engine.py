@@ -27,7 +27,7 @@ from .models import ModelConfig
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, make_policy
 from .sequence import Logprob, Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,12 @@ class LLMEngine:
         self.num_kv_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            self.max_num_batched_tokens,
+            make_policy(config.scheduling_policy, config.user_weights),
+        )
         self.sampler = Sampler(mc.vocab_size, self.eos_token_ids, self.device, config.seed)
 
         self.requests: dict[str, Request] = {}
@@ -216,13 +221,20 @@ class LLMEngine:
         return text, ids
 
     def add_request(
-        self, prompt: PromptType, params: ParamsType | None = None, request_id: str | None = None
+        self,
+        prompt: PromptType,
+        params: ParamsType | None = None,
+        request_id: str | None = None,
+        user: str | None = None,
     ) -> str:
         """Validate and queue one request; return its id. Raises ``ValueError`` on bad input.
 
         ``params`` is a :class:`SamplingParams` or, for beam search, a :class:`BeamSearchParams`.
+        ``user`` names who asked (fair sharing between users; ``"default"`` when None).
         """
         params = params or SamplingParams()
+        if user is not None and (not isinstance(user, str) or not user):
+            raise ValueError(f"user must be a non-empty string, got {user!r}")
         text, ids = self.validate_request(prompt, params)
         if request_id is None:
             request_id = str(next(self._auto_ids))
@@ -232,7 +244,7 @@ class LLMEngine:
             raise ValueError(
                 f"request_id {request_id!r} is already in use; pick another or wait until it finishes"
             )
-        req = Request(request_id, text, ids, params, next(self._arrivals))
+        req = Request(request_id, text, ids, params, next(self._arrivals), user=user or "default")
         if isinstance(params, BeamSearchParams):
             # one beam prefills the prompt; the search forks it when its first logits arrive
             stop_ids = ([] if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids

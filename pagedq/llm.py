@@ -39,19 +39,21 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: ParamsType | Sequence[ParamsType] | None = None,
         use_tqdm: bool = True,
+        user: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``. Every
         prompt is validated before any is queued, so one bad prompt queues nothing. A
         :class:`BeamSearchParams` in place of a ``SamplingParams`` runs beam search for that
-        prompt, batched with the others.
+        prompt, batched with the others. ``user`` names who asks, for an engine made with
+        ``scheduling_policy="fair"`` (the engine shares itself fairly between users).
         """
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         if self._driver is not None:
-            return self._driver.generate(prompts, params)
-        ids = self._add_all(prompts, params)
+            return self._driver.generate(prompts, params, user=user)
+        ids = self._add_all(prompts, params, user)
         finals: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -213,9 +215,11 @@ class LLM:
             checked.append({"prompt": text, "prompt_token_ids": ids})
         return checked
 
-    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_all(
+        self, prompts: list[PromptType], params: list[SamplingParams], user: str | None = None
+    ) -> list[str]:
         checked = self._validate_all(prompts, params)
-        return [self.engine.add_request(p, sp) for p, sp in zip(checked, params)]
+        return [self.engine.add_request(p, sp, user=user) for p, sp in zip(checked, params)]
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

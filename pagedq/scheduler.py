@@ -14,6 +14,9 @@ blocks of the KV pool:
    (prefix caching) and only the rest is computed. Nothing new is admitted in a step that had
    to preempt.
 
+The order is the policy's: first come first served, or per-user fair share
+(:class:`FairSharePolicy`, ``scheduling_policy="fair"``) for one engine shared by many users.
+
 A beam-search request advances all its beams together: a beam whose next-token logits are in
 sits in the running set without being scheduled until its sibling beams have theirs.
 
@@ -33,9 +36,63 @@ class SchedulingPolicy:
     """Orders sequences: lower keys run first and are preempted last. FCFS by default."""
 
     name = "fcfs"
+    dynamic = False  # whether keys change as tokens are served (the queue is then re-sorted)
 
     def key(self, seq: Sequence) -> tuple:
         return (seq.request.arrival, seq.index)
+
+    def activate(self, user: str, active: set[str]) -> None:
+        """A sequence of ``user`` was queued while ``active`` users had work in the scheduler."""
+
+    def charge(self, seq: Sequence, num_tokens: int) -> None:
+        """``num_tokens`` of ``seq`` were scheduled for computation (negative: computed tokens lost
+        to a preemption, refunded because they will be computed again)."""
+
+
+class FairSharePolicy(SchedulingPolicy):
+    """Per-user fair share: the user who has been served the fewest tokens (prompt and output
+    tokens computed, divided by the user's weight) goes first — at every free slot the
+    least-served user's request is admitted, and when blocks run out the most-served user's
+    newest sequence is preempted. Within one user, first come first served.
+
+    Service is virtual time, as in start-time fair queueing: a user who (re)appears starts at the
+    least service among the users with work queued, so time away is not banked (a user back from
+    lunch does not hold everyone else up until they catch up). Keys are fixed within one step.
+    """
+
+    name = "fair"
+    dynamic = True
+
+    def __init__(self, weights: dict[str, float] | None = None):
+        self.weights = dict(weights or {})
+        for user, w in self.weights.items():
+            if not isinstance(w, (int, float)) or w <= 0:
+                raise ValueError(f"user weight must be a number > 0, got {w!r} for {user!r}")
+        self.served: dict[str, float] = {}
+
+    def key(self, seq: Sequence) -> tuple:
+        return (self.served.get(seq.request.user, 0.0), seq.request.arrival, seq.index)
+
+    def activate(self, user: str, active: set[str]) -> None:
+        if user in active:
+            return
+        floor = min((self.served.get(u, 0.0) for u in active), default=None)
+        if floor is not None:
+            self.served[user] = max(self.served.get(user, 0.0), floor)
+        else:
+            self.served.setdefault(user, 0.0)
+
+    def charge(self, seq: Sequence, num_tokens: int) -> None:
+        user = seq.request.user
+        self.served[user] = self.served.get(user, 0.0) + num_tokens / self.weights.get(user, 1.0)
+
+
+def make_policy(name: str, weights: dict[str, float] | None = None) -> SchedulingPolicy:
+    if name == "fcfs":
+        return SchedulingPolicy()
+    if name == "fair":
+        return FairSharePolicy(weights)
+    raise ValueError(f"scheduling_policy must be 'fcfs' or 'fair', got {name!r}")
 
 
 @dataclass
@@ -80,8 +137,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        self.policy.activate(seq.request.user, self.active_users())
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=self.policy.key)
+
+    def active_users(self) -> set[str]:
+        return {s.request.user for s in self.waiting} | {s.request.user for s in self.running}
 
     def add_running(self, seq: Sequence) -> None:
         """Add a sequence that already holds its computed blocks (a fork) to the running set."""
@@ -96,6 +157,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
         self.running.sort(key=self.policy.key)
+        if self.policy.dynamic:
+            self.waiting.sort(key=self.policy.key)
 
         # 1. Running sequences: decodes and unfinished (chunked) prefills.
         i = 0
@@ -114,6 +177,7 @@ class Scheduler:
             else:
                 bm.allocate(seq, n)
                 out.scheduled.append(ScheduledSeq(seq, n))
+                self.policy.charge(seq, n)
                 budget -= n
                 i += 1
                 continue
@@ -139,11 +203,15 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
+            self.policy.charge(seq, n)
             budget -= n
         return out
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.policy.charge(
+            seq, -seq.num_computed_tokens
+        )  # its K/V is lost: recomputing is not the user's bill
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

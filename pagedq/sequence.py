@@ -111,6 +111,8 @@ class Request:
     prompt_distributions: list | None = None
     # Beam-search state (a ``beam_search.BeamSearch``); ``seqs`` are then the live beams.
     beam: object | None = None
+    # who asked: the unit of fair sharing (``scheduling_policy="fair"``)
+    user: str = "default"
 
     @property
     def finished(self) -> bool:
