@@ -1,4 +1,4 @@
-"""``pagedq`` command line: generate, bench, build-model, demo."""
+"""``pagedq`` command line: generate, serve, bench, quantize, build-model, demo."""
 
 from __future__ import annotations
 
@@ -242,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     q.set_defaults(func=cmd_quantize)
 
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1)")
+    s.add_argument(
+        "model", nargs="?", default="pagedq-tiny", help="model folder, or pagedq-tiny (the bundled default)"
+    )
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PAGEDQ_API_KEY)"
+    )
+    s.add_argument(
+        "--served-model-name", default=None, help="the model id clients use (default: folder name)"
+    )
+    s.add_argument(
+        "--scheduling-policy", default="fair", help="fair (per-user share, by the request's 'user') | fcfs"
+    )
+    s.set_defaults(func=cmd_serve)
+
     m = sub.add_parser(
         "build-model", help="build a random-weight model (tiny, bench, bench-1b) into a folder"
     )
@@ -250,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default=None, help="llama | mistral | qwen2 | qwen3")
     m.set_defaults(func=cmd_build_model)
     return parser
+
+
+def cmd_serve(a) -> None:
+    import os
+
+    from pagedq import LLM
+    from pagedq.jupyter_ext.openai_api import serve
+
+    llm = LLM(_resolve_model(a.model), scheduling_policy=a.scheduling_policy, **_engine_kwargs(a))
+    serve(llm, a.host, a.port, a.api_key or os.environ.get("PAGEDQ_API_KEY"), a.served_model_name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,16 +163,7 @@ class LLM:
         """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        if chat_template is None and not getattr(tok, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template; pass chat_template=... (a Jinja string)")
-        prompts = []
-        for conv in convs:
-            ids = tok.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+        prompts = [chat_prompt(tok, conv, add_generation_prompt, chat_template) for conv in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stats(self) -> dict:
@@ -220,6 +211,20 @@ class LLM:
     ) -> list[str]:
         checked = self._validate_all(prompts, params)
         return [self.engine.add_request(p, sp, user=user) for p, sp in zip(checked, params)]
+
+
+def chat_prompt(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+) -> dict:
+    """One conversation through the tokenizer's chat template: ``{"prompt_token_ids": [...]}``."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; pass chat_template=... (a Jinja string)")
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return {"prompt_token_ids": list(ids)}
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:
