@@ -105,26 +105,25 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
 
 
 class Backend:
-    """The engine behind the API: a driver, the served model's name, and who may use it."""
+    """The engine behind the API: a driver (an in-process :class:`EngineDriver`, or the
+    extension's :class:`~pagedq.jupyter_ext.worker.RemoteDriver`) and the served model's name."""
 
-    def __init__(self, driver: EngineDriver, model_name: str):
+    def __init__(self, driver, model_name: str):
         self.driver = driver
         self.model_name = model_name
 
-    @property
-    def tokenizer(self):
-        return self.driver.llm.get_tokenizer()
-
     def chat_prompt(self, messages) -> dict:
-        from pagedq.llm import chat_prompt
-
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise APIError("messages must be a non-empty list of {role, content} objects", "messages")
         for m in messages:  # content may be a list of parts: keep the text parts
             if isinstance(m.get("content"), list):
                 m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+        if not isinstance(self.driver, EngineDriver):
+            return {"messages": messages}  # the worker process holds the tokenizer
+        from pagedq.llm import chat_prompt
+
         try:
-            return chat_prompt(self.tokenizer, messages)
+            return chat_prompt(self.driver.llm.get_tokenizer(), messages)
         except ValueError as e:
             raise APIError(str(e), "messages") from None
 
@@ -132,7 +131,8 @@ class Backend:
         try:
             return self.driver.submit(prompt, params, user=user)
         except ValueError as e:
-            raise APIError(str(e), "prompt") from None
+            where = "messages" if isinstance(prompt, dict) and "messages" in prompt else "prompt"
+            raise APIError(str(e), where) from None
 
 
 async def _outputs(gen: Generation):
@@ -242,8 +242,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def _token_text(tok, token_id: int, lp) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else tok.decode([token_id])
+def _token_text(lp) -> str:
+    return lp.decoded_token or ""  # the engine decodes every logprob token
 
 
 class CompletionsHandler(_Handler):
@@ -259,12 +259,13 @@ class CompletionsHandler(_Handler):
             raise APIError("prompt must be a string, a list of strings, or token ids", "prompt")
         user = self.user(body)
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-        for p in prompts:  # validate every prompt before queueing any
-            try:
-                self.backend.driver.llm._validate_all([p], [params])
-            except ValueError as e:
-                raise APIError(str(e), "prompt") from None
-        self._gens = [self.backend.submit(p, params, user) for p in prompts]
+        try:
+            for p in prompts:
+                self._gens.append(self.backend.submit(p, params, user))
+        except APIError:  # one bad prompt: nothing of the request stays queued
+            for gen in self._gens:
+                gen.cancel()
+            raise
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         if body.get("stream"):
             await self._stream(rid, created, n, bool((body.get("stream_options") or {}).get("include_usage")))
@@ -285,6 +286,7 @@ class CompletionsHandler(_Handler):
                         "text": c.text,
                         "logprobs": self._logprobs(c) if params.logprobs is not None else None,
                         "finish_reason": c.finish_reason,
+                        "token_ids": c.token_ids,  # beside OpenAI's fields, as vLLM does
                     }
                 )
         prompt_tokens = sum(len(o.prompt_token_ids) for o in finals)
@@ -300,13 +302,12 @@ class CompletionsHandler(_Handler):
         )
 
     def _logprobs(self, c) -> dict:
-        tok = self.backend.tokenizer
         tokens, lps, tops, offsets, pos = [], [], [], [], 0
         for token_id, dist in zip(c.token_ids, c.logprobs or []):
-            text = _token_text(tok, token_id, dist[token_id])
+            text = _token_text(dist[token_id])
             tokens.append(text)
             lps.append(dist[token_id].logprob)
-            tops.append({_token_text(tok, t, lp): lp.logprob for t, lp in dist.items()})
+            tops.append({_token_text(lp): lp.logprob for t, lp in dist.items()})
             offsets.append(pos)
             pos += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -314,6 +315,7 @@ class CompletionsHandler(_Handler):
     async def _stream(self, rid: str, created: int, n: int, include_usage: bool) -> None:
         self.start_stream()
         sent: dict[int, int] = {}
+        sent_ids: dict[int, int] = {}
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, gen):
@@ -335,15 +337,14 @@ class CompletionsHandler(_Handler):
                 for c in out.outputs:
                     index = i * n + c.index
                     delta = c.text[sent.get(index, 0) :]
-                    if not delta and c.finish_reason is None:
+                    new_ids = c.token_ids[sent_ids.get(index, 0) :]
+                    if not delta and not new_ids and c.finish_reason is None:
                         continue
-                    sent[index] = len(c.text)
+                    sent[index], sent_ids[index] = len(c.text), len(c.token_ids)
                     choice = {
-                        "index": index,
-                        "text": delta,
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
+                        "index": index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason,
+                        "token_ids": new_ids,
+                    }  # fmt: skip
                     await self.send_event(
                         {
                             "id": rid,
@@ -379,7 +380,7 @@ class ChatCompletionsHandler(_Handler):
         prompt = self.backend.chat_prompt(body.get("messages"))
         user = self.user(body)
         gen = self.backend.submit(prompt, params, user)
-        self._gens = [gen]
+        self._gens.append(gen)
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.backend.model_name
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -434,6 +435,7 @@ class ChatCompletionsHandler(_Handler):
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": self._logprobs(c, params.logprobs) if params.logprobs is not None else None,
                 "finish_reason": c.finish_reason,
+                "token_ids": c.token_ids,
             }
             for c in last.outputs
         ]
@@ -449,10 +451,9 @@ class ChatCompletionsHandler(_Handler):
         )
 
     def _logprobs(self, c, k: int) -> dict:
-        tok = self.backend.tokenizer
         content = []
         for token_id, dist in zip(c.token_ids, c.logprobs or []):
-            text = _token_text(tok, token_id, dist[token_id])
+            text = _token_text(dist[token_id])
             top = sorted(dist.items(), key=lambda kv: -kv[1].logprob)[:k]
             content.append(
                 {
@@ -461,7 +462,7 @@ class ChatCompletionsHandler(_Handler):
                     "bytes": list(text.encode()),
                     "top_logprobs": [
                         {"token": t, "logprob": lp.logprob, "bytes": list(t.encode())}
-                        for t, lp in ((_token_text(tok, t, lp), lp) for t, lp in top)
+                        for t, lp in ((_token_text(lp), lp) for t, lp in top)
                     ],
                 }
             )
