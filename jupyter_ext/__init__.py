@@ -1,4 +1,5 @@
-"""The notebook face of pagedq (``import pagedq.jupyter_ext``): magics, widgets, the engine driver.
+"""The notebook face of pagedq (``import pagedq.jupyter_ext``): magics, widgets, the engine driver,
+and the shared face: the OpenAI-compatible API and the jupyter-server extension.
 
 ``%load_ext pagedq`` registers ``%pagedq load|status|unload`` and ``%%generate``;
 :func:`playground` and :func:`kv_cache_view` are ipywidgets. Imported lazily: the engine core
@@ -6,7 +7,21 @@ never imports Jupyter packages.
 """
 
 from .driver import EngineDriver, Generation
-from .magics import session, status
+
+
+def __getattr__(name):  # the magics need IPython: imported when asked for, not by the server extension
+    if name in ("session", "status"):
+        from . import magics
+
+        return getattr(magics, name)
+    raise AttributeError(name)
+
+
+def _jupyter_server_extension_points():
+    """jupyter-server's entry point (the wheel enables it): the shared engine's API."""
+    from .serverext import PagedqExtension
+
+    return [{"module": "pagedq.jupyter_ext.serverext", "app": PagedqExtension}]
 
 
 def playground(llm=None):

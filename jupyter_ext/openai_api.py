@@ -112,6 +112,9 @@ class Backend:
         self.driver = driver
         self.model_name = model_name
 
+    async def ensure(self) -> None:
+        """Wait until the engine can take requests (the extension starts its process on demand)."""
+
     def chat_prompt(self, messages) -> dict:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise APIError("messages must be a non-empty list of {role, content} objects", "messages")
@@ -227,7 +230,8 @@ class _Handler(tornado.web.RequestHandler):
 
 
 class ModelsHandler(_Handler):
-    def get(self):
+    async def get(self):
+        await self.backend.ensure()
         name = self.backend.model_name
         self.send_json(
             {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "pagedq"}]}
@@ -249,6 +253,7 @@ def _token_text(lp) -> str:
 class CompletionsHandler(_Handler):
     async def post(self):
         body = self.body()
+        await self.backend.ensure()
         params = sampling_params(body, chat=False)
         prompts = body.get("prompt")
         if isinstance(prompts, str) or (
@@ -376,6 +381,7 @@ class CompletionsHandler(_Handler):
 class ChatCompletionsHandler(_Handler):
     async def post(self):
         body = self.body()
+        await self.backend.ensure()
         params = sampling_params(body, chat=True)
         prompt = self.backend.chat_prompt(body.get("messages"))
         user = self.user(body)
