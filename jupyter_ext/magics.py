@@ -32,6 +32,14 @@ class Session:
     model: str | None = None
     options: dict = field(default_factory=dict)
     loaded_at: float = 0.0
+    shared: object | None = None  # pagedq.connect()'s handle, made on the first --shared cell
+
+    def connect_shared(self):
+        if self.shared is None:
+            from .client import connect
+
+            self.shared = connect()
+        return self.shared
 
     def require(self):
         if self.llm is None:
@@ -239,6 +247,9 @@ class PagedqMagics(Magics):
     @argument("-o", "--output", default=None, help="store the RequestOutput in this variable")
     @argument("--format", default="text", choices=["text", "markdown", "code"])
     @argument("--background", action="store_true", help="return a Generation handle at once")
+    @argument(
+        "--shared", action="store_true", help="run on the Jupyter server's shared engine (pagedq.connect())"
+    )
     @cell_magic
     def generate(self, line: str, cell: str):
         """Generate a completion of the cell's text with the loaded model, streaming into the cell.
@@ -249,18 +260,20 @@ class PagedqMagics(Magics):
         from pagedq import SamplingParams
 
         args = parse_argstring(self.generate, line)
-        llm, driver = session.require()
         ns = self.shell.user_ns if self.shell is not None else {}
         text = interpolate(cell.rstrip("\n"), ns)
         prompt: object = text
+        messages = None
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": text}
             ]
-            ids = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            prompt = {"prompt": text, "prompt_token_ids": list(ids)}
+        if not args.shared:
+            llm, driver = session.require()
+            if messages is not None:
+                from pagedq.llm import chat_prompt
+
+                prompt = {"prompt": text, **chat_prompt(llm.get_tokenizer(), messages)}
         params = SamplingParams(
             n=args.n,
             temperature=args.temperature,
@@ -272,7 +285,11 @@ class PagedqMagics(Magics):
             max_tokens=args.max_tokens,
             logprobs=args.logprobs,
         )
-        gen = driver.submit(prompt, params)
+        if args.shared:  # the same display and interrupt handling over the server's engine
+            shared = session.connect_shared()
+            gen = shared.submit(params=params, messages=messages) if messages else shared.submit(text, params)
+        else:
+            gen = driver.submit(prompt, params)
         handle = display(Rendered([""] * args.n, args.format), display_id=True)
         updater = _Updater(handle, args.format, gen)
         if args.background:

@@ -392,20 +392,23 @@ class ChatCompletionsHandler(_Handler):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self.start_stream()
             sent: dict[int, int] = {}
+            sent_ids: dict[int, int] = {}
             try:
                 async for out in _outputs(gen):
                     for c in out.outputs:
                         first = c.index not in sent
                         delta = c.text[sent.get(c.index, 0) :]
-                        if not first and not delta and c.finish_reason is None:
+                        new_ids = c.token_ids[sent_ids.get(c.index, 0) :]
+                        if not first and not delta and not new_ids and c.finish_reason is None:
                             continue
-                        sent[c.index] = len(c.text)
+                        sent[c.index], sent_ids[c.index] = len(c.text), len(c.token_ids)
                         d = {"role": "assistant", "content": delta} if first else {"content": delta}
                         choice = {
                             "index": c.index,
                             "delta": d,
                             "logprobs": None,
                             "finish_reason": c.finish_reason,
+                            "token_ids": new_ids,
                         }
                         await self.send_event(
                             {

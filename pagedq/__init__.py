@@ -21,6 +21,15 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
+def connect(url: str | None = None, token: str | None = None):
+    """A handle on the shared engine (the Jupyter server's pagedq extension, or ``pagedq serve``):
+    ``generate``/``chat``/``submit`` like the in-kernel engine, no model loaded here. See
+    :func:`pagedq.jupyter_ext.client.connect`."""
+    from pagedq.jupyter_ext.client import connect as _connect
+
+    return _connect(url, token)
+
+
 def unload_ipython_extension(ipython) -> None:
     from pagedq.jupyter_ext.magics import unload_ipython_extension as unload
 
@@ -37,4 +46,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "__version__",
+    "connect",
 ]

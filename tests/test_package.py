@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,11 @@ def test_wheel_carries_subpackages(tmp_path):
         z.extractall(site)
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"pagedq"}, f"the wheel installs top-level names other than pagedq: {tops}"
+    # the jupyter-server extension is enabled by the config file the wheel installs
+    (conf,) = [n for n in names if n.endswith("data/etc/jupyter/jupyter_server_config.d/pagedq.json")]
+    enabled = json.loads(zipfile.ZipFile(tmp_path / wheel).read(conf))["ServerApp"]["jpserver_extensions"]
+    assert enabled == {"pagedq.jupyter_ext": True}
+    assert "pagedq/kernels/csrc/woq_gemm_cpu.c" in names
     code = (
         "import pagedq, pagedq.kernels, pagedq.quant, pagedq.jupyter_ext, pagedq.models;"
         "print(pagedq.kernels.__file__, pagedq.quant.__file__, pagedq.jupyter_ext.__file__)"
