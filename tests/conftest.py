@@ -87,3 +87,21 @@ def run_checked(llm, prompts, params) -> list:
         engine.block_manager.check()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
     return [finals[i] for i in ids]
+
+
+def wait_for_jupyter(url: str, token: str, proc, read_log, timeout: float = 60) -> None:
+    """Poll a Jupyter server's ``/api/status`` until it answers; if it exits or does not answer
+    within ``timeout`` s, kill it and raise with the tail of its log (``read_log()``)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the Jupyter server did not start:\n" + read_log()[-3000:]) from None
+            time.sleep(0.3)

@@ -8,10 +8,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+
+from .conftest import wait_for_jupyter
 
 CHROMIUM = "/usr/bin/chromium"
 pytest.importorskip("jupyterlab", reason="the browser test needs jupyterlab (dev extra)")
@@ -44,17 +44,7 @@ def lab(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                log = proc.stdout.read().decode(errors="replace")[-3000:]
-                raise RuntimeError("JupyterLab did not start:\n" + log) from None
-            time.sleep(0.5)
+    wait_for_jupyter(url, token, proc, lambda: proc.stdout.read().decode(errors="replace"))
     yield url, token
     proc.terminate()
     try:

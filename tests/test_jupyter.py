@@ -209,14 +209,15 @@ def test_llm_api_goes_through_the_driver_thread(tiny_llama):
         dist = llm.next_token_logprobs(PROMPTS_J[0])[0]
         driver = EngineDriver(llm)
         bg = driver.submit(
-            "for i in range(10):", SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+            "for i in range(10):", SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
         )
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS_J, greedy, use_tqdm=False)]
-        assert not bg.done.is_set()  # the background request was still running alongside
+        # the background request was still running alongside (1500 steps: margin for a busy machine)
+        assert not bg.done.is_set()
         streamed = [o for o in llm.stream(PROMPTS_J[:1], greedy)]
         assert streamed[-1].finished and streamed[-1].outputs[0].token_ids == ref[0]
         d2 = llm.next_token_logprobs(PROMPTS_J[0])[0]
-        assert len(bg.result(60).outputs[0].token_ids) == 300
+        assert len(bg.result(60).outputs[0].token_ids) == 1500
     assert got == ref
     assert (d2 - dist).abs().max() < 1e-4
 

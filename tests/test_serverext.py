@@ -21,6 +21,8 @@ openai = pytest.importorskip("openai")
 import pagedq  # noqa: E402
 from pagedq import LLM, SamplingParams  # noqa: E402
 
+from .conftest import wait_for_jupyter  # noqa: E402
+
 TOKEN = "pagedq-test-token"
 PROMPT = "def parse(args):\n    "
 
@@ -49,16 +51,7 @@ def server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={TOKEN}", timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(open(root / "server.log").read()[-3000:]) from None
-            time.sleep(0.3)
+    wait_for_jupyter(base, TOKEN, proc, lambda: open(root / "server.log").read())
     yield {"url": f"{base}/pagedq/v1", "base": base, "proc": proc, "log": root / "server.log"}
     if proc.poll() is None:
         proc.terminate()
