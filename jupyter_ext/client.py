@@ -207,8 +207,10 @@ class SharedEngine:
 
 def _discover() -> tuple[str, str | None]:
     """The URL and token of the Jupyter server that runs this kernel."""
-    if os.environ.get("PAGEDQ_URL"):
-        return os.environ["PAGEDQ_URL"], os.environ.get("PAGEDQ_TOKEN")
+    if os.environ.get("PAGEDQ_URL"):  # under JupyterHub the user's own hub token is the key
+        return os.environ["PAGEDQ_URL"], os.environ.get("PAGEDQ_TOKEN") or os.environ.get(
+            "JUPYTERHUB_API_TOKEN"
+        )
     try:
         from jupyter_server.serverapp import list_running_servers
     except ImportError:

@@ -19,6 +19,7 @@ with OpenAI's error shape and a message that names the field; the engine keeps s
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -189,9 +190,12 @@ class _Handler(tornado.web.RequestHandler):
             raise APIError("the request body must be a JSON object")
         return body
 
-    def user(self, body: dict) -> str:
+    async def user(self, body: dict) -> str:
+        """Who sends this request: the login (extension) or hub user (``--hub``) when there is
+        one, which may not be overridden; else the body's ``user`` field (``pagedq serve``)."""
         if self.user_of is not None:
-            return self.user_of(self)
+            user = self.user_of(self)
+            return await user if inspect.isawaitable(user) else user
         user = body.get("user")
         return user if isinstance(user, str) and user else "anonymous"
 
@@ -231,6 +235,7 @@ class _Handler(tornado.web.RequestHandler):
 
 class ModelsHandler(_Handler):
     async def get(self):
+        await self.user({})  # authenticates where users are known
         await self.backend.ensure()
         name = self.backend.model_name
         self.send_json(
@@ -253,6 +258,7 @@ def _token_text(lp) -> str:
 class CompletionsHandler(_Handler):
     async def post(self):
         body = self.body()
+        user = await self.user(body)
         await self.backend.ensure()
         params = sampling_params(body, chat=False)
         prompts = body.get("prompt")
@@ -262,7 +268,6 @@ class CompletionsHandler(_Handler):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts:
             raise APIError("prompt must be a string, a list of strings, or token ids", "prompt")
-        user = self.user(body)
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
         try:
             for p in prompts:
@@ -381,10 +386,10 @@ class CompletionsHandler(_Handler):
 class ChatCompletionsHandler(_Handler):
     async def post(self):
         body = self.body()
+        user = await self.user(body)
         await self.backend.ensure()
         params = sampling_params(body, chat=True)
         prompt = self.backend.chat_prompt(body.get("messages"))
-        user = self.user(body)
         gen = self.backend.submit(prompt, params, user)
         self._gens.append(gen)
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.backend.model_name
@@ -489,28 +494,48 @@ def routes(prefix: str, backend: Backend, api_key: str | None = None, user_of=No
     ]
 
 
-def make_app(llm, model_name: str | None = None, api_key: str | None = None) -> tornado.web.Application:
-    """A standalone app serving ``llm`` at ``/v1`` (what ``pagedq serve`` runs)."""
+def make_app(
+    llm, model_name: str | None = None, api_key: str | None = None, hub=None
+) -> tornado.web.Application:
+    """A standalone app serving ``llm`` at ``/v1`` (what ``pagedq serve`` runs); with ``hub`` (a
+    :class:`~pagedq.jupyter_ext.hub.HubUsers`), at the hub service's prefix, users from hub tokens."""
     import os
 
     driver = llm._driver or EngineDriver(llm)
     name = model_name or os.path.basename(os.path.normpath(llm.engine.config.model))
+    if hub is not None:
+        from .hub import service_prefix
+
+        return tornado.web.Application(routes(service_prefix() + "v1", Backend(driver, name), user_of=hub))
     return tornado.web.Application(routes("/v1", Backend(driver, name), api_key))
 
 
 def serve(
-    llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None
+    llm,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    hub: bool = False,
 ) -> None:
     """Serve ``llm`` until interrupted (``pagedq serve``); the engine is closed on the way out."""
     import tornado.httpserver
     import tornado.ioloop
 
-    app = make_app(llm, model_name, api_key)
+    users = None
+    if hub:
+        from .hub import HubUsers
+
+        users = HubUsers()
+    app = make_app(llm, model_name, api_key, hub=users)
     server = tornado.httpserver.HTTPServer(app)
     server.listen(port, host)
-    name = app.wildcard_router.rules[0].target_kwargs["backend"].model_name
+    rule = app.wildcard_router.rules[0]
+    name = rule.target_kwargs["backend"].model_name
+    path = rule.matcher.regex.pattern.rsplit("/models", 1)[0]
     print(
-        f"pagedq: serving {name!r} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True
+        f"pagedq: serving {name!r} at http://{host}:{port}{path} (OpenAI-compatible; Ctrl-C stops)",
+        flush=True,
     )
     try:
         tornado.ioloop.IOLoop.current().start()

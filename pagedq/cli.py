@@ -258,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--scheduling-policy", default="fair", help="fair (per-user share, by the request's 'user') | fcfs"
     )
+    s.add_argument(
+        "--hub",
+        action="store_true",
+        help="run as a JupyterHub service: users from their hub tokens, at $JUPYTERHUB_SERVICE_PREFIX/v1",
+    )
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser(
@@ -276,8 +281,14 @@ def cmd_serve(a) -> None:
     from pagedq import LLM
     from pagedq.jupyter_ext.openai_api import serve
 
+    host, port = a.host, a.port
+    if a.hub and os.environ.get("JUPYTERHUB_SERVICE_URL"):  # where the hub expects this service
+        from urllib.parse import urlsplit
+
+        where = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
+        host, port = where.hostname or host, where.port or port
     llm = LLM(_resolve_model(a.model), scheduling_policy=a.scheduling_policy, **_engine_kwargs(a))
-    serve(llm, a.host, a.port, a.api_key or os.environ.get("PAGEDQ_API_KEY"), a.served_model_name)
+    serve(llm, host, port, a.api_key or os.environ.get("PAGEDQ_API_KEY"), a.served_model_name, hub=a.hub)
 
 
 def main(argv: list[str] | None = None) -> None:

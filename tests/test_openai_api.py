@@ -26,7 +26,7 @@ tornado = pytest.importorskip("tornado")
 class Server:
     """The API app on a free port, its IOLoop on a thread of this process."""
 
-    def __init__(self, llm: LLM, api_key: str | None = None):
+    def __init__(self, llm: LLM, api_key: str | None = None, extra_apps=(), hub=None):
         import tornado.httpserver
         import tornado.netutil
         from pagedq.jupyter_ext.openai_api import make_app
@@ -38,7 +38,12 @@ class Server:
             asyncio.set_event_loop(self.loop)
             sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
             self.port = sockets[0].getsockname()[1]
-            tornado.httpserver.HTTPServer(make_app(llm, "pagedq-tiny", api_key)).add_sockets(sockets)
+            tornado.httpserver.HTTPServer(make_app(llm, "pagedq-tiny", api_key, hub=hub)).add_sockets(sockets)
+            self.extra_ports = []
+            for app in extra_apps:  # e.g. a fake Hub API on the same loop
+                more = tornado.netutil.bind_sockets(0, "127.0.0.1")
+                tornado.httpserver.HTTPServer(app).add_sockets(more)
+                self.extra_ports.append(more[0].getsockname()[1])
             ready.set()
             self.loop.run_forever()
 
