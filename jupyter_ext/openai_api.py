@@ -131,6 +131,17 @@ class Backend:
         except ValueError as e:
             raise APIError(str(e), "messages") from None
 
+    async def metrics(self) -> str:
+        """The engine's counters and gauges in Prometheus' text format."""
+        from pagedq.metrics import prometheus_text
+
+        if isinstance(self.driver, EngineDriver):
+            with self.driver.lock:
+                stats, users = self.driver.engine.stats(), self.driver.engine.user_service()
+        else:  # ask the worker process, off the event loop
+            stats, users = await asyncio.get_running_loop().run_in_executor(None, self.driver.stats)
+        return prometheus_text(stats, self.model_name, users)
+
     def submit(self, prompt, params: SamplingParams, user: str) -> Generation:
         try:
             return self.driver.submit(prompt, params, user=user)
@@ -241,6 +252,16 @@ class ModelsHandler(_Handler):
         self.send_json(
             {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "pagedq"}]}
         )
+
+
+class MetricsHandler(_Handler):
+    """``GET .../metrics``: Prometheus text (KV pool, queues, tokens, tokens served per user)."""
+
+    async def get(self):
+        await self.user({})
+        await self.backend.ensure()
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(await self.backend.metrics())
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -491,6 +512,7 @@ def routes(prefix: str, backend: Backend, api_key: str | None = None, user_of=No
         (prefix + "/models", ModelsHandler, kw),
         (prefix + "/completions", CompletionsHandler, kw),
         (prefix + "/chat/completions", ChatCompletionsHandler, kw),
+        (prefix + "/metrics", MetricsHandler, kw),
     ]
 
 

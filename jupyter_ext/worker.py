@@ -6,9 +6,10 @@ So the extension owns a child process (``multiprocessing``, spawn) that loads th
 an :class:`EngineDriver`; the server keeps a :class:`RemoteDriver` with the driver's interface
 (``submit`` returns a :class:`Generation`, ``abort``) over a pipe:
 
-    server -> worker   ("submit", rid, prompt, params, user) | ("abort", rid) | ("close",)
+    server -> worker   ("submit", rid, prompt, params, user) | ("abort", rid) | ("stats", rid)
+                       | ("close",)
     worker -> server   ("ready", model_name) | ("accepted", rid) | ("error", rid, message)
-                       | ("output", rid, RequestOutput) | ("failed", rid, message)
+                       | ("output", rid, RequestOutput) | ("stats", rid, (stats, user_service))
 
 A prompt ``{"messages": [...]}`` is run through the model's chat template in the worker, which
 holds the tokenizer.
@@ -61,6 +62,10 @@ def _worker_main(conn, model: str, engine_kwargs: dict) -> None:
                 if gen is not None:
                     gen.cancel()
                 continue
+            if msg[0] == "stats":
+                with driver.lock:
+                    send(("stats", msg[1], (llm.engine.stats(), llm.engine.user_service())))
+                continue
             _, rid, prompt, params, user = msg
             try:
                 if isinstance(prompt, dict) and "messages" in prompt:
@@ -108,7 +113,7 @@ class RemoteDriver:
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._gens: dict[str, Generation] = {}
-        self._acks: dict[str, tuple[threading.Event, list]] = {}
+        self._acks: dict[str, tuple[threading.Event, list]] = {}  # request id -> (answered, [answer])
         self._closed = False
         self._reader = threading.Thread(target=self._read, name="pagedq-engine-reader", daemon=True)
         self._reader.start()
@@ -126,12 +131,28 @@ class RemoteDriver:
         ack: tuple[threading.Event, list] = (threading.Event(), [])
         self._gens[rid], self._acks[rid] = gen, ack
         self._send(("submit", rid, prompt, params, user))
+        kind, answer = self._wait(ack)
+        if kind == "error":
+            self._gens.pop(rid, None)
+            raise ValueError(answer)
+        return gen
+
+    def stats(self) -> tuple[dict, dict]:
+        """The worker engine's ``stats()`` and ``user_service()``."""
+        rid = f"s{next(self._ids)}"
+        ack: tuple[threading.Event, list] = (threading.Event(), [])
+        self._acks[rid] = ack
+        self._send(("stats", rid))
+        kind, answer = self._wait(ack)
+        if kind != "stats":
+            raise RuntimeError(answer)
+        return answer
+
+    @staticmethod
+    def _wait(ack: tuple[threading.Event, list]) -> tuple[str, object]:
         if not ack[0].wait(60):
             raise RuntimeError("the pagedq engine process did not answer")
-        if ack[1]:
-            self._gens.pop(rid, None)
-            raise ValueError(ack[1][0])
-        return gen
+        return ack[1][0]
 
     def abort(self, request_id: str) -> None:
         gen = self._gens.pop(request_id, None)
@@ -149,10 +170,9 @@ class RemoteDriver:
             except (EOFError, OSError):
                 break
             kind, rid = msg[0], msg[1]
-            if kind in ("accepted", "error"):
+            if kind in ("accepted", "error", "stats"):
                 event, box = self._acks.pop(rid)
-                if kind == "error":
-                    box.append(msg[2])
+                box.append((kind, msg[2] if len(msg) > 2 else None))
                 event.set()
             elif kind == "output":
                 gen = self._gens.get(rid)
@@ -163,7 +183,7 @@ class RemoteDriver:
         # the worker is gone: fail whatever was running, wake whoever waits
         err = RuntimeError("the pagedq engine process exited")
         for event, box in self._acks.values():
-            box.append(str(err))
+            box.append(("error", str(err)))
             event.set()
         for gen in list(self._gens.values()):
             gen._finish(err)

@@ -619,6 +619,10 @@ class LLMEngine:
             "startup_seconds": self.startup_seconds,
         }
 
+    def user_service(self) -> dict[str, float]:
+        """Tokens served per user so far (weighted), with ``scheduling_policy="fair"``; else empty."""
+        return dict(getattr(self.scheduler.policy, "served", {}))
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this engine is closed; create a new LLM")

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -62,11 +63,18 @@ def test_quickstart_runs_in_jupyterlab(lab):
             page.goto(f"{url}/lab/tree/quickstart.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            # a Run All before the kernel is connected can be dropped: wait for it to be idle
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             # Kernel > Restart Kernel and Run All would ask for confirmation; Run > Run All Cells does not
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             # the first %%generate streams and ends with its footer
-            page.wait_for_selector(".jp-OutputArea-output:has-text('tok/s')", timeout=180_000)
+            try:
+                page.wait_for_selector(".jp-OutputArea-output:has-text('tok/s')", timeout=180_000)
+            except sync_api.TimeoutError:
+                shot = os.path.join(tempfile.gettempdir(), "pagedq-browser-failure.png")
+                page.screenshot(path=shot, full_page=True)
+                raise AssertionError(f"no streamed output; the page is in {shot}") from None
             # three samples side by side, then the playground widget rendered by ipywidgets
             page.wait_for_selector(".jp-OutputArea-output:has-text('sample 2')", timeout=180_000)
             page.wait_for_selector(".jp-OutputArea-output button:has-text('Generate')", timeout=180_000)
