@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -204,3 +206,26 @@ def test_pagedq_serve_command(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
+
+
+def test_metrics_in_prometheus_text(served):
+    llm, server, client = served
+    client.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2, user='bo"b')
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": "Bearer sk-test"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    stats = llm.engine.stats()
+    assert values['pagedq_generated_tokens_total{model="pagedq-tiny"}'] == stats["generated_tokens"] > 0
+    assert values['pagedq_num_kv_blocks{model="pagedq-tiny"}'] == stats["num_kv_blocks"]
+    assert values['pagedq_kv_blocks_in_use{model="pagedq-tiny"}'] == 0
+    assert values['pagedq_user_served_tokens{model="pagedq-tiny",user="bo\\"b"}'] > 0  # label escaped
+    assert "# TYPE pagedq_num_preemptions_total counter" in text
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.url + "/metrics")
+    assert e.value.code == 401

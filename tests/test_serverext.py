@@ -87,6 +87,12 @@ def test_the_api_sits_behind_the_server_login(server, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference[1].text
     with pytest.raises(openai.BadRequestError, match="max_model_len"):
         client.completions.create(model="pagedq-tiny", prompt="x " * 3000, max_tokens=2)
+    # the worker process's counters, attributed to the logged-in user
+    req = urllib.request.Request(server["url"] + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    text = urllib.request.urlopen(req).read().decode()
+    generated = next(ln for ln in text.splitlines() if ln.startswith("pagedq_generated_tokens_total"))
+    assert float(generated.rsplit(" ", 1)[1]) >= 32
+    assert "pagedq_user_served_tokens{" in text
 
 
 def test_connect_generates_streams_and_cancels(server, reference):
