@@ -19,6 +19,7 @@ with OpenAI's error shape and a message that names the field; the engine keeps s
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import json
 import time
@@ -137,10 +138,11 @@ class Backend:
 
         if isinstance(self.driver, EngineDriver):
             with self.driver.lock:
-                stats, users = self.driver.engine.stats(), self.driver.engine.user_service()
+                engine = self.driver.engine
+                stats, users, latency = engine.stats(), engine.user_service(), copy.deepcopy(engine.latency)
         else:  # ask the worker process, off the event loop
-            stats, users = await asyncio.get_running_loop().run_in_executor(None, self.driver.stats)
-        return prometheus_text(stats, self.model_name, users)
+            stats, users, latency = await asyncio.get_running_loop().run_in_executor(None, self.driver.stats)
+        return prometheus_text(stats, self.model_name, users, latency)
 
     def submit(self, prompt, params: SamplingParams, user: str) -> Generation:
         try:

@@ -9,7 +9,7 @@ an :class:`EngineDriver`; the server keeps a :class:`RemoteDriver` with the driv
     server -> worker   ("submit", rid, prompt, params, user) | ("abort", rid) | ("stats", rid)
                        | ("close",)
     worker -> server   ("ready", model_name) | ("accepted", rid) | ("error", rid, message)
-                       | ("output", rid, RequestOutput) | ("stats", rid, (stats, user_service))
+                       | ("output", rid, RequestOutput) | ("stats", rid, (stats, user_service, latency))
 
 A prompt ``{"messages": [...]}`` is run through the model's chat template in the worker, which
 holds the tokenizer.
@@ -64,7 +64,9 @@ def _worker_main(conn, model: str, engine_kwargs: dict) -> None:
                 continue
             if msg[0] == "stats":
                 with driver.lock:
-                    send(("stats", msg[1], (llm.engine.stats(), llm.engine.user_service())))
+                    send(
+                        ("stats", msg[1], (llm.engine.stats(), llm.engine.user_service(), llm.engine.latency))
+                    )
                 continue
             _, rid, prompt, params, user = msg
             try:
@@ -137,8 +139,8 @@ class RemoteDriver:
             raise ValueError(answer)
         return gen
 
-    def stats(self) -> tuple[dict, dict]:
-        """The worker engine's ``stats()`` and ``user_service()``."""
+    def stats(self) -> tuple[dict, dict, dict]:
+        """The worker engine's ``stats()``, ``user_service()`` and latency histograms."""
         rid = f"s{next(self._ids)}"
         ack: tuple[threading.Event, list] = (threading.Event(), [])
         self._acks[rid] = ack

@@ -22,6 +22,7 @@ from . import detokenizer
 from .beam_search import BeamSearch, BeamSearchParams
 from .block_manager import BlockManager
 from .config import EngineConfig, resolve_device, resolve_dtype
+from .metrics import latency_histograms
 from .model_runner import ModelRunner
 from .models import ModelConfig
 from .outputs import CompletionOutput, RequestOutput
@@ -108,6 +109,7 @@ class LLMEngine:
         self._counters = dict.fromkeys(
             ("prompt_tokens", "generated_tokens", "computed_tokens", "num_steps", "num_requests"), 0
         )
+        self.latency = latency_histograms()  # time to first token, per output token, end to end
         self._peak_blocks = 0
         self._waste_at_peak = 0.0
         self._slot_steps = 0
@@ -244,7 +246,15 @@ class LLMEngine:
             raise ValueError(
                 f"request_id {request_id!r} is already in use; pick another or wait until it finishes"
             )
-        req = Request(request_id, text, ids, params, next(self._arrivals), user=user or "default")
+        req = Request(
+            request_id,
+            text,
+            ids,
+            params,
+            next(self._arrivals),
+            user=user or "default",
+            arrival_time=time.perf_counter(),
+        )
         if isinstance(params, BeamSearchParams):
             # one beam prefills the prompt; the search forks it when its first logits arrive
             stop_ids = ([] if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
@@ -355,12 +365,26 @@ class LLMEngine:
             out = self.sampler(sample_logits, samplers)
             for seq, token, lp in zip(samplers, out.token_ids, out.logprobs):
                 self._append_token(seq, token, lp)
-        outputs = []
+        outputs, now = [], time.perf_counter()
         for req in touched.values():
-            outputs.append(self._output(req))
+            out = self._output(req)
+            outputs.append(out)
+            self._observe_latency(req, out, now)
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _observe_latency(self, req: Request, out: RequestOutput, now: float) -> None:
+        produced = max((len(c.token_ids) for c in out.outputs), default=0)
+        if req.first_token_time is None and produced:
+            req.first_token_time = now
+            self.latency["time_to_first_token_seconds"].observe(now - req.arrival_time)
+        if req.finished:
+            if produced > 1:
+                self.latency["time_per_output_token_seconds"].observe(
+                    (now - req.first_token_time) / (produced - 1)
+                )
+            self.latency["e2e_request_latency_seconds"].observe(now - req.arrival_time)
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Start ``child`` from ``parent``'s tokens and KV, in the parent's place in the queues."""

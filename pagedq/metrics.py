@@ -1,12 +1,16 @@
 """Engine counters and gauges in Prometheus' text format (what ``/metrics`` of the API serves).
 
-Everything comes from :meth:`LLMEngine.stats` and, with fair sharing, the tokens served per user
-(:meth:`LLMEngine.user_service`): KV pool use and waste, queue lengths, prefix-cache hits,
+Everything comes from :meth:`LLMEngine.stats`, with fair sharing the tokens served per user
+(:meth:`LLMEngine.user_service`), and the engine's latency histograms (time to first token, time
+per output token, request latency): KV pool use and waste, queue lengths, prefix-cache hits,
 preemptions, tokens in and out. Names follow Prometheus' conventions (``pagedq_`` prefix,
 ``_total`` for counters, base units).
 """
 
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
 
 GAUGES = {
     "num_kv_blocks": "KV blocks in the pool",
@@ -32,12 +36,51 @@ COUNTERS = {
 }
 
 
+@dataclass
+class Histogram:
+    """Observations counted into buckets by upper bound (Prometheus' histogram, not cumulative
+    here: :func:`prometheus_text` accumulates)."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # one per bucket, then one for +Inf
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+# seconds: from a fast CPU decode step to a long queue wait
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+HISTOGRAMS = {
+    "time_to_first_token_seconds": "from a request's arrival to its first generated token",
+    "time_per_output_token_seconds": "mean time between a finished request's tokens after the first",
+    "e2e_request_latency_seconds": "from a request's arrival to its end",
+}
+
+
+def latency_histograms() -> dict[str, Histogram]:
+    return {name: Histogram(LATENCY_BUCKETS) for name in HISTOGRAMS}
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(stats: dict, model: str, user_service: dict[str, float] | None = None) -> str:
-    """``stats`` (from ``LLMEngine.stats()``) as Prometheus exposition text, labelled with ``model``."""
+def prometheus_text(
+    stats: dict,
+    model: str,
+    user_service: dict[str, float] | None = None,
+    histograms: dict[str, Histogram] | None = None,
+) -> str:
+    """``stats`` (from ``LLMEngine.stats()``), the tokens served per user and the latency
+    histograms as Prometheus exposition text, labelled with ``model``."""
     lines = []
     labels = f'model="{_label(model)}"'
     for kind, table, suffix in (("gauge", GAUGES, ""), ("counter", COUNTERS, "_total")):
@@ -55,4 +98,16 @@ def prometheus_text(stats: dict, model: str, user_service: dict[str, float] | No
         lines += [f"# HELP {name} tokens served per user (fair share, weighted)", f"# TYPE {name} gauge"]
         for user, tokens in sorted(user_service.items()):
             lines.append(f'{name}{{{labels},user="{_label(user)}"}} {float(tokens)!r}')
+    for key, hist in (histograms or {}).items():
+        name = f"pagedq_{key}"
+        lines += [f"# HELP {name} {HISTOGRAMS.get(key, key)}", f"# TYPE {name} histogram"]
+        total = 0
+        for bound, n in zip([*hist.buckets, float("inf")], hist.counts):
+            total += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{{labels},le="{le}"}} {float(total)!r}')
+        lines += [
+            f"{name}_sum{{{labels}}} {float(hist.sum)!r}",
+            f"{name}_count{{{labels}}} {float(hist.count)!r}",
+        ]
     return "\n".join(lines) + "\n"

@@ -113,6 +113,9 @@ class Request:
     beam: object | None = None
     # who asked: the unit of fair sharing (``scheduling_policy="fair"``)
     user: str = "default"
+    # wall-clock marks for the latency metrics (time.perf_counter())
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -226,6 +226,11 @@ def test_metrics_in_prometheus_text(served):
     assert values['pagedq_kv_blocks_in_use{model="pagedq-tiny"}'] == 0
     assert values['pagedq_user_served_tokens{model="pagedq-tiny",user="bo\\"b"}'] > 0  # label escaped
     assert "# TYPE pagedq_num_preemptions_total counter" in text
+    ttft = llm.engine.latency["time_to_first_token_seconds"]
+    assert (
+        values['pagedq_time_to_first_token_seconds_bucket{model="pagedq-tiny",le="+Inf"}'] == ttft.count > 0
+    )
+    assert values['pagedq_time_to_first_token_seconds_count{model="pagedq-tiny"}'] == ttft.count
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(server.url + "/metrics")
     assert e.value.code == 401

@@ -93,6 +93,7 @@ def test_the_api_sits_behind_the_server_login(server, reference):
     generated = next(ln for ln in text.splitlines() if ln.startswith("pagedq_generated_tokens_total"))
     assert float(generated.rsplit(" ", 1)[1]) >= 32
     assert "pagedq_user_served_tokens{" in text
+    assert 'pagedq_e2e_request_latency_seconds_bucket{model="pagedq-tiny",le="+Inf"}' in text
 
 
 def test_connect_generates_streams_and_cancels(server, reference):
