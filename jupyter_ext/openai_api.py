@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import inspect
 import json
 import time
@@ -144,9 +145,13 @@ class Backend:
             stats, users, latency = await asyncio.get_running_loop().run_in_executor(None, self.driver.stats)
         return prometheus_text(stats, self.model_name, users, latency)
 
-    def submit(self, prompt, params: SamplingParams, user: str) -> Generation:
+    async def submit(self, prompt, params: SamplingParams, user: str) -> Generation:
         try:
-            return self.driver.submit(prompt, params, user=user)
+            if isinstance(self.driver, EngineDriver):
+                return self.driver.submit(prompt, params, user=user)
+            # a worker process answers over a pipe: wait for its answer off the event loop
+            submit = functools.partial(self.driver.submit, prompt, params, user=user)
+            return await asyncio.get_running_loop().run_in_executor(None, submit)
         except ValueError as e:
             where = "messages" if isinstance(prompt, dict) and "messages" in prompt else "prompt"
             raise APIError(str(e), where) from None
@@ -294,7 +299,7 @@ class CompletionsHandler(_Handler):
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
         try:
             for p in prompts:
-                self._gens.append(self.backend.submit(p, params, user))
+                self._gens.append(await self.backend.submit(p, params, user))
         except APIError:  # one bad prompt: nothing of the request stays queued
             for gen in self._gens:
                 gen.cancel()
@@ -413,7 +418,7 @@ class ChatCompletionsHandler(_Handler):
         await self.backend.ensure()
         params = sampling_params(body, chat=True)
         prompt = self.backend.chat_prompt(body.get("messages"))
-        gen = self.backend.submit(prompt, params, user)
+        gen = await self.backend.submit(prompt, params, user)
         self._gens.append(gen)
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.backend.model_name
         if body.get("stream"):
