@@ -217,6 +217,13 @@ class _Handler(tornado.web.RequestHandler):
         user = body.get("user")
         return user if isinstance(user, str) and user else "anonymous"
 
+    async def begin(self, *, chat: bool) -> tuple[dict, str, SamplingParams]:
+        """A generation request's common start: its body, who sends it, the engine up, its params."""
+        body = self.body()
+        user = await self.user(body)
+        await self.backend.ensure()
+        return body, user, sampling_params(body, chat=chat)
+
     def write_error(self, status_code: int, **kwargs):
         exc = kwargs.get("exc_info", (None, None))[1]
         err = (
@@ -285,10 +292,7 @@ def _token_text(lp) -> str:
 
 class CompletionsHandler(_Handler):
     async def post(self):
-        body = self.body()
-        user = await self.user(body)
-        await self.backend.ensure()
-        params = sampling_params(body, chat=False)
+        body, user, params = await self.begin(chat=False)
         prompts = body.get("prompt")
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -413,10 +417,7 @@ class CompletionsHandler(_Handler):
 
 class ChatCompletionsHandler(_Handler):
     async def post(self):
-        body = self.body()
-        user = await self.user(body)
-        await self.backend.ensure()
-        params = sampling_params(body, chat=True)
+        body, user, params = await self.begin(chat=True)
         prompt = self.backend.chat_prompt(body.get("messages"))
         gen = await self.backend.submit(prompt, params, user)
         self._gens.append(gen)
