@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .formats import QuantWeight
-from .rtn import quantize_codes, scale_zero
+from .rtn import group_length, quantize_codes, scale_zero
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,7 @@ def gptq_quantize(
     ``min_zero=1`` keeps zero points >= 1, which GPTQ's v1 checkpoint format needs.
     """
     n, k = weight.shape
-    size = k if group_size == -1 else group_size
-    if k % size:
-        raise ValueError(f"in_features={k} is not a multiple of group_size={size}")
+    size = group_length(k, group_size)
     maxq = 2**bits - 1
     w = weight.double().clone()
     h = h.double().clone()

@@ -33,6 +33,14 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w.float() / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
 
 
+def group_length(k: int, group_size: int) -> int:
+    """Channels per group along K (``group_size=-1``: one group per output channel)."""
+    size = k if group_size == -1 else group_size
+    if k % size:
+        raise ValueError(f"in_features={k} is not a multiple of group_size={size}")
+    return size
+
+
 def rtn(
     weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False, min_zero: int = 0
 ) -> QuantWeight:
@@ -41,9 +49,7 @@ def rtn(
     ``min_zero=1`` keeps zero points >= 1, which GPTQ's v1 checkpoint format needs.
     """
     n, k = weight.shape
-    size = k if group_size == -1 else group_size
-    if k % size:
-        raise ValueError(f"in_features={k} is not a multiple of group_size={size}")
+    size = group_length(k, group_size)
     groups = weight.float().reshape(n, k // size, size)
     scale, zero = scale_zero(groups, bits, sym)  # [N, G]
     zero = zero.clamp(min=min_zero)
