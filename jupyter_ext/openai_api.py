@@ -253,9 +253,40 @@ class _Handler(tornado.web.RequestHandler):
         self.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n")
         await self.flush()
 
+    def chunk(self, rid: str, created: int, obj: str, choices: list, usage: dict | None = None) -> dict:
+        """One streamed event of a response (``usage`` on the last, when asked for)."""
+        event = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.backend.model_name,
+            "choices": choices,
+        }
+        if usage is not None:
+            event["usage"] = usage
+        return event
+
     def start_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
+
+
+class _Deltas:
+    """What of each choice's text and token ids a stream has not sent yet."""
+
+    def __init__(self):
+        self.sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) sent
+
+    def take(self, index: int, c, announce: bool = False) -> tuple[str, list[int], bool] | None:
+        """The unsent text and token ids of choice ``c`` and whether it is its first event; None
+        when there is nothing to send (``announce``: the first event goes out even if empty)."""
+        first = index not in self.sent
+        text_at, ids_at = self.sent.get(index, (0, 0))
+        text, ids = c.text[text_at:], c.token_ids[ids_at:]
+        if not (first and announce) and not text and not ids and c.finish_reason is None:
+            return None
+        self.sent[index] = (len(c.text), len(c.token_ids))
+        return text, ids, first
 
 
 class ModelsHandler(_Handler):
@@ -356,8 +387,7 @@ class CompletionsHandler(_Handler):
 
     async def _stream(self, rid: str, created: int, n: int, include_usage: bool) -> None:
         self.start_stream()
-        sent: dict[int, int] = {}
-        sent_ids: dict[int, int] = {}
+        deltas = _Deltas()
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, gen):
@@ -378,35 +408,18 @@ class CompletionsHandler(_Handler):
                     completion_tokens += sum(len(c.token_ids) for c in out.outputs)
                 for c in out.outputs:
                     index = i * n + c.index
-                    delta = c.text[sent.get(index, 0) :]
-                    new_ids = c.token_ids[sent_ids.get(index, 0) :]
-                    if not delta and not new_ids and c.finish_reason is None:
+                    new = deltas.take(index, c)
+                    if new is None:
                         continue
-                    sent[index], sent_ids[index] = len(c.text), len(c.token_ids)
+                    text, ids, _ = new
                     choice = {
-                        "index": index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason,
-                        "token_ids": new_ids,
+                        "index": index, "text": text, "logprobs": None, "finish_reason": c.finish_reason,
+                        "token_ids": ids,
                     }  # fmt: skip
-                    await self.send_event(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": self.backend.model_name,
-                            "choices": [choice],
-                        }
-                    )
+                    await self.send_event(self.chunk(rid, created, "text_completion", [choice]))
             if include_usage:
-                await self.send_event(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": self.backend.model_name,
-                        "choices": [],
-                        "usage": _usage(prompt_tokens, completion_tokens),
-                    }
-                )
+                usage = _usage(prompt_tokens, completion_tokens)
+                await self.send_event(self.chunk(rid, created, "text_completion", [], usage))
             await self.send_event("[DONE]")
         except tornado.iostream.StreamClosedError:
             self.on_connection_close()
@@ -425,46 +438,26 @@ class ChatCompletionsHandler(_Handler):
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self.start_stream()
-            sent: dict[int, int] = {}
-            sent_ids: dict[int, int] = {}
+            deltas = _Deltas()
             try:
                 async for out in _outputs(gen):
                     for c in out.outputs:
-                        first = c.index not in sent
-                        delta = c.text[sent.get(c.index, 0) :]
-                        new_ids = c.token_ids[sent_ids.get(c.index, 0) :]
-                        if not first and not delta and not new_ids and c.finish_reason is None:
+                        new = deltas.take(c.index, c, announce=True)
+                        if new is None:
                             continue
-                        sent[c.index], sent_ids[c.index] = len(c.text), len(c.token_ids)
-                        d = {"role": "assistant", "content": delta} if first else {"content": delta}
+                        text, ids, first = new
+                        d = {"role": "assistant", "content": text} if first else {"content": text}
                         choice = {
                             "index": c.index,
                             "delta": d,
                             "logprobs": None,
                             "finish_reason": c.finish_reason,
-                            "token_ids": new_ids,
+                            "token_ids": ids,
                         }
-                        await self.send_event(
-                            {
-                                "id": rid,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": name,
-                                "choices": [choice],
-                            }
-                        )
+                        await self.send_event(self.chunk(rid, created, "chat.completion.chunk", [choice]))
                     if out.finished and include_usage:
                         usage = _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
-                        await self.send_event(
-                            {
-                                "id": rid,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": name,
-                                "choices": [],
-                                "usage": usage,
-                            }
-                        )
+                        await self.send_event(self.chunk(rid, created, "chat.completion.chunk", [], usage))
                 await self.send_event("[DONE]")
             except tornado.iostream.StreamClosedError:
                 self.on_connection_close()
