@@ -112,17 +112,42 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return q.transpose(1, 2).reshape(n, k)
 
 
-class Int4Linear(QuantLinear):
+class SortedGroupsLinear(QuantLinear):
+    """Layers whose kernels need each quantization group to be a contiguous run of input
+    channels: GPTQ act-order (``g_idx`` not sorted) becomes sorted groups by permuting the input
+    channels once at load (``perm``) and the activations at run time."""
+
+    def _sort_groups(self, w: QuantWeight) -> torch.Tensor:
+        """The codes with the input channels sorted by group; registers ``perm``."""
+        perm, q = None, w.q
+        if w.regular_group_size is None:
+            perm = torch.argsort(w.g_idx, stable=True)
+            q = q[:, perm]
+        self.register_buffer("perm", perm)
+        return q
+
+    @staticmethod
+    def _full_groups(w: QuantWeight) -> bool:
+        """Whether every group holds ``K / groups`` channels (act-order or not)."""
+        groups = w.scales.shape[0]
+        counts = torch.bincount(w.g_idx, minlength=groups)
+        return bool((counts == w.shape[1] // groups).all())
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.perm is None else x.index_select(-1, self.perm)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self._gemm_weight(dtype)
+        return w if self.perm is None else w[:, torch.argsort(self.perm)]
+
+
+class Int4Linear(SortedGroupsLinear):
     dequant_min_tokens = 320
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
         super().__init__(k, n, bias)
-        perm = None
-        g_idx, q = w.g_idx, w.q
-        if w.regular_group_size is None:  # act-order: sort input channels by group
-            perm = torch.argsort(g_idx, stable=True)
-            g_idx, q = g_idx[perm], q[:, perm]
+        q = self._sort_groups(w)
         groups = w.scales.shape[0]
         size = k // groups
         scales, zeros = w.scales, w.zeros
@@ -131,7 +156,6 @@ class Int4Linear(QuantLinear):
             reps = (k // groups) // size
             scales, zeros = scales.repeat_interleave(reps, 0), zeros.repeat_interleave(reps, 0)
         self.group_size = size
-        self.register_buffer("perm", perm)
         self.register_buffer(
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         )
@@ -152,19 +176,11 @@ class Int4Linear(QuantLinear):
         size = k // groups
         if size not in _INT4_GROUPS and not any(size % s == 0 and k % s == 0 for s in _INT4_GROUPS):
             return False
-        counts = torch.bincount(w.g_idx, minlength=groups)
-        return bool((counts == size).all())  # act-order is fine if every group is full
-
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.perm is None else x.index_select(-1, self.perm)
+        return Int4Linear._full_groups(w)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scale_zeros if self.scale_zeros.dtype == x.dtype else self.scale_zeros.to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self._gemm_weight(dtype)
-        return w if self.perm is None else w[:, torch.argsort(self.perm)]
 
     def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -210,7 +226,7 @@ def _kc(group: int) -> int:
     return max(d for d in range(4, min(group, 128) + 1, 4) if group % d == 0)
 
 
-class NativeQuantLinear(QuantLinear):
+class NativeQuantLinear(SortedGroupsLinear):
     """4- or 8-bit codes with a scale and zero per group and output channel, multiplied by the
     AVX-512 BF16 kernel of ``kernels/csrc/woq_gemm_cpu.c`` for bf16 activations.
 
@@ -219,8 +235,7 @@ class NativeQuantLinear(QuantLinear):
     batches and prefill chunks alike) while reading a half or a quarter of the weight bytes:
     ``dequant_min_tokens`` is never reached. Activations of another dtype (the fp32 exactness
     reference) multiply the dequantized weight. Codes are held in the kernel's panel layout:
-    64 output channels, K in pairs (``pack_panels``); act-order is a permutation of the input
-    channels, as in :class:`Int4Linear`.
+    64 output channels, K in pairs (``pack_panels``).
     """
 
     dequant_min_tokens = 2**62
@@ -228,16 +243,12 @@ class NativeQuantLinear(QuantLinear):
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
         super().__init__(k, n, bias)
-        g_idx, q, perm = w.g_idx, w.q, None
-        if w.regular_group_size is None:  # act-order: sort input channels by group
-            perm = torch.argsort(g_idx, stable=True)
-            g_idx, q = g_idx[perm], q[:, perm]
+        q = self._sort_groups(w)
         groups = w.scales.shape[0]
         self.bits, self.group_size = w.bits, k // groups
         self.kc = _kc(self.group_size)
         np_ = -(-n // 64) * 64
         pad = np_ - n
-        self.register_buffer("perm", perm)
         self.register_buffer("codes", pack_panels(F.pad(q, (0, 0, 0, pad)), w.bits))
         self.register_buffer("scales", F.pad(w.scales.float(), (0, pad)).contiguous())
         self.register_buffer("zeros", F.pad(w.zeros.round(), (0, pad)).to(torch.uint8).contiguous())
@@ -253,8 +264,7 @@ class NativeQuantLinear(QuantLinear):
         z = w.zeros
         if not bool(((z == z.round()) & (z >= 0) & (z < 2**w.bits)).all()):
             return False
-        counts = torch.bincount(w.g_idx, minlength=groups)
-        return bool((counts == k // groups).all())  # act-order is fine if every group is full
+        return NativeQuantLinear._full_groups(w)
 
     def quant_weight(self) -> QuantWeight:
         """The canonical weight back (codes, scales, zeros, g_idx): for comparing kernels."""
@@ -266,9 +276,6 @@ class NativeQuantLinear(QuantLinear):
             q, g_idx = q[:, inv], g_idx[inv]
         return QuantWeight(q, self.scales[:, :n], self.zeros[:, :n].float(), g_idx, self.bits)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.perm is None else x.index_select(-1, self.perm)
-
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             return F.linear(x, self._gemm_weight(x.dtype))
@@ -279,10 +286,6 @@ class NativeQuantLinear(QuantLinear):
             self.group_size, self.kc, self.out_features,
         )  # fmt: skip
         return y.view(*x.shape[:-1], self.out_features)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self._gemm_weight(dtype)
-        return w if self.perm is None else w[:, torch.argsort(self.perm)]
 
     def _gemm_weight(self, dtype: torch.dtype) -> torch.Tensor:
         n, k, size = self.out_features, self.in_features, self.group_size
