@@ -137,7 +137,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.policy.activate(seq.request.user, self.active_users())
+        if self.policy.dynamic:  # only fair share needs who else has work (a scan of the queues)
+            self.policy.activate(seq.request.user, self.active_users())
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=self.policy.key)
 
