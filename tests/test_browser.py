@@ -63,6 +63,14 @@ def test_quickstart_runs_in_jupyterlab(lab):
             page.goto(f"{url}/lab/tree/quickstart.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            # JupyterLab 4.6 asks which kernel to start even when the notebook names one that is
+            # installed ("Select Kernel", its preferred kernel preselected): accept the preselection
+            dialog = page.locator(".jp-Dialog:has-text('Select Kernel') .jp-mod-accept")
+            try:
+                dialog.wait_for(timeout=15_000)
+                dialog.click()
+            except sync_api.TimeoutError:
+                pass  # older JupyterLab starts the notebook's kernel without asking
             # a Run All before the kernel is connected can be dropped: wait for it to be idle
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             # Kernel > Restart Kernel and Run All would ask for confirmation; Run > Run All Cells does not
