@@ -39,10 +39,13 @@ _FLAGS = [
     "-ffast-math",
     "-fno-finite-math-only",
     "-fopenmp",
-    "-shared",
     "-fPIC",
     "-std=c11",
 ]
+# Linked separately and without -ffast-math: linking with it adds crtfastmath.o, whose
+# constructor turns on flush-to-zero / denormals-are-zero for the whole process when the
+# library loads (every numpy and torch float in a notebook kernel would lose its subnormals).
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -70,19 +73,26 @@ def _build() -> ctypes.CDLL | None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
         return None
     src = b"".join(open(p, "rb").read() for p in _SRCS)
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
+    key = hashlib.sha256(src + flags + _cpu_id().encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")
     if not os.path.isfile(path):
         os.makedirs(_cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(fd)
-        proc = subprocess.run([cc, *_FLAGS, *_SRCS, "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            logger.warning(
-                "building the native CPU kernels failed, using the torch path:\n%s", proc.stderr[-2000:]
-            )
-            return None
+        with tempfile.TemporaryDirectory(dir=_cache_dir()) as build:
+            objs = [os.path.join(build, os.path.basename(src) + ".o") for src in _SRCS]
+            steps = [[cc, *_FLAGS, "-c", src, "-o", obj] for src, obj in zip(_SRCS, objs)]
+            steps.append([cc, *_LINK_FLAGS, *objs, "-o", tmp, "-lm"])
+            for cmd in steps:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    os.unlink(tmp)
+                    logger.warning(
+                        "building the native CPU kernels failed, using the torch path:\n%s",
+                        proc.stderr[-2000:],
+                    )
+                    return None
         os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(path)
     for name in _FUNCS.values():

@@ -77,3 +77,22 @@ def test_engine_torch_path_matches_native(tiny_llama, monkeypatch):
     with LLM(tiny_llama, dtype="float32") as llm:
         b = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     assert a == b
+
+
+def test_loading_the_native_library_keeps_subnormal_floats():
+    """Linking with -ffast-math would add crtfastmath.o, which switches the whole process to
+    flush-to-zero when the library loads: numpy and torch in the user's kernel would then
+    silently round every subnormal to zero."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from pagedq.kernels import native; "
+        "assert native.library() is not None, 'no C compiler here'; "
+        "print(float(np.float64(5e-324) * 1.0))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if "no C compiler" in out.stderr:
+        pytest.skip("no C compiler: the native library is not built here")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip()) == 5e-324

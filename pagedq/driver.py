@@ -1,0 +1,230 @@
+"""A background thread that steps one engine, so that notebook cells, widgets and background
+generations all submit to the same continuous batch.
+
+The notebook kernel owns the engine; this driver owns its loop. ``submit`` queues a request
+and returns a :class:`Generation` at once; the thread runs ``engine.step()`` while anything is
+unfinished and hands each output to its generation (a queue, plus optional callbacks run on
+the driver thread). Engine calls are serialized by one lock, so ``abort`` from the notebook's
+thread (a Stop button, a kernel interrupt) is safe at any time. No process is spawned.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from .outputs import GenerationError, RequestOutput
+
+
+class Generation:
+    """One submitted request: its outputs as they arrive, and a way to stop it."""
+
+    def __init__(self, driver: EngineDriver, request_id: str):
+        self.driver = driver
+        self.request_id = request_id
+        self.latest: RequestOutput | None = None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.finished_at: float | None = None
+        self._queue: queue.Queue[RequestOutput | None] = queue.Queue()
+        self._callbacks: list[Callable[[RequestOutput], None]] = []
+
+    def on_output(self, fn: Callable[[RequestOutput], None]) -> None:
+        """Call ``fn(output)`` on the driver thread for every new output (and at once for the latest)."""
+        self._callbacks.append(fn)
+        if self.latest is not None:
+            fn(self.latest)
+
+    def outputs(self, poll: float = 0.1) -> Iterator[RequestOutput]:
+        """Outputs as they come (blocking); the last one is finished. Interruptible (Ctrl-C)."""
+        while True:
+            try:
+                out = self._queue.get(timeout=poll)
+            except queue.Empty:
+                if self.done.is_set() and self._queue.empty():
+                    break
+                continue
+            if out is None:
+                break
+            yield out
+        self._raise_error()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """The final output (waits for it; Ctrl-C interrupts the wait)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.done.wait(0.1):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"generation {self.request_id} is still running")
+        self._raise_error()
+        return self.latest
+
+    def _raise_error(self) -> None:
+        """Raise what ended this generation, if it did not finish: a :class:`GenerationError`
+        (or the client's subclass of it), never cut-off text as a result."""
+        if self.error is None:
+            return
+        if isinstance(self.error, GenerationError):
+            raise self.error
+        raise GenerationError(f"generation {self.request_id} failed: {self.error}") from self.error
+
+    def cancel(self) -> None:
+        """Abort the request: its blocks are freed at once; the last output is marked ``abort``."""
+        self.driver.abort(self.request_id)
+
+    @property
+    def tokens_per_second(self) -> float:
+        if self.latest is None:
+            return 0.0
+        n = sum(len(c.token_ids) for c in self.latest.outputs)
+        end = self.finished_at or time.perf_counter()
+        return n / max(end - self.started, 1e-9)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        self.latest = out
+        self._queue.put(out)
+        for fn in self._callbacks:
+            try:
+                fn(out)
+            except Exception:  # a display callback must not stop the engine
+                pass
+        if out.finished:
+            self._finish(
+                GenerationError(f"generation {self.request_id} failed: {out.error}", [out])
+                if out.error
+                else None
+            )
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self.done.is_set():
+            return
+        self.error = error
+        self.finished_at = time.perf_counter()
+        self.done.set()
+        self._queue.put(None)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done.is_set() else "running"
+        return f"<Generation {self.request_id} {state}>"
+
+
+class EngineDriver:
+    """Steps ``llm.engine`` on a daemon thread while requests are unfinished."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.engine
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self._gens: dict[str, Generation] = {}
+        self._closed = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="pagedq-engine", daemon=True)
+        self._thread.start()
+        llm._driver = self  # LLM.generate / stream / next_token_logprobs now go through this thread
+
+    def submit(self, prompt, params=None, prepare=None, user: str | None = None) -> Generation:
+        """Validate and queue one request (``ValueError`` on bad input, nothing queued).
+
+        ``prepare(request)`` runs under the engine lock before the request is first stepped;
+        ``user`` names who asked (fair sharing).
+        """
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("the engine driver is closed; load a model again")
+            rid = self.engine.add_request(prompt, params, user=user)
+            if prepare is not None:
+                prepare(self.engine.requests[rid])
+            gen = Generation(self, rid)
+            self._gens[rid] = gen
+            self._wake.notify_all()
+        return gen
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            out = self.engine.abort(request_id)
+            gen = self._gens.pop(request_id, None)
+        if gen is not None:
+            if out is not None:
+                gen._deliver(out)
+            gen._finish()
+
+    def generate(self, prompts: list, params: list, user: str | None = None) -> list[RequestOutput]:
+        """``LLM.generate`` through the driver: every prompt validated first, results in order."""
+        checked = self.llm._validate_all(prompts, params)
+        gens = []
+        try:
+            for p, sp in zip(checked, params):
+                gens.append(self.submit(p, sp, user=user))
+            return [g.result() for g in gens]
+        except BaseException:
+            for g in gens:
+                g.cancel()
+            raise
+
+    def stream(self, prompts: list, params: list) -> Iterator[RequestOutput]:
+        """``LLM.stream`` through the driver: outputs of all prompts as they come."""
+        checked = self.llm._validate_all(prompts, params)
+        merged: queue.Queue[RequestOutput] = queue.Queue()
+        gens = [self.submit(p, sp) for p, sp in zip(checked, params)]
+        for g in gens:
+            g.on_output(merged.put)
+        pending = {g.request_id for g in gens}
+        try:
+            while pending:
+                try:
+                    out = merged.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if out.error is not None:
+                    raise GenerationError(f"request {out.request_id} failed: {out.error}", [out])
+                if out.finished:
+                    pending.discard(out.request_id)
+                yield out
+        finally:
+            for g in gens:
+                if g.request_id in pending:
+                    g.cancel()
+
+    @property
+    def generations(self) -> list[Generation]:
+        with self.lock:
+            return list(self._gens.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self._closed and not self.engine.has_unfinished_requests():
+                    self._wake.wait()
+                if self._closed:
+                    return
+                try:
+                    outs = self.engine.step()
+                    self.steps += 1
+                except BaseException as e:  # fail every generation, keep the thread alive
+                    for rid, gen in list(self._gens.items()):
+                        self.engine.abort(rid)
+                        gen._finish(e)
+                    self._gens.clear()
+                    continue
+                delivered = [(self._gens.get(o.request_id), o) for o in outs]
+                for o in outs:
+                    if o.finished:
+                        self._gens.pop(o.request_id, None)
+            for gen, out in delivered:  # callbacks run outside the lock: they may submit or abort
+                if gen is not None:
+                    gen._deliver(out)
+
+    def close(self) -> None:
+        """Abort everything, stop the thread (the engine itself is closed by its owner)."""
+        with self.lock:
+            for rid in list(self._gens):
+                self.engine.abort(rid)
+                self._gens.pop(rid)._finish()
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join(timeout=10)
+        if getattr(self.llm, "_driver", None) is self:
+            self.llm._driver = None
