@@ -6,7 +6,7 @@ and the shared face: the OpenAI-compatible API and the jupyter-server extension.
 never imports Jupyter packages.
 """
 
-from .driver import EngineDriver, Generation
+from pagedq.driver import EngineDriver, Generation
 
 
 def __getattr__(name):  # the magics need IPython: imported when asked for, not by the server extension

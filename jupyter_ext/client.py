@@ -19,10 +19,9 @@ import os
 import threading
 import urllib.parse
 
+from pagedq.driver import Generation
 from pagedq.outputs import CompletionOutput, RequestOutput
 from pagedq.sampling_params import SamplingParams
-
-from .driver import Generation
 
 _FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",

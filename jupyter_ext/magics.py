@@ -20,7 +20,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from .driver import EngineDriver, Generation
+from pagedq.driver import EngineDriver, Generation
 
 UPDATE_INTERVAL = 0.05  # seconds between display updates while tokens stream
 

@@ -29,9 +29,8 @@ import uuid
 import tornado.iostream
 import tornado.web
 
+from pagedq.driver import EngineDriver, Generation
 from pagedq.sampling_params import SamplingParams
-
-from .driver import EngineDriver, Generation
 
 _SAMPLING_FIELDS = {
     # OpenAI's names

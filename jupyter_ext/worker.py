@@ -22,14 +22,13 @@ import multiprocessing
 import os
 import threading
 
-from .driver import Generation
+from pagedq.driver import Generation
 
 
 def _worker_main(conn, model: str, engine_kwargs: dict) -> None:
     from pagedq import LLM
+    from pagedq.driver import EngineDriver
     from pagedq.llm import chat_prompt
-
-    from .driver import EngineDriver
 
     try:
         llm = LLM(model, **engine_kwargs)

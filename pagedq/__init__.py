@@ -1,17 +1,40 @@
 """pagedq: a Jupyter-native, quantized LLM inference engine with a paged KV cache.
 
 The public API mirrors vLLM's: ``LLM``, ``SamplingParams``, ``RequestOutput``.
+
+Names are imported on first use, so that processes that only serve or call the shared engine
+(the HTTP server, ``pagedq.connect()`` in a kernel) never import torch.
 """
 
-from .beam_search import BeamSearchParams
-from .config import EngineConfig
-from .engine import LLMEngine
-from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
-from .sequence import Logprob
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": ".llm",
+    "BeamSearchParams": ".beam_search",
+    "CompletionOutput": ".outputs",
+    "EngineConfig": ".config",
+    "GenerationError": ".outputs",
+    "LLMEngine": ".engine",
+    "Logprob": ".outputs",
+    "RequestOutput": ".outputs",
+    "SamplingParams": ".sampling_params",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pagedq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
 
 
 def load_ipython_extension(ipython) -> None:
@@ -21,13 +44,13 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
-def connect(url: str | None = None, token: str | None = None):
-    """A handle on the shared engine (the Jupyter server's pagedq extension, or ``pagedq serve``):
-    ``generate``/``chat``/``submit`` like the in-kernel engine, no model loaded here. See
-    :func:`pagedq.jupyter_ext.client.connect`."""
-    from pagedq.jupyter_ext.client import connect as _connect
+def connect(url: str | None = None, token: str | None = None, **kwargs):
+    """A handle on the shared engine (the Jupyter server's pagedq extension, ``pagedq serve`` or
+    the hub service): ``generate``/``chat``/``submit`` like the in-kernel engine, no model loaded
+    here; every failure raises. See :func:`pagedq.serve.client.connect`."""
+    from pagedq.serve.client import connect as _connect
 
-    return _connect(url, token)
+    return _connect(url, token, **kwargs)
 
 
 def unload_ipython_extension(ipython) -> None:
@@ -41,6 +64,7 @@ __all__ = [
     "BeamSearchParams",
     "CompletionOutput",
     "EngineConfig",
+    "GenerationError",
     "LLMEngine",
     "Logprob",
     "RequestOutput",

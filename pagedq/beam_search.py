@@ -23,11 +23,11 @@ step for step, so that results are equal to it:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .checks import Range, check_bool, check_token_ids
 from .sequence import Sequence
 
 # transformers marks impossible scores with -1e9 rather than -inf; the same constant keeps the
@@ -58,7 +58,6 @@ class BeamSearchParams:
     prompt_logprobs = None
 
     def __post_init__(self) -> None:
-        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     @property
@@ -66,23 +65,16 @@ class BeamSearchParams:
         return self.beam_width
 
     def validate(self) -> None:
-        for name in ("beam_width", "max_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if (
-            isinstance(self.length_penalty, bool)
-            or not isinstance(self.length_penalty, (int, float))
-            or not math.isfinite(self.length_penalty)
-        ):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if self.early_stopping not in (True, False, "never") or not isinstance(
-            self.early_stopping, (bool, str)
-        ):
+        """Check every field's type and range (``ValueError``); ``stop_token_ids`` becomes a list."""
+        Range(int, ge=1).check("beam_width", self.beam_width)
+        Range(int, ge=1).check("max_tokens", self.max_tokens)
+        Range(float).check("length_penalty", self.length_penalty)
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        check_bool("ignore_eos", self.ignore_eos)
+        check_bool("skip_special_tokens", self.skip_special_tokens)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        self.stop_token_ids = check_token_ids("stop_token_ids", ids)
 
     def check_vocab(self, vocab_size: int) -> None:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]

@@ -15,26 +15,47 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from . import detokenizer
 from .beam_search import BeamSearch, BeamSearchParams
 from .block_manager import BlockManager
+from .checks import check_text, check_token_ids
 from .config import EngineConfig, resolve_device, resolve_dtype
 from .metrics import latency_histograms
 from .model_runner import ModelRunner
 from .models import ModelConfig
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, GenerationError, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, make_policy
+from .scheduler import ScheduledSeq, Scheduler, make_policy
 from .sequence import Logprob, Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
 ParamsType = SamplingParams | BeamSearchParams
+
+
+@dataclass
+class _StepPlan:
+    """The rows of one model step that the engine reads back: ``rows`` = the sampled rows
+    (one per sequence in ``samplers``) then the prompt-logprob rows (``prompt_targets``)."""
+
+    batch: list[ScheduledSeq]
+    sample_rows: list[int] = field(default_factory=list)
+    samplers: list[Sequence] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[tuple[Request, int]] = field(default_factory=list)
+    prompt_done: dict[str, int] = field(default_factory=dict)  # request id -> positions scored after it
+    num_tokens: int = 0
+
+    @property
+    def rows(self) -> list[int]:
+        return self.sample_rows + self.prompt_rows
+
 
 # Without num_kv_blocks or kv_cache_memory, the pool takes what max_num_seqs sequences of
 # max_model_len tokens need, but no more than this share of the device's memory.
@@ -163,15 +184,25 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            check_text("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
+            unknown = sorted(str(k) for k in prompt if k not in ("prompt", "prompt_token_ids"))
+            if unknown:
+                raise ValueError(
+                    f"a prompt dict takes 'prompt_token_ids' (and optionally 'prompt', its text) or 'prompt', "
+                    f"got unknown keys {unknown}"
+                )
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                text = prompt.get("prompt")
+                if text is not None:
+                    check_text("prompt", text)
+                return text, check_token_ids("prompt_token_ids", prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self._prompt_ids(prompt["prompt"])
-            raise ValueError(f"a prompt dict needs 'prompt_token_ids' or 'prompt', got keys {sorted(prompt)}")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+            raise ValueError("a prompt dict needs 'prompt_token_ids' or 'prompt', got neither")
+        if isinstance(prompt, (list, tuple)):
+            return None, check_token_ids("prompt", prompt)
         raise ValueError(
             f"a prompt must be a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
         )
@@ -182,17 +213,22 @@ class LLMEngine:
         Raises ``ValueError`` naming the field, the value and what is allowed.
         """
         self._check_open()
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
             raise ValueError(
                 f"params must be a SamplingParams or a BeamSearchParams, got {type(params).__name__}"
             )
         params.validate()
         params.check_vocab(self.model_config.vocab_size)
+        if params.n > self.config.max_num_seqs and not isinstance(params, BeamSearchParams):
+            raise ValueError(
+                f"n must be <= max_num_seqs ({self.config.max_num_seqs}): a request's samples run together, "
+                f"got {params.n}"
+            )
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise ValueError("prompt is empty (0 tokens); pass at least one token")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        bad = [t for t in ids if t >= self.model_config.vocab_size]
         if bad:
             raise ValueError(
                 f"prompt has token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
@@ -234,9 +270,11 @@ class LLMEngine:
         ``params`` is a :class:`SamplingParams` or, for beam search, a :class:`BeamSearchParams`.
         ``user`` names who asked (fair sharing between users; ``"default"`` when None).
         """
-        params = params or SamplingParams()
-        if user is not None and (not isinstance(user, str) or not user):
-            raise ValueError(f"user must be a non-empty string, got {user!r}")
+        params = SamplingParams() if params is None else params
+        if user is not None:
+            check_text("user", user, allow_empty=False)
+        if request_id is not None:
+            check_text("request_id", request_id, allow_empty=False)
         text, ids = self.validate_request(prompt, params)
         if request_id is None:
             request_id = str(next(self._auto_ids))
@@ -299,7 +337,15 @@ class LLMEngine:
     # --- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of the requests that changed in it."""
+        """Run one iteration; return the outputs of the requests that changed in it.
+
+        If the model step raises, the step is not lost for everyone: the engine runs it again
+        without the requests admitted in it, then tries those (or, if that fails too, every
+        request) one by one; the requests that fail alone end with ``finish_reason="error"`` and
+        ``RequestOutput.error``, their blocks are freed, and the others go on as if nothing had
+        happened (their K/V slots are simply written again). A failure while sampling or
+        appending a token fails only its own request.
+        """
         self._check_open()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -312,59 +358,15 @@ class LLMEngine:
         batch = [s for s in sched.scheduled if s.num_new_tokens == 1] + [
             s for s in sched.scheduled if s.num_new_tokens > 1
         ]
-        sample_rows, samplers, prompt_rows, prompt_targets = [], [], [], []
-        start = 0
-        for item in batch:
-            seq, n = item.seq, item.num_new_tokens
-            if item.samples:
-                sample_rows.append(start + n - 1)
-                samplers.append(seq)
-            req = seq.request
-            if req.prompt_logprobs is not None and seq.index == 0:
-                # position p predicts prompt token p + 1; score each prompt position once
-                first = max(seq.num_computed_tokens, req.num_prompt_logprobs_done)
-                last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
-                for p in range(first, last):
-                    prompt_rows.append(start + p - seq.num_computed_tokens)
-                    prompt_targets.append((req, seq.token_ids[p + 1]))
-                req.num_prompt_logprobs_done = max(req.num_prompt_logprobs_done, last)
-            start += n
-        logits = self.runner.execute(
-            batch, sample_rows + prompt_rows, self.block_manager.take_pending_copies()
-        )
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
-        self._counters["computed_tokens"] += start
-        self._counters["num_steps"] += 1
-        # KV occupancy peaks here: this step's blocks are allocated and written, and nothing
-        # finished or pruned in it has been freed yet
-        self._update_kv_stats()
-
         touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in batch}
-        if prompt_rows:
-            self._record_prompt_logprobs(logits[len(sample_rows) :], prompt_targets)
-        if samplers:
-            sample_logits = logits[: len(sample_rows)]
-            beams = [i for i, seq in enumerate(samplers) if seq.request.beam is not None]
-            if beams:
-                picked = sample_logits.index_select(0, torch.tensor(beams, device=logits.device))
-                self._collect_beam_rows(picked, [samplers[i] for i in beams])
-                if len(beams) < len(samplers):
-                    keep = [i for i, seq in enumerate(samplers) if seq.request.beam is None]
-                    sample_logits = sample_logits.index_select(0, torch.tensor(keep, device=logits.device))
-                    samplers = [samplers[i] for i in keep]
-                else:
-                    samplers = []
-        if samplers:
-            forked = self._fork_siblings(samplers)
-            if forked:
-                rows = torch.tensor([row for _, row in forked], device=logits.device)
-                sample_logits = torch.cat([sample_logits, sample_logits.index_select(0, rows)])
-                samplers = samplers + [sib for sib, _ in forked]
-            out = self.sampler(sample_logits, samplers)
-            for seq, token, lp in zip(samplers, out.token_ids, out.logprobs):
-                self._append_token(seq, token, lp)
+        copies = self.block_manager.take_pending_copies()
+        try:
+            plan = self._plan(batch)
+            logits = self.runner.execute(batch, plan.rows, copies)
+        except Exception as e:  # noqa: BLE001 - any failure of the model step is isolated
+            plan, logits = self._isolate_fault(batch, copies, e)
+        if plan is not None:
+            self._commit(plan, logits)
         outputs, now = [], time.perf_counter()
         for req in touched.values():
             out = self._output(req)
@@ -373,6 +375,164 @@ class LLMEngine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _plan(self, batch: list[ScheduledSeq]) -> _StepPlan:
+        """Which rows of the packed batch are sampled and which score prompt tokens (no state
+        changes: a failed step can be planned again)."""
+        plan = _StepPlan(batch)
+        start = 0
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            if item.samples:
+                plan.sample_rows.append(start + n - 1)
+                plan.samplers.append(seq)
+            req = seq.request
+            if req.prompt_logprobs is not None and seq.index == 0:
+                # position p predicts prompt token p + 1; score each prompt position once
+                first = max(seq.num_computed_tokens, req.num_prompt_logprobs_done)
+                last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+                for p in range(first, last):
+                    plan.prompt_rows.append(start + p - seq.num_computed_tokens)
+                    plan.prompt_targets.append((req, seq.token_ids[p + 1]))
+                plan.prompt_done[req.request_id] = max(req.num_prompt_logprobs_done, last)
+            start += n
+        plan.num_tokens = start
+        return plan
+
+    def _isolate_fault(
+        self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], error: Exception
+    ) -> tuple[_StepPlan | None, torch.Tensor | None]:
+        """Find the requests that make the model step fail and fail them; return the plan and
+        logits of the rest (None if nothing is left)."""
+        groups: dict[str, list[ScheduledSeq]] = {}
+        for item in batch:
+            groups.setdefault(item.seq.request.request_id, []).append(item)
+        logger.warning(
+            "an engine step over %d requests failed (%s: %s); finding the requests responsible",
+            len(groups),
+            type(error).__name__,
+            error,
+        )
+
+        def attempt(rids: list[str]) -> tuple[list[str], _StepPlan, torch.Tensor]:
+            keep = set(rids)
+            items = [it for it in batch if it.seq.request.request_id in keep]
+            plan = self._plan(items)
+            return rids, plan, self.runner.execute(items, plan.rows, copies)
+
+        good: list[str] = []
+        last = None  # the latest attempt that succeeded
+        suspects = [rid for rid, items in groups.items() if any(it.admitted for it in items)]
+        to_test = list(groups)
+        if suspects and len(suspects) < len(groups):
+            rest = [rid for rid in groups if rid not in suspects]
+            try:
+                last = attempt(rest)
+                good, to_test = rest, suspects
+            except Exception:  # noqa: BLE001 - the fault is not (only) in the new requests
+                pass
+        for rid in to_test:
+            try:
+                last = attempt([rid])
+                good.append(rid)
+            except Exception as e:  # noqa: BLE001
+                self._fail_with(groups[rid][0].seq.request, e, "the model step")
+        if not good:
+            return None, None
+        if last is not None and set(last[0]) == set(good):
+            return last[1], last[2]
+        _, plan, logits = attempt(good)
+        return plan, logits
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End ``req`` with an explicit error: its sequences finish with ``"error"`` and free
+        their blocks."""
+        if req.error is None:
+            req.error = message
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "error"
+
+    def _guarded(self, req: Request, fn, *args) -> bool:
+        """Run one request's part of the step; if it raises, fail that request only."""
+        if req.error is not None:
+            return False
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+            self._fail_with(req, e, fn.__name__)
+            return False
+
+    def _fail_with(self, req: Request, error: Exception, where: str) -> None:
+        logger.error("request %s failed in %s", req.request_id, where, exc_info=error)
+        self._fail(req, f"the engine failed on this request: {type(error).__name__}: {error}")
+
+    def _commit(self, plan: _StepPlan, logits: torch.Tensor) -> None:
+        """Record the step's computed tokens, then sample and append the new tokens."""
+        for item in plan.batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
+        for rid, done in plan.prompt_done.items():
+            self.requests[rid].num_prompt_logprobs_done = done
+        self._counters["computed_tokens"] += plan.num_tokens
+        self._counters["num_steps"] += 1
+        # KV occupancy peaks here: this step's blocks are allocated and written, and nothing
+        # finished or pruned in it has been freed yet
+        self._update_kv_stats()
+
+        if plan.prompt_rows:
+            try:
+                self._record_prompt_logprobs(logits[len(plan.sample_rows) :], plan.prompt_targets)
+            except Exception as e:  # noqa: BLE001
+                for req in {r.request_id: r for r, _ in plan.prompt_targets}.values():
+                    self._fail_with(req, e, "prompt logprobs")
+        samplers = plan.samplers
+        if not samplers:
+            return
+        sample_logits = logits[: len(plan.sample_rows)]
+        beams = [i for i, seq in enumerate(samplers) if seq.request.beam is not None]
+        if beams:
+            picked = sample_logits.index_select(0, torch.tensor(beams, device=logits.device))
+            self._collect_beam_rows(picked, [samplers[i] for i in beams])
+            keep = [i for i, seq in enumerate(samplers) if seq.request.beam is None]
+            if not keep:
+                return
+            sample_logits = sample_logits.index_select(0, torch.tensor(keep, device=logits.device))
+            samplers = [samplers[i] for i in keep]
+        forked = self._fork_siblings(samplers)
+        if forked:
+            rows = torch.tensor([row for _, row in forked], device=logits.device)
+            sample_logits = torch.cat([sample_logits, sample_logits.index_select(0, rows)])
+            samplers = samplers + [sib for sib, _ in forked]
+        for seq, token, lp in self._sample(sample_logits, samplers):
+            self._guarded(seq.request, self._append_token, seq, token, lp)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, object]]:
+        """Sample every row at once; if that raises, sample row by row (seeded generators put
+        back first) and fail the requests whose rows raise."""
+        states = [(s, s.generator.get_state()) for s in seqs if s.generator is not None]
+        try:
+            out = self.sampler(logits, seqs)
+            return list(zip(seqs, out.token_ids, out.logprobs))
+        except Exception as e:  # noqa: BLE001
+            logger.warning(
+                "sampling %d rows failed (%s: %s); sampling them one by one", len(seqs), type(e).__name__, e
+            )
+        for s, state in states:
+            s.generator.set_state(state)
+        picked = []
+        for i, seq in enumerate(seqs):
+            if seq.request.error is not None:
+                continue
+            try:
+                one = self.sampler(logits[i : i + 1], [seq])
+            except Exception as e:  # noqa: BLE001
+                self._fail_with(seq.request, e, "sampling")
+                continue
+            picked.append((seq, one.token_ids[0], one.logprobs[0]))
+        return [(seq, t, lp) for seq, t, lp in picked if seq.request.error is None]
 
     def _observe_latency(self, req: Request, out: RequestOutput, now: float) -> None:
         produced = max((len(c.token_ids) for c in out.outputs), default=0)
@@ -407,8 +567,8 @@ class LLMEngine:
             seq.request.beam.rows[seq.seq_id] = row
             reqs[seq.request.request_id] = seq.request
         for req in reqs.values():
-            if req.beam.ready():
-                self._beam_step(req)
+            if req.error is None and req.beam.ready():
+                self._guarded(req, self._beam_step, req)
 
     def _beam_step(self, req: Request) -> None:
         """Advance one beam-search request by a token: fork, extend and prune its beams."""
@@ -453,7 +613,8 @@ class LLMEngine:
                     or sib in self.scheduler.waiting
                 ):
                     continue  # already forked
-                self._fork(seq, sib)
+                if not self._guarded(req, self._fork, seq, sib):
+                    break
                 if sib.status is SequenceStatus.RUNNING:
                     forked.append((sib, row))
         return forked
@@ -541,13 +702,14 @@ class LLMEngine:
             outputs=outs,
             finished=req.finished,
             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+            error=req.error,
         )
 
     def _beam_output(self, req: Request) -> RequestOutput:
         """The kept hypotheses, best first, once the search is over; the live beams before."""
         search: BeamSearch = req.beam
         skip = req.params.skip_special_tokens
-        if search.done:
+        if search.done and req.error is None:
             outs = [
                 CompletionOutput(
                     index=i,
@@ -577,6 +739,7 @@ class LLMEngine:
             prompt_token_ids=list(req.prompt_token_ids),
             outputs=outs,
             finished=req.finished,
+            error=req.error,
         )
 
     # --- streaming ---------------------------------------------------------------------------
@@ -596,6 +759,8 @@ class LLMEngine:
             while pending:
                 for out in self.step():
                     if out.request_id in pending:
+                        if out.error is not None:
+                            raise GenerationError(f"request {out.request_id} failed: {out.error}", [out])
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out

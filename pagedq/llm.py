@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from .beam_search import BeamSearchParams
 from .config import EngineConfig
 from .engine import LLMEngine, ParamsType, PromptType
-from .outputs import RequestOutput
+from .outputs import GenerationError, RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -81,7 +81,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [finals[rid] for rid in ids]
+        return _raise_failed([finals[rid] for rid in ids])
 
     def beam_search(
         self,
@@ -225,6 +225,18 @@ def chat_prompt(
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return {"prompt_token_ids": list(ids)}
+
+
+def _raise_failed(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """``outputs``, unless the engine failed some of them: then a :class:`GenerationError` that
+    names them and carries every output (a cut-off text is never handed back as a result)."""
+    failed = [o for o in outputs if o.error is not None]
+    if failed:
+        raise GenerationError(
+            f"{len(failed)} of {len(outputs)} requests failed; request {failed[0].request_id}: {failed[0].error}",
+            outputs,
+        )
+    return outputs
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sequence import Logprob
+
+@dataclass
+class Logprob:
+    """Log-probability of one token, with its rank in the distribution (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -17,7 +24,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    # "stop", "length", "abort", "error" (the engine failed this request: RequestOutput.error
+    # says why; its text is cut off) or None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     # beam search: cumulative_logprob / num_tokens ** length_penalty, what the beams are ranked by
     score: float | None = None
@@ -34,3 +43,14 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # why the engine failed this request (its outputs then end with finish_reason "error")
+    error: str | None = None
+
+
+class GenerationError(RuntimeError):
+    """Requests that the engine could not finish. ``outputs`` holds every output of the call,
+    the failed ones with ``finish_reason="error"`` and ``error`` set."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput] | None = None):
+        super().__init__(message)
+        self.outputs = outputs or []

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .checks import Range, check_bool, check_text, is_int
+
+# Temperatures below this are greedy (dividing logits by ~0 overflows to inf and NaN).
+MIN_TEMPERATURE = 1e-5
+
+# The type and range of every numeric field: what validate() enforces and what the HTTP schema
+# (pagedq.serve.protocol) declares, so that the two never disagree.
+RANGES: dict[str, Range] = {
+    "n": Range(int, ge=1),
+    "temperature": Range(float, ge=0, hint="0 means greedy"),
+    "top_p": Range(float, gt=0, le=1),
+    "top_k": Range(int, ge=-1, hint="0 or -1 disables it"),
+    "min_p": Range(float, ge=0, le=1),
+    "seed": Range(int, ge=-(2**63), le=2**63 - 1, optional=True),
+    "presence_penalty": Range(float, ge=-2, le=2),
+    "frequency_penalty": Range(float, ge=-2, le=2),
+    "repetition_penalty": Range(float, gt=0, hint="1 disables it"),
+    "max_tokens": Range(int, ge=1, optional=True),
+    "min_tokens": Range(int, ge=0),
+    "logprobs": Range(int, ge=0, optional=True),
+    "prompt_logprobs": Range(int, ge=0, optional=True),
+}
+FLAGS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+LOGIT_BIAS = Range(float, ge=-100, le=100)
+
 
 @dataclass
 class SamplingParams:
@@ -38,13 +63,6 @@ class SamplingParams:
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.stop is None:
-            self._stop_list = []
-        elif isinstance(self.stop, str):
-            self._stop_list = [self.stop]
-        else:
-            self._stop_list = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     @property
@@ -53,49 +71,45 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
-        _int_at_least("n", self.n, 1)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
-        if self.max_tokens is not None:
-            _int_at_least("max_tokens", self.max_tokens, 1)
-        _int_at_least("min_tokens", self.min_tokens, 0)
+        """Check every field's type and range (``ValueError`` naming the field, what is allowed
+        and the value); normalizes ``stop`` and ``stop_token_ids`` to lists."""
+        for name, rng in RANGES.items():
+            rng.check(name, getattr(self, name))
+        for name in FLAGS:
+            check_bool(name, getattr(self, name))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} max_tokens={self.max_tokens}"
             )
-        if self.logprobs is not None:
-            _int_at_least("logprobs", self.logprobs, 0)
-        if self.prompt_logprobs is not None:
-            _int_at_least("prompt_logprobs", self.prompt_logprobs, 0)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        for s in self._stop_list:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        stop = self.stop
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        for i, s in enumerate(stop):
+            check_text(f"stop[{i}]", s, allow_empty=False)
+        self._stop_list = list(stop)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__}")
+        for t in ids:
+            if not is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {t!r}")
+        self.stop_token_ids = list(ids)
         if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(
+                    f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}"
+                )
             for k, v in self.logit_bias.items():
-                if not isinstance(k, int) or k < 0:
-                    raise ValueError(f"logit_bias keys must be token ids (int >= 0), got {k!r}")
-                if not -100.0 <= float(v) <= 100.0:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {v} for token {k}")
+                if not is_int(k) or k < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}")
+                LOGIT_BIAS.check(f"logit_bias[{k}]", v)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids must exist in its vocabulary."""
@@ -105,12 +119,9 @@ class SamplingParams:
         ):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
-                raise ValueError(f"{name} has token ids outside the vocabulary (size {vocab_size}): {bad}")
+                raise ValueError(
+                    f"{name} has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}"
+                )
         for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             if k is not None and k > vocab_size:
                 raise ValueError(f"{name} must be <= the vocabulary size {vocab_size}, got {k}")
-
-
-def _int_at_least(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

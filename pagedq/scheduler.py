@@ -99,6 +99,9 @@ def make_policy(name: str, weights: dict[str, float] | None = None) -> Schedulin
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    # taken from the waiting queue in this step (a new request, or one resuming after a
+    # preemption): the first suspects when the step fails (see LLMEngine.step)
+    admitted: bool = False
 
     @property
     def samples(self) -> bool:
@@ -203,7 +206,7 @@ class Scheduler:
             bm.allocate(seq, n, hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            out.scheduled.append(ScheduledSeq(seq, n, admitted=True))
             self.policy.charge(seq, n)
             budget -= n
         return out

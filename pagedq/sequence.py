@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .outputs import Logprob
 from .sampling_params import SamplingParams
 
 
@@ -20,15 +21,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class Logprob:
-    """Log-probability of one token, with its rank in the distribution (1 = most likely)."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
 
 
 _seq_counter = itertools.count()
@@ -116,6 +108,8 @@ class Request:
     # wall-clock marks for the latency metrics (time.perf_counter())
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # why the engine failed this request (finish_reason "error" on its sequences)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
