@@ -1,5 +1,6 @@
-"""The notebook face of pagedq (``import pagedq.jupyter_ext``): magics, widgets, the engine driver,
-and the shared face: the OpenAI-compatible API and the jupyter-server extension.
+"""The notebook face of pagedq (``import pagedq.jupyter_ext``): magics, widgets, and the thin
+Jupyter wrappers of the shared engine (:mod:`pagedq.serve`): the jupyter-server extension and the
+JupyterHub service's identity.
 
 ``%load_ext pagedq`` registers ``%pagedq load|status|unload`` and ``%%generate``;
 :func:`playground` and :func:`kv_cache_view` are ipywidgets. Imported lazily: the engine core

@@ -17,13 +17,14 @@ import os
 import re
 import time
 
-from .openai_api import APIError
+from pagedq.serve.errors import APIError
+from pagedq.serve.identity import Identity
 
 _TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)", re.IGNORECASE)
 
 
-class HubUsers:
-    """``user_of`` for the API handlers: the hub user owning the request's token."""
+class HubIdentity(Identity):
+    """The hub user owning the request's token."""
 
     def __init__(self, api_url: str | None = None, ttl: float = 60.0):
         self.api_url = (api_url or os.environ.get("JUPYTERHUB_API_URL", "")).rstrip("/")
@@ -35,7 +36,7 @@ class HubUsers:
         self.ttl = ttl
         self._cache: dict[str, tuple[float, str | None]] = {}
 
-    async def __call__(self, handler) -> str:
+    async def authenticate(self, handler) -> str:
         m = _TOKEN.match(handler.request.headers.get("Authorization", ""))
         token = m.group(1) if m else handler.get_argument("token", "")
         if not token:

@@ -36,7 +36,7 @@ class Session:
 
     def connect_shared(self):
         if self.shared is None:
-            from .client import connect
+            from pagedq.serve.client import connect
 
             self.shared = connect()
         return self.shared

@@ -1,100 +1,64 @@
 """The jupyter-server extension: one shared engine for every notebook of a Jupyter server.
 
 Installed with pagedq and enabled by the wheel's
-``etc/jupyter/jupyter_server_config.d/pagedq.json``, it serves the OpenAI-compatible API of
-:mod:`pagedq.jupyter_ext.openai_api` at ``<base_url>pagedq/v1`` behind the server's own login
-(a token or the login cookie; ``Authorization: Bearer <token>`` works, so the ``openai`` client
-needs only ``base_url`` and ``api_key``). Requests are attributed to the logged-in user, so the
-engine's fair-share scheduler shares it between users. The engine runs in a worker process
-(:class:`~pagedq.jupyter_ext.worker.RemoteDriver`), started on the first request (or at server
-start with ``preload``) and stopped with the server, so the server never blocks on a forward
-pass and an engine crash leaves the server up. Configure with traits, e.g.::
+``etc/jupyter/jupyter_server_config.d/pagedq.json``, it serves :mod:`pagedq.serve`'s app at
+``<base_url>pagedq/`` (the API at ``<base_url>pagedq/v1``) behind the server's own login: a
+token (``Authorization: Bearer <token>`` works, so the ``openai`` client needs only ``base_url``
+and ``api_key``) or the login cookie, with jupyter-server's XSRF check for cookie requests kept
+in force. The engine runs in a supervised process (:class:`~pagedq.serve.supervisor.EngineSupervisor`),
+started on the first request (or with the server: ``preload``), restarted if it dies, and
+drained then stopped with the server, so the server never blocks on a forward pass and an
+engine crash leaves everyone's notebooks up. Configure with traits, e.g.::
 
     jupyter lab --PagedqExtension.model=/models/llama-3.2-1b \\
         --PagedqExtension.engine_options='{"dtype": "bfloat16", "kv_cache_memory": "4GiB"}'
 
-Kernels reach it with ``pagedq.connect()`` and ``%%generate --shared``.
+Who calls is jupyter-server's identity provider's answer: the logged-in user; a request made
+with the server's token (``pagedq.connect()``, ``openai`` clients) is the server's owner —
+one stable user, not a new anonymous one per request. Kernels reach the engine with
+``pagedq.connect()`` and ``%%generate --shared``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import dataclasses
+import getpass
+import logging
 
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Unicode
 
-from . import openai_api as api
+from pagedq.serve.app import OPEN_HANDLERS, drain, make_state, routes
+from pagedq.serve.config import ServeConfig
+from pagedq.serve.errors import APIError
+from pagedq.serve.identity import Identity
 
 
-class SharedBackend(api.Backend):
-    """A :class:`~pagedq.jupyter_ext.openai_api.Backend` whose engine process starts on demand."""
+class ServerIdentity(Identity):
+    """The user jupyter-server's identity provider names; token requests are the owner's."""
 
-    def __init__(self, app: PagedqExtension):
-        super().__init__(None, app.served_model_name or "")
-        self.app = app
-        self._lock = threading.Lock()
-        self._started = threading.Event()
-        self._error: str | None = None
+    def __init__(self, owner: str):
+        self.owner = owner
 
-    def start(self) -> None:
-        with self._lock:
-            if self._started.is_set() or self.driver is not None:
-                return
-            threading.Thread(target=self._start, name="pagedq-engine-start", daemon=True).start()
-
-    def _start(self) -> None:
-        from .worker import RemoteDriver
-
-        try:
-            options = {"scheduling_policy": self.app.scheduling_policy, **self.app.engine_options}
-            self.driver = RemoteDriver(self.app.model, options)
-            self.model_name = self.app.served_model_name or self.driver.model_name
-            self.app.log.info(
-                "pagedq: engine for %r is up at %spagedq/v1", self.app.model, self.app.serverapp.base_url
+    async def authenticate(self, handler) -> str:
+        user = handler.current_user
+        if user is None:
+            raise APIError(
+                "not logged in to the Jupyter server: send 'Authorization: Bearer <server token>'", 403
             )
-        except Exception as e:
-            self._error = str(e)
-            self.app.log.error("pagedq: the engine did not start: %s", e)
-        finally:
-            self._started.set()
-
-    async def ensure(self) -> None:
-        self.start()
-        while not self._started.is_set():
-            await asyncio.sleep(0.05)
-        if self.driver is None:
-            raise api.APIError(
-                f"the shared engine is not available: {self._error}", status=503, kind="server_error"
-            )
-
-    def close(self) -> None:
-        if self.driver is not None:
-            self.driver.close()
-
-
-def _login_user(handler) -> str:
-    user = handler.current_user
-    return getattr(user, "username", None) or str(user)
+        if type(handler.identity_provider).__module__.startswith("jupyter_server.auth"):
+            # jupyter-server's own providers (token, password): everyone holding the token or the
+            # password is the server's owner (they name each token request a new anonymous user)
+            return self.owner
+        return user.username  # JupyterHub's single-user provider and others know the person
 
 
 def _behind_login(cls):
-    """``cls`` with jupyter-server's authentication in front (APIHandler first in the MRO), and
-    errors still in OpenAI's shape."""
+    """``cls`` with jupyter-server's handler in front (authentication, XSRF for cookie requests,
+    CORS, host checks), and pagedq's errors and connection handling kept."""
 
     class Handler(APIHandler, cls):
-        async def prepare(self):
-            await super().prepare()
-            # jupyter-server lets unauthenticated requests through to handlers that do not
-            # check (allow_unauthenticated_access defaults to True): this one checks
-            if self.current_user is None:
-                raise api.APIError(
-                    "not logged in to the Jupyter server: send 'Authorization: Bearer <server token>'",
-                    status=403,
-                    kind="authentication_error",
-                )
-
         def write_error(self, status_code: int, **kwargs):
             return cls.write_error(self, status_code, **kwargs)
 
@@ -104,6 +68,12 @@ def _behind_login(cls):
         def on_connection_close(self):
             return cls.on_connection_close(self)
 
+        def on_finish(self):
+            cls.on_finish(self)
+            APIHandler.on_finish(self)
+
+    if cls in OPEN_HANDLERS.values():  # health and readiness answer without a login
+        setattr(Handler.get, "__allow_unauthenticated", True)  # what jupyter-server's decorator sets
     Handler.__name__ = f"Shared{cls.__name__}"
     return Handler
 
@@ -118,24 +88,41 @@ class PagedqExtension(ExtensionApp):
         help="keyword arguments of pagedq.LLM, e.g. {'dtype': 'bfloat16', 'kv_cache_memory': '4GiB'}",
     )
     scheduling_policy = Unicode("fair", config=True, help="fair (per-user share) or fcfs")
-    served_model_name = Unicode(
-        None, allow_none=True, config=True, help="model id for clients (default: folder name)"
-    )
     preload = Bool(
         False, config=True, help="start the engine with the server instead of on the first request"
     )
+    serve_options = Dict(
+        config=True,
+        help="options of the serving layer (pagedq.serve.config.ServeConfig): limits, keep-alive, grace period, "
+        "restart backoff, served_model_name; e.g. {'max_inflight_per_user': 16}",
+    )
 
     def initialize_handlers(self):
-        self.backend = SharedBackend(self)
-        for pattern, cls, kwargs in api.routes("/pagedq/v1", self.backend, user_of=_login_user):
-            self.handlers.append((pattern, _behind_login(cls), kwargs))
+        # the engine's start, deaths, restarts and shutdown go to the server's own log
+        log = logging.getLogger("pagedq.serve")
+        log.setLevel(logging.INFO)
+        log.handlers = list(self.log.handlers) or log.handlers
+        log.propagate = not self.log.handlers
+        known = {f.name for f in dataclasses.fields(ServeConfig)}
+        unknown = sorted(set(self.serve_options) - known)
+        if unknown:
+            raise ValueError(
+                f"PagedqExtension.serve_options has unknown keys {unknown}; known: {sorted(known)}"
+            )
+        options = {"scheduling_policy": self.scheduling_policy, **self.engine_options}
+        self.state = make_state(
+            self.model, options, ServeConfig(**self.serve_options), ServerIdentity(getpass.getuser())
+        )
+        prefix = self.serverapp.base_url.rstrip("/") + "/pagedq/"
+        self.handlers.extend(routes(self.state, prefix, wrap=_behind_login))
         if self.preload:
-            self.backend.start()
+            self.state.supervisor.start()
 
     async def stop_extension(self):
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(None, backend.close)
+        """Drain (running requests get the grace period), then stop the engine process."""
+        state = getattr(self, "state", None)
+        if state is not None:
+            await drain(state)
 
 
 def _jupyter_server_extension_points():

@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     q.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1)")
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (/v1), the engine in a supervised process",
+    )
     s.add_argument(
         "model", nargs="?", default="pagedq-tiny", help="model folder, or pagedq-tiny (the bundled default)"
     )
@@ -250,19 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PAGEDQ_API_KEY)"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (user 'default'; or $PAGEDQ_API_KEY)",
     )
     s.add_argument(
-        "--served-model-name", default=None, help="the model id clients use (default: folder name)"
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="API keys, one per line: 'KEY USER [WEIGHT]'; requests are served as the key's user",
     )
     s.add_argument(
-        "--scheduling-policy", default="fair", help="fair (per-user share, by the request's 'user') | fcfs"
+        "--trust-request-user",
+        action="store_true",
+        help="without API keys, share fairly by the body's 'user' field (default: one shared user)",
     )
+    s.add_argument("--scheduling-policy", default="fair", help="fair (per-user share) | fcfs")
     s.add_argument(
         "--hub",
         action="store_true",
-        help="run as a JupyterHub service: users from their hub tokens, at $JUPYTERHUB_SERVICE_PREFIX/v1",
+        help="run as a JupyterHub service: users from JupyterHub (HubOAuth), at $JUPYTERHUB_SERVICE_PREFIX",
     )
+    from pagedq.serve.config import add_arguments
+
+    add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser(
@@ -275,20 +289,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_model(name: str) -> str:
+    """The model folder to serve, checked here so that a typo fails at once (no torch needed)."""
+    import os
+
+    from pagedq.models.default import NAME
+
+    if name in ("tiny", "bench", "bench-1b"):
+        return _resolve_model(name)
+    if name != NAME and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"model folder {name!r} does not exist; pass a local Hugging Face model folder")
+    return name
+
+
 def cmd_serve(a) -> None:
     import os
 
-    from pagedq import LLM
-    from pagedq.jupyter_ext.openai_api import serve
+    from pagedq.serve.app import serve
+    from pagedq.serve.config import from_arguments
+    from pagedq.serve.identity import ApiKeys, OpenAccess
 
-    host, port = a.host, a.port
-    if a.hub and os.environ.get("JUPYTERHUB_SERVICE_URL"):  # where the hub expects this service
+    config = from_arguments(a)
+    host, port, prefix = a.host, a.port, "/"
+    key = a.api_key or os.environ.get("PAGEDQ_API_KEY")
+    if sum(bool(x) for x in (a.hub, key, a.api_keys)) > 1:
+        raise ValueError("pass only one of --hub, --api-key and --api-keys")
+    if a.hub:
         from urllib.parse import urlsplit
 
-        where = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
-        host, port = where.hostname or host, where.port or port
-    llm = LLM(_resolve_model(a.model), scheduling_policy=a.scheduling_policy, **_engine_kwargs(a))
-    serve(llm, host, port, a.api_key or os.environ.get("PAGEDQ_API_KEY"), a.served_model_name, hub=a.hub)
+        from pagedq.jupyter_ext.hub import HubIdentity, service_prefix
+
+        identity, prefix = HubIdentity(), service_prefix()
+        if os.environ.get("JUPYTERHUB_SERVICE_URL"):  # where the hub expects this service
+            where = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
+            host, port = where.hostname or host, where.port or port
+    elif a.api_keys:
+        identity = ApiKeys.from_file(a.api_keys)
+    elif key:
+        identity = ApiKeys.single(key)
+    else:
+        identity = OpenAccess(trust_request_user=a.trust_request_user)
+    options = {k: v for k, v in _engine_kwargs(a).items() if v is not None}
+    options["scheduling_policy"] = a.scheduling_policy
+    serve(_serve_model(a.model), options, config, identity, host, port, prefix)
 
 
 def main(argv: list[str] | None = None) -> None:

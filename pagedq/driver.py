@@ -10,12 +10,15 @@ thread (a Stop button, a kernel interrupt) is safe at any time. No process is sp
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from .outputs import GenerationError, RequestOutput
+
+logger = logging.getLogger(__name__)
 
 
 class Generation:
@@ -111,11 +114,17 @@ class Generation:
 
 
 class EngineDriver:
-    """Steps ``llm.engine`` on a daemon thread while requests are unfinished."""
+    """Steps ``llm.engine`` on a daemon thread while requests are unfinished.
 
-    def __init__(self, llm):
+    ``listener(outputs)``, if given, is called on the driver thread (outside the lock) with the
+    outputs of every step — how the serving worker forwards them, without a :class:`Generation`
+    per request (see :meth:`add`).
+    """
+
+    def __init__(self, llm, listener: Callable[[list[RequestOutput]], None] | None = None):
         self.llm = llm
         self.engine = llm.engine
+        self.listener = listener
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
         self._gens: dict[str, Generation] = {}
@@ -142,7 +151,16 @@ class EngineDriver:
             self._wake.notify_all()
         return gen
 
-    def abort(self, request_id: str) -> None:
+    def add(self, prompt, params=None, user: str | None = None, request_id: str | None = None) -> str:
+        """Validate and queue one request whose outputs go to the listener only; returns its id."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("the engine driver is closed; load a model again")
+            rid = self.engine.add_request(prompt, params, request_id=request_id, user=user)
+            self._wake.notify_all()
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
         with self.lock:
             out = self.engine.abort(request_id)
             gen = self._gens.pop(request_id, None)
@@ -150,6 +168,7 @@ class EngineDriver:
             if out is not None:
                 gen._deliver(out)
             gen._finish()
+        return out
 
     def generate(self, prompts: list, params: list, user: str | None = None) -> list[RequestOutput]:
         """``LLM.generate`` through the driver: every prompt validated first, results in order."""
@@ -203,16 +222,18 @@ class EngineDriver:
                 try:
                     outs = self.engine.step()
                     self.steps += 1
-                except BaseException as e:  # fail every generation, keep the thread alive
-                    for rid, gen in list(self._gens.items()):
-                        self.engine.abort(rid)
-                        gen._finish(e)
-                    self._gens.clear()
-                    continue
+                except Exception as e:  # the engine could not isolate it: fail everyone, keep going
+                    logger.exception("an engine step failed; failing every request in the engine")
+                    outs = self.engine.fail_all(f"the engine step failed: {type(e).__name__}: {e}")
                 delivered = [(self._gens.get(o.request_id), o) for o in outs]
                 for o in outs:
                     if o.finished:
                         self._gens.pop(o.request_id, None)
+            if self.listener is not None and outs:
+                try:
+                    self.listener(outs)
+                except Exception:  # a listener must not stop the engine
+                    logger.exception("the engine driver's listener failed")
             for gen, out in delivered:  # callbacks run outside the lock: they may submit or abort
                 if gen is not None:
                     gen._deliver(out)

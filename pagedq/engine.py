@@ -331,6 +331,16 @@ class LLMEngine:
                 seq.finish_reason = "abort"
         return self._output(req)
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an explicit error (``finish_reason="error"``) and free its
+        blocks; returns their final outputs. For a failure the engine cannot pin on a request."""
+        outputs = []
+        for rid, req in list(self.requests.items()):
+            self._fail(req, message)
+            outputs.append(self._output(req))
+            del self.requests[rid]
+        return outputs
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from .beam_search import BeamSearchParams
+from .checks import check_bool, check_text
 from .config import EngineConfig
 from .engine import LLMEngine, ParamsType, PromptType
 from .outputs import GenerationError, RequestOutput
@@ -219,9 +220,25 @@ def chat_prompt(
     """One conversation through the tokenizer's chat template: ``{"prompt_token_ids": [...]}``."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; pass chat_template=... (a Jinja string)")
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
-    )
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(
+            f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.60}"
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}"
+            )
+        check_text(f"messages[{i}].role", m.get("role"), allow_empty=False)
+        if m.get("content") is not None:
+            check_text(f"messages[{i}].content", m["content"])
+    check_bool("add_generation_prompt", add_generation_prompt)
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+        )
+    except Exception as e:  # the template refused the conversation (raise_exception, a bad role order, ...)
+        raise ValueError(f"the chat template refused these messages: {type(e).__name__}: {e}") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return {"prompt_token_ids": list(ids)}

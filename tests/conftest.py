@@ -105,3 +105,125 @@ def wait_for_jupyter(url: str, token: str, proc, read_log, timeout: float = 60) 
                 proc.kill()
                 raise RuntimeError("the Jupyter server did not start:\n" + read_log()[-3000:]) from None
             time.sleep(0.3)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, only not reaped
+    except OSError:
+        return False
+
+
+def engine_pids(server_pid: int) -> list[int]:
+    """The live engine processes of a server: its multiprocessing children that are not
+    multiprocessing's resource tracker."""
+    out = []
+    for pid in child_pids(server_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "multiprocessing" in cmd and "resource_tracker" not in cmd and pid_alive(pid):
+            out.append(pid)
+    return out
+
+
+class ServeProcess:
+    """``pagedq serve`` in a subprocess (server + its engine process), on a free port of loopback.
+
+    ``start()`` waits for the line that says it serves; ``engine_pid()`` is the engine process;
+    ``stop()`` sends SIGTERM and waits (then SIGKILL); the log is kept in ``log``.
+    """
+
+    def __init__(self, *args: str, model: str = "pagedq-tiny", env: dict | None = None, tmp=None):
+        import tempfile
+
+        self.port = free_port()
+        self.args = [model, "--port", str(self.port), "--dtype", "float32", *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.logfile = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False, dir=tmp)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> ServeProcess:
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedq", "serve", *self.args],
+            stdout=self.logfile, stderr=subprocess.STDOUT, env=self.env,
+        )  # fmt: skip
+        deadline = time.time() + timeout
+        while "pagedq: serving" not in self.log:
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.kill()
+                raise RuntimeError("pagedq serve did not start:\n" + self.log[-3000:])
+            time.sleep(0.1)
+        return self
+
+    @property
+    def log(self) -> str:
+        with open(self.logfile.name) as f:
+            return f.read()
+
+    def engine_pid(self, timeout: float = 60) -> int:
+        """The engine process's pid, once it is ready."""
+        import json
+        import time
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.base + "/ready", timeout=5) as r:
+                    if json.load(r)["status"] == "ready":
+                        kids = engine_pids(self.proc.pid)
+                        if kids:
+                            return kids[-1]
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the engine did not become ready:\n" + self.log[-3000:])
+
+    def stop(self, timeout: float = 60) -> int:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kids = child_pids(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(10)
+            for pid in kids:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass

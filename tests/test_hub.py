@@ -5,17 +5,12 @@ is a stand-in that answers ``GET /hub/api/user`` as JupyterHub does."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
+import urllib.request
 
 import pytest
 
-from pagedq import LLM
-
-from .test_openai_api import Server
+from .conftest import ServeProcess, free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("tornado")
@@ -40,30 +35,65 @@ def fake_hub() -> tornado.web.Application:
     return tornado.web.Application([("/hub/api/user", FakeHubUser)])
 
 
+class FakeHub:
+    """The Hub API on a free port of loopback, its IOLoop on a thread of this process."""
+
+    def __init__(self):
+        import asyncio
+
+        import tornado.httpserver
+        import tornado.netutil
+
+        ready = threading.Event()
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            socks = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            self.port = socks[0].getsockname()[1]
+            tornado.httpserver.HTTPServer(fake_hub()).add_sockets(socks)
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+        self.api_url = f"http://127.0.0.1:{self.port}/hub/api"
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 @pytest.fixture(scope="module")
-def hub_served(monkeypatch_module):
-    from pagedq.jupyter_ext.hub import HubUsers
+def hub_served(tmp_path_factory):
+    hub = FakeHub()
+    port = free_port()
+    env = {
+        "JUPYTERHUB_API_URL": hub.api_url,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "JUPYTERHUB_SERVICE_PREFIX": "/services/llm/",
+    }
+    srv = ServeProcess("--hub", env=env, tmp=tmp_path_factory.mktemp("hub"))
+    srv.start()
+    base = f"http://127.0.0.1:{port}/services/llm/v1"
+    yield srv, base, hub, port
+    srv.stop()
+    hub.stop()
 
-    monkeypatch_module.setenv("JUPYTERHUB_SERVICE_PREFIX", "/services/pagedq/")
-    llm = LLM("pagedq-tiny", dtype="float32", scheduling_policy="fair")
-    users = HubUsers("http://placeholder")
-    server = Server(llm, extra_apps=[fake_hub()], hub=users)
-    users.api_url = f"http://127.0.0.1:{server.extra_ports[0]}/hub/api"
-    base = f"http://127.0.0.1:{server.port}/services/pagedq/v1"
-    yield llm, base, users
-    server.stop()
-    llm.close()
 
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+def served_users(port: int, token: str) -> dict[str, float]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/services/llm/v1/metrics", headers={"Authorization": f"token {token}"}
+    )
+    text = urllib.request.urlopen(req).read().decode()
+    return {
+        ln.split('user="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("pagedq_user_served_tokens{")
+    }
 
 
 def test_hub_users_share_one_engine(hub_served):
-    llm, base, _ = hub_served
+    _, base, _, port = hub_served
     results = {}
 
     def ask(token):
@@ -78,12 +108,12 @@ def test_hub_users_share_one_engine(hub_served):
     for t in threads:
         t.join(60)
     assert set(results) == set(TOKENS)
-    served = llm.engine.scheduler.policy.served
+    served = served_users(port, "tok-alice")
     assert served.get("alice", 0) > 0 and served.get("bob", 0) > 0 and "mallory" not in served
 
 
 def test_no_hub_token_no_service(hub_served):
-    _, base, users = hub_served
+    _, base, _, _ = hub_served
     for key in ("", "tok-eve"):
         client = openai.OpenAI(base_url=base, api_key=key or "-", max_retries=0)
         if not key:
@@ -101,42 +131,8 @@ def test_no_hub_token_no_service(hub_served):
 
 
 def test_hub_mode_needs_the_hub_url(monkeypatch):
-    from pagedq.jupyter_ext.hub import HubUsers
+    from pagedq.jupyter_ext.hub import HubIdentity
 
     monkeypatch.delenv("JUPYTERHUB_API_URL", raising=False)
     with pytest.raises(ValueError, match="JUPYTERHUB_API_URL"):
-        HubUsers()
-
-
-def test_pagedq_serve_hub_command(hub_served, tmp_path):
-    """The command a hub admin puts in ``c.JupyterHub.services``, with the environment JupyterHub
-    gives a managed service."""
-    import socket
-
-    _, _, users = hub_served
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        JUPYTERHUB_API_URL=users.api_url,
-        JUPYTERHUB_SERVICE_URL=f"http://127.0.0.1:{port}",
-        JUPYTERHUB_SERVICE_PREFIX="/services/llm/",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedq", "serve", "--hub", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    try:
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/services/llm/v1" in line, line
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/services/llm/v1", api_key="tok-bob", max_retries=0
-        )
-        assert (
-            client.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2).usage.completion_tokens
-            == 2
-        )
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        HubIdentity()

@@ -4,13 +4,16 @@ lifecycle."""
 
 from __future__ import annotations
 
+import getpass
+import http.cookiejar
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -21,26 +24,15 @@ openai = pytest.importorskip("openai")
 import pagedq  # noqa: E402
 from pagedq import LLM, SamplingParams  # noqa: E402
 
-from .conftest import wait_for_jupyter  # noqa: E402
+from .conftest import child_pids, engine_pids, free_port, pid_alive, wait_for_jupyter  # noqa: E402
 
 TOKEN = "pagedq-test-token"
 PROMPT = "def parse(args):\n    "
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     root = tmp_path_factory.mktemp("server-root")
     cmd = [
         sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
@@ -87,13 +79,78 @@ def test_the_api_sits_behind_the_server_login(server, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference[1].text
     with pytest.raises(openai.BadRequestError, match="max_model_len"):
         client.completions.create(model="pagedq-tiny", prompt="x " * 3000, max_tokens=2)
-    # the worker process's counters, attributed to the logged-in user
-    req = urllib.request.Request(server["url"] + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
-    text = urllib.request.urlopen(req).read().decode()
+    with pytest.raises(openai.BadRequestError, match="prompt: must be"):
+        client.completions.create(model="pagedq-tiny", prompt=[1, "a"], max_tokens=2)  # a 500 for good, once
+    text = metrics_text(server)
     generated = next(ln for ln in text.splitlines() if ln.startswith("pagedq_generated_tokens_total"))
     assert float(generated.rsplit(" ", 1)[1]) >= 32
-    assert "pagedq_user_served_tokens{" in text
     assert 'pagedq_e2e_request_latency_seconds_bucket{model="pagedq-tiny",le="+Inf"}' in text
+
+
+def metrics_text(server) -> str:
+    req = urllib.request.Request(server["url"] + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    return urllib.request.urlopen(req).read().decode()
+
+
+def test_token_clients_are_one_user_the_servers_owner(server):
+    """jupyter-server names every token request a new random anonymous user; the extension serves
+    them all as the server's owner, so fair share and the metrics see one user."""
+    client = openai.OpenAI(base_url=server["url"], api_key=TOKEN, max_retries=0)
+    for _ in range(4):
+        client.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2, user="someone-else")
+    users = [ln for ln in metrics_text(server).splitlines() if ln.startswith("pagedq_user_served_tokens{")]
+    assert len(users) == 1 and f'user="{getpass.getuser()}"' in users[0], users
+
+
+def _login(server) -> tuple[urllib.request.OpenerDirector, str]:
+    """A browser-like session logged in with the server's password form; returns it and its XSRF token."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(server["base"] + "/login").read()
+    xsrf = next(c.value for c in jar if c.name == "_xsrf")
+    data = urllib.parse.urlencode({"_xsrf": xsrf, "password": TOKEN}).encode()
+    opener.open(server["base"] + "/login", data).read()
+    assert any(c.name.startswith("username-") for c in jar), [c.name for c in jar]
+    return opener, xsrf
+
+
+def test_a_cookie_post_without_xsrf_is_refused_as_jupyter_server_refuses_it(server):
+    opener, xsrf = _login(server)
+    body = json.dumps({"model": "pagedq-tiny", "prompt": "x", "max_tokens": 2}).encode()
+
+    def status(path, headers):
+        req = urllib.request.Request(
+            server["base"] + path, body, {"Content-Type": "application/json", **headers}
+        )
+        try:
+            return opener.open(req).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status("/api/contents", {}) == 403  # jupyter-server's own API, for comparison
+    assert status("/pagedq/v1/completions", {}) == 403
+    assert status("/pagedq/v1/completions", {"X-XSRFToken": xsrf}) == 200
+
+
+def test_kill_9_of_the_engine_process_fails_requests_and_it_restarts(server):
+    [engine] = engine_pids(server["proc"].pid)
+    remote = pagedq.connect(server["url"], TOKEN, read_timeout=20)
+    gen = remote.submit(PROMPT, SamplingParams(max_tokens=2000, ignore_eos=True))
+    while gen.latest is None:
+        time.sleep(0.02)
+    os.kill(engine, signal.SIGKILL)
+    with pytest.raises(pagedq.GenerationError, match="SIGKILL"):
+        gen.result(timeout=10)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if json.load(urllib.request.urlopen(server["base"] + "/pagedq/ready"))["status"] == "ready":
+                break
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+        time.sleep(0.2)
+    out = remote.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4))[0]
+    assert out.outputs[0].finish_reason == "length"
 
 
 def test_connect_generates_streams_and_cancels(server, reference):
@@ -121,7 +178,7 @@ def test_connect_generates_streams_and_cancels(server, reference):
 
 
 def test_connect_finds_the_server_of_this_kernel(monkeypatch):
-    from pagedq.jupyter_ext import client
+    from pagedq.serve import client
 
     servers = [
         {"pid": 111, "url": "http://127.0.0.1:1/", "token": "t1"},
@@ -159,7 +216,7 @@ def test_generate_shared_cell_magic_in_a_kernel(server, reference):
 
 def test_stopping_the_server_stops_the_engine_process(server):
     proc = server["proc"]
-    workers = _children(proc.pid)
+    workers = [p for p in child_pids(proc.pid) if pid_alive(p)]
     assert workers, "the engine process should be running after the requests above"
     urllib.request.urlopen(
         urllib.request.Request(f"{server['base']}/api/shutdown?token={TOKEN}", method="POST")
@@ -169,4 +226,5 @@ def test_stopping_the_server_stops_the_engine_process(server):
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
-    assert "pagedq: engine for 'pagedq-tiny' is up" in open(server["log"]).read()
+    log = open(server["log"]).read()
+    assert "engine for 'pagedq-tiny' ready" in log and "was killed by SIGKILL; restarting it" in log
