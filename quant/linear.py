@@ -82,33 +82,40 @@ class QuantLinear(nn.Module):
         )
 
 
-def _int4_layout_ok(n: int, k: int) -> bool:
-    """Whether the CPU int4 packing of an ``[n, k]`` weight is the one ``_unpack_int4`` reads.
+def _int4_block(n: int, k: int) -> int | None:
+    """The channel block of torch's CPU int4 packing of an ``[n, k]`` weight, if it is one that
+    ``_unpack_int4`` reads (None: keep the codes as bytes besides).
 
-    The packed layout is internal to torch; it is checked on a probe once per shape rather
-    than trusted, so a torch that packs differently falls back to keeping codes as bytes.
+    torch packs blocks of 64 output channels where it was built for AVX-512 and of 32 on AVX2;
+    the layout is internal to torch, so it is checked on a probe once per shape, not trusted.
     """
     key = (n, k)
     if key not in _LAYOUT_CHECKED:
         g = torch.Generator().manual_seed(n * 7919 + k)
         probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        _LAYOUT_CHECKED[key] = bool(
-            packed.shape == (n, k // 2)
-            and n % 64 == 0
-            and torch.equal(_unpack_int4(packed, n, k), probe.to(torch.uint8))
+        _LAYOUT_CHECKED[key] = next(
+            (
+                block
+                for block in (64, 32)
+                if packed.shape == (n, k // 2)
+                and n % block == 0
+                and torch.equal(_unpack_int4(packed, n, k, block), probe.to(torch.uint8))
+            ),
+            None,
         )
     return _LAYOUT_CHECKED[key]
 
 
-_LAYOUT_CHECKED: dict[tuple[int, int], bool] = {}
+_LAYOUT_CHECKED: dict[tuple[int, int], int | None] = {}
 
 
-def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Codes ``[n, k]`` from torch's CPU int4 packing: blocks of 64 output channels, each a
-    ``[k, 32]`` byte array whose low nibbles are channels 0-31 and high nibbles 32-63."""
-    b = packed.view(n // 64, k, 32)
-    q = torch.cat([b & 0xF, b >> 4], dim=2)  # [n/64, k, 64]
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Codes ``[n, k]`` from torch's CPU int4 packing: blocks of ``block`` output channels, each
+    a ``[k, block / 2]`` byte array whose low nibbles are the block's first half of channels and
+    whose high nibbles the second."""
+    b = packed.view(n // block, k, block // 2)
+    q = torch.cat([b & 0xF, b >> 4], dim=2)  # [n/block, k, block]
     return q.transpose(1, 2).reshape(n, k)
 
 
@@ -162,8 +169,9 @@ class Int4Linear(SortedGroupsLinear):
         self.register_buffer(
             "scale_zeros", torch.stack([scales, (8.0 - zeros) * scales], dim=-1).to(dtype).contiguous()
         )
-        # codes for dequantize(), kept only if torch's packing is not the layout we can read
-        self.register_buffer("codes", None if _int4_layout_ok(n, k) else q.contiguous())
+        # codes for dequantize(), kept only if torch's packing is not a layout we can read
+        self.block = _int4_block(n, k)
+        self.register_buffer("codes", None if self.block is not None else q.contiguous())
 
     @staticmethod
     def supports(w: QuantWeight) -> bool:
@@ -188,11 +196,13 @@ class Int4Linear(SortedGroupsLinear):
         if self.codes is not None:
             s = sz[..., 0].T.repeat_interleave(g, 1)
             return (self.codes.to(dtype) - 8) * s + sz[..., 1].T.repeat_interleave(g, 1)
-        # straight from torch's packing ([n/64, k, 32] bytes: channels 0-31 low nibbles, 32-63
-        # high): nibbles split four bytes at a time, one byte-sized transpose, one conversion,
-        # then the group scales broadcast in place — no [N, K] scale tensors are built
+        # straight from torch's packing ([n/B, k, B/2] bytes: a block's first half of channels in
+        # the low nibbles, its second half high): nibbles split four bytes at a time, one
+        # byte-sized transpose, one conversion, then the group scales broadcast in place — no
+        # [N, K] scale tensors are built
         words = self.packed.view(torch.int32)
-        both = torch.empty(2, n // 64, k, 32, dtype=torch.uint8, device=words.device)
+        b = self.block
+        both = torch.empty(2, n // b, k, b // 2, dtype=torch.uint8, device=words.device)
         torch.bitwise_and(words, 0x0F0F0F0F, out=both[0].view(torch.int32).view(words.shape))
         torch.bitwise_and(words >> 4, 0x0F0F0F0F, out=both[1].view(torch.int32).view(words.shape))
         w = both.permute(1, 0, 3, 2).reshape(n, k).to(dtype).view(n, k // g, g)
