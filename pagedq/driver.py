@@ -197,9 +197,7 @@ class EngineDriver:
                     out = merged.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                if out.error is not None:
-                    raise GenerationError(f"request {out.request_id} failed: {out.error}", [out])
-                if out.finished:
+                if out.raise_if_failed().finished:
                     pending.discard(out.request_id)
                 yield out
         finally:

@@ -27,7 +27,7 @@ from .config import EngineConfig, resolve_device, resolve_dtype
 from .metrics import latency_histograms
 from .model_runner import ModelRunner
 from .models import ModelConfig
-from .outputs import CompletionOutput, GenerationError, RequestOutput
+from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, make_policy
@@ -781,9 +781,7 @@ class LLMEngine:
             while pending:
                 for out in self.step():
                     if out.request_id in pending:
-                        if out.error is not None:
-                            raise GenerationError(f"request {out.request_id} failed: {out.error}", [out])
-                        if out.finished:
+                        if out.raise_if_failed().finished:
                             pending.discard(out.request_id)
                         yield out
         finally:

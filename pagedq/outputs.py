@@ -46,6 +46,12 @@ class RequestOutput:
     # why the engine failed this request (its outputs then end with finish_reason "error")
     error: str | None = None
 
+    def raise_if_failed(self) -> RequestOutput:
+        """This output, unless the engine failed the request: then :class:`GenerationError`."""
+        if self.error is not None:
+            raise GenerationError(f"request {self.request_id} failed: {self.error}", [self])
+        return self
+
 
 class GenerationError(RuntimeError):
     """Requests that the engine could not finish. ``outputs`` holds every output of the call,

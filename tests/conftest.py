@@ -227,3 +227,31 @@ class ServeProcess:
                     os.kill(pid, 9)
                 except OSError:
                     pass
+
+
+class AppThread:
+    """A tornado app on a free port of loopback, its event loop on a thread of this process."""
+
+    def __init__(self, app):
+        import asyncio
+        import threading
+
+        import tornado.httpserver
+        import tornado.netutil
+
+        ready = threading.Event()
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            socks = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            self.port = socks[0].getsockname()[1]
+            tornado.httpserver.HTTPServer(app).add_sockets(socks)
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)

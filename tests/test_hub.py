@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import ServeProcess, free_port
+from .conftest import AppThread, ServeProcess, free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("tornado")
@@ -35,37 +35,10 @@ def fake_hub() -> tornado.web.Application:
     return tornado.web.Application([("/hub/api/user", FakeHubUser)])
 
 
-class FakeHub:
-    """The Hub API on a free port of loopback, its IOLoop on a thread of this process."""
-
-    def __init__(self):
-        import asyncio
-
-        import tornado.httpserver
-        import tornado.netutil
-
-        ready = threading.Event()
-
-        def run():
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            socks = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            self.port = socks[0].getsockname()[1]
-            tornado.httpserver.HTTPServer(fake_hub()).add_sockets(socks)
-            ready.set()
-            self.loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        ready.wait(10)
-        self.api_url = f"http://127.0.0.1:{self.port}/hub/api"
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
 def hub_served(tmp_path_factory):
-    hub = FakeHub()
+    hub = AppThread(fake_hub())
+    hub.api_url = f"http://127.0.0.1:{hub.port}/hub/api"
     port = free_port()
     env = {
         "JUPYTERHUB_API_URL": hub.api_url,

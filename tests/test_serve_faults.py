@@ -31,7 +31,7 @@ from pagedq.serve.client import (
     StreamInterruptedError,
 )
 
-from .conftest import ServeProcess, child_pids, free_port, pid_alive
+from .conftest import AppThread, ServeProcess, child_pids, free_port, pid_alive
 
 KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol"}
 PROMPTS = {"alice": "def parse(args):\n    ", "bob": "class Config:\n", "carol": "for i in range("}
@@ -96,7 +96,10 @@ def stream(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    srv = ServeProcess("--api-keys", keys_file(tmp), "--max-model-len", "512", tmp=tmp).start()
+    srv = ServeProcess(
+        "--api-keys", keys_file(tmp), "--max-model-len", "512", "--max-inflight-per-user", "4", "--max-queued", "6",
+        tmp=tmp,
+    ).start()  # fmt: skip
     yield srv
     srv.stop()
 
@@ -109,8 +112,10 @@ def alone():
         return {u: llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for u, p in PROMPTS.items()}
 
 
-def engine_metric(srv, name: str, key: str = "key-alice") -> float:
-    req = urllib.request.Request(srv.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+def engine_metric(srv, name: str, key: str | None = "key-alice") -> float:
+    req = urllib.request.Request(
+        srv.url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}
+    )
     text = urllib.request.urlopen(req, timeout=10).read().decode()
     line = next(ln for ln in text.splitlines() if ln.startswith(name + "{"))
     return float(line.rsplit(" ", 1)[1])
@@ -193,36 +198,40 @@ def test_malformed_requests_get_400_while_other_users_streams_are_exact(server, 
     assert engine_metric(server, "pagedq_kv_blocks_in_use") == 0
 
 
-def test_per_user_and_server_limits_answer_429(tmp_path):
-    srv = ServeProcess(
-        "--api-keys", keys_file(tmp_path), "--max-inflight-per-user", "2", "--max-queued", "3", tmp=tmp_path
-    ).start()
+def test_per_user_and_server_limits_answer_429(server):
     conns = []
     try:
 
         def open_stream(key):
-            c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
             body = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
             c.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {key}"})
             r = c.getresponse()
             assert r.status == 200 and r.readline().startswith(b"data: ")
             conns.append(c)
 
-        open_stream("key-alice")
-        open_stream("key-alice")
-        status, headers, reply = post(srv.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-alice")
+        for _ in range(4):
+            open_stream("key-alice")
+        status, headers, reply = post(
+            server.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-alice"
+        )
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert (
             "max_inflight_per_user" in reply["error"]["message"]
             and reply["error"]["type"] == "rate_limit_error"
         )
         open_stream("key-bob")  # bob is not held back by alice's limit
-        status, headers, reply = post(srv.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-carol")
+        open_stream("key-bob")
+        status, headers, reply = post(
+            server.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-carol"
+        )
         assert status == 429 and "max_queued" in reply["error"]["message"] and "Retry-After" in headers
         conns.pop().close()  # bob hangs up: his prompt stops counting
         deadline = time.time() + 10
         while time.time() < deadline:
-            status, _, reply = post(srv.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-carol")
+            status, _, reply = post(
+                server.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-carol"
+            )
             if status == 200:
                 break
             time.sleep(0.1)
@@ -230,7 +239,9 @@ def test_per_user_and_server_limits_answer_429(tmp_path):
     finally:
         for c in conns:
             c.close()
-        srv.stop()
+    deadline = time.time() + 10
+    while engine_metric(server, "pagedq_prompts_in_flight") and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def test_kill_9_of_the_engine_fails_every_request_in_flight_and_it_comes_back(server):
@@ -340,12 +351,21 @@ def test_a_stream_through_a_proxy_fails_at_the_client_when_its_upstream_dies(tmp
         srv.kill()
 
 
-def test_a_silent_upstream_is_a_read_timeout_not_a_hang(tmp_path):
-    srv = ServeProcess("--keepalive-seconds", "0.5", tmp=tmp_path).start()
-    proxy = Proxy(srv.port)
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory):
+    """One sequence at a time, keep-alives every 0.3 s."""
+    srv = ServeProcess(
+        "--keepalive-seconds", "0.3", "--max-num-seqs", "1", tmp=tmp_path_factory.mktemp("quiet")
+    ).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_silent_upstream_is_a_read_timeout_not_a_hang(quiet):
+    proxy = Proxy(quiet.port)
     try:
-        remote = pagedq.connect(f"http://127.0.0.1:{proxy.port}/v1", read_timeout=3)
-        gen = remote.submit("def f(", SamplingParams(max_tokens=2000, ignore_eos=True))
+        remote = pagedq.connect(f"http://127.0.0.1:{proxy.port}/v1", read_timeout=2)
+        gen = remote.submit("def f(", SamplingParams(max_tokens=1000, ignore_eos=True))
         while gen.latest is None:
             time.sleep(0.02)
         proxy.freeze()  # the path to the server goes silent without closing
@@ -353,89 +373,61 @@ def test_a_silent_upstream_is_a_read_timeout_not_a_hang(tmp_path):
             gen.result(timeout=15)
     finally:
         proxy.close()
-        srv.stop()
+    deadline = time.time() + 30  # the server saw the client go: the engine is free again
+    while engine_metric(quiet, "pagedq_num_running", key=None) and time.time() < deadline:
+        time.sleep(0.1)
 
 
-def test_keepalives_hold_a_waiting_stream_open(tmp_path):
+def test_keepalives_hold_a_waiting_stream_open(quiet):
     """One sequence at a time: the second request waits in the queue longer than the client's
     read timeout, but keep-alive comments show the server alive, and it finishes."""
-    srv = ServeProcess("--keepalive-seconds", "0.3", "--max-num-seqs", "1", tmp=tmp_path).start()
-    try:
-        remote = pagedq.connect(srv.url, read_timeout=1.5)
-        first = remote.submit("def f(", SamplingParams(max_tokens=600, ignore_eos=True))
-        while first.latest is None:
-            time.sleep(0.02)
-        second = remote.submit("x = ", SamplingParams(max_tokens=4, ignore_eos=True))
-        out = second.result(timeout=120)
-        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
-        assert first.result(timeout=120).outputs[0].finish_reason == "length"
-        ids, reasons, done, error = stream(
-            srv.port, "/v1/completions", {"prompt": "x", "max_tokens": 2}, None
-        )
-        assert done and reasons == ["length"]
-    finally:
-        srv.stop()
+    remote = pagedq.connect(quiet.url, read_timeout=1.0)
+    first = remote.submit("def f(", SamplingParams(max_tokens=400, ignore_eos=True))
+    while first.latest is None:
+        time.sleep(0.02)
+    second = remote.submit("x = ", SamplingParams(max_tokens=4, ignore_eos=True))
+    out = second.result(timeout=120)
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
+    assert first.result(timeout=120).outputs[0].finish_reason == "length"
 
 
-class _Fake:
+def _fake_app():
     """A stand-in server whose completions stream misbehaves as asked (by the prompt)."""
+    import tornado.web
 
-    def __init__(self):
-        import asyncio
+    chunk = 'data: {"choices": [{"index": 0, "text": "ab", "token_ids": [1], "finish_reason": %s}]}\n\n'
 
-        import tornado.httpserver
-        import tornado.netutil
-        import tornado.web
+    class Models(tornado.web.RequestHandler):
+        def get(self):
+            self.finish({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
-        chunk = 'data: {"choices": [{"index": 0, "text": "ab", "token_ids": [1], "finish_reason": %s}]}\n\n'
+    class Completions(tornado.web.RequestHandler):
+        async def post(self):
+            how = json.loads(self.request.body)["prompt"]
+            if how in ("503", "429"):
+                self.set_status(int(how))
+                self.set_header("Retry-After", "7")
+                self.finish({"error": {"message": f"busy {how}", "type": "x"}})
+                return
+            self.set_header("Content-Type", "text/event-stream")
+            self.write(chunk % "null")
+            await self.flush()
+            if how == "cut":
+                self.request.connection.stream.close()  # the connection drops mid-stream
+                return
+            if how == "error":
+                self.write('event: error\ndata: {"error": {"message": "the engine died"}}\n\n')
+            elif how == "no-finish":
+                self.write("data: [DONE]\n\n")
+            elif how == "no-done":
+                self.write(chunk % '"length"')
+            self.finish()
 
-        class Models(tornado.web.RequestHandler):
-            def get(self):
-                self.finish({"object": "list", "data": [{"id": "fake", "object": "model"}]})
-
-        class Completions(tornado.web.RequestHandler):
-            async def post(self):
-                how = json.loads(self.request.body)["prompt"]
-                if how in ("503", "429"):
-                    self.set_status(int(how))
-                    self.set_header("Retry-After", "7")
-                    self.finish({"error": {"message": f"busy {how}", "type": "x"}})
-                    return
-                self.set_header("Content-Type", "text/event-stream")
-                self.write(chunk % "null")
-                await self.flush()
-                if how == "cut":
-                    self.request.connection.stream.close()  # the connection drops mid-stream
-                    return
-                if how == "error":
-                    self.write('event: error\ndata: {"error": {"message": "the engine died"}}\n\n')
-                elif how == "no-finish":
-                    self.write("data: [DONE]\n\n")
-                elif how == "no-done":
-                    self.write(chunk % '"length"')
-                self.finish()
-
-        ready = threading.Event()
-
-        def run():
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            socks = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            self.port = socks[0].getsockname()[1]
-            app = tornado.web.Application([("/v1/models", Models), ("/v1/completions", Completions)])
-            tornado.httpserver.HTTPServer(app).add_sockets(socks)
-            ready.set()
-            self.loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        ready.wait(10)
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
+    return tornado.web.Application([("/v1/models", Models), ("/v1/completions", Completions)])
 
 
 def test_connect_raises_instead_of_returning_cut_off_text():
-    fake = _Fake()
+    fake = AppThread(_fake_app())
     try:
         remote = pagedq.connect(f"http://127.0.0.1:{fake.port}/v1", read_timeout=5)
         cases = {

@@ -27,7 +27,9 @@ def check(rounds) -> None:
     for r in rounds:
         c = r.counts
         assert r.balanced and c["hung"] == 0 and c["other"] == 0, (c, r.notes[:5])
-        assert c["completed"] > 0 and c["client_aborted"] > 0 and c["rejected"] > 0 and c["failed_by_kill"] > 0, c
+        assert (
+            c["completed"] > 0 and c["client_aborted"] > 0 and c["rejected"] > 0 and c["failed_by_kill"] > 0
+        ), c
         assert r.kv_blocks_in_use == 0 and r.prompts_in_flight == 0
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import tornado.iostream
-
 from .completions import token_text, usage
-from .handlers import Choice, GenerationHandler, merge
+from .handlers import GenerationHandler
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -42,24 +40,18 @@ def chat_logprobs(token_ids: list[int], dists: list, k: int) -> ChatLogprobs:
 
 class ChatCompletionsHandler(GenerationHandler):
     async def post(self):
-        await self.authenticate()
-        req = await self.parse(ChatCompletionRequest)
-        user = self.serve_as(req.user)
-        self.check_model(req.model)
+        req = await self.begin(ChatCompletionRequest)
         params = req.sampling_params()
         self.state.admission.check_request(1, params, logprobs_field="top_logprobs")
         prompt = Chat([m.for_template() for m in req.messages], req.add_generation_prompt)
-        counts = await self.submit_all([prompt], params, user)
+        counts = await self.submit_all([prompt], params, self.user)
         self.new_id("chatcmpl")
         k = params.logprobs
         if req.stream:
             await self.stream(self._chunks(counts[0], req.include_usage, k))
             return
-        choices: dict[tuple[int, int], Choice] = {}
-        try:
-            async for index, delta in self.outputs(keepalive=False):
-                merge(choices, index, delta)
-        except tornado.iostream.StreamClosedError:
+        choices = await self.collect()
+        if choices is None:
             return
         out = [
             ChatChoice(

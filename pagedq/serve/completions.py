@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import tornado.iostream
-
-from .handlers import Choice, GenerationHandler, merge
+from .handlers import GenerationHandler
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 
 
@@ -38,24 +36,18 @@ def completion_logprobs(token_ids: list[int], dists: list, start: int = 0) -> tu
 
 class CompletionsHandler(GenerationHandler):
     async def post(self):
-        await self.authenticate()
-        req = await self.parse(CompletionRequest)
-        user = self.serve_as(req.user)
-        self.check_model(req.model)
+        req = await self.begin(CompletionRequest)
         params = req.sampling_params()
         prompts = req.prompts()
         self.state.admission.check_request(len(prompts), params)
-        counts = await self.submit_all(prompts, params, user)
+        counts = await self.submit_all(prompts, params, self.user)
         self.new_id("cmpl")
         want_logprobs = params.logprobs is not None
         if req.stream:
             await self.stream(self._chunks(params.n, counts, req.include_usage, want_logprobs))
             return
-        choices: dict[tuple[int, int], Choice] = {}
-        try:
-            async for index, delta in self.outputs(keepalive=False):
-                merge(choices, index, delta)
-        except tornado.iostream.StreamClosedError:
+        choices = await self.collect()
+        if choices is None:
             return
         out = []
         for (i, j), c in sorted(choices.items()):

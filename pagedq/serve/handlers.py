@@ -183,6 +183,24 @@ class GenerationHandler(BaseHandler):
         self.request_id = ""
         self.created = int(time.time())
 
+    async def begin(self, model: type[BaseModel]):
+        """A generation request's start: who calls, its body, the user it is served as, its model."""
+        await self.authenticate()
+        req = await self.parse(model)
+        self.serve_as(req.user)
+        self.check_model(req.model)
+        return req
+
+    async def collect(self) -> dict[tuple[int, int], Choice] | None:
+        """Every choice of every prompt, whole (None if the client went away meanwhile)."""
+        choices: dict[tuple[int, int], Choice] = {}
+        try:
+            async for index, delta in self.outputs(keepalive=False):
+                merge(choices, index, delta)
+        except tornado.iostream.StreamClosedError:
+            return None
+        return choices
+
     async def submit_all(self, prompts: list, params, user: str) -> list[int]:
         """Queue every prompt (all or none); returns the prompts' token counts."""
         if self.state.draining:
