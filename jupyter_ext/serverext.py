@@ -25,11 +25,11 @@ import dataclasses
 import getpass
 import logging
 
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Unicode
 
-from pagedq.serve.app import OPEN_HANDLERS, drain, make_state, routes
+from pagedq.serve.app import OPEN_HANDLERS, PAGE_HANDLERS, drain, make_state, routes
 from pagedq.serve.config import ServeConfig
 from pagedq.serve.errors import APIError
 from pagedq.serve.identity import Identity
@@ -45,7 +45,9 @@ class ServerIdentity(Identity):
         user = handler.current_user
         if user is None:
             raise APIError(
-                "not logged in to the Jupyter server: send 'Authorization: Bearer <server token>'", 403
+                "not logged in to the Jupyter server: send 'Authorization: Bearer <server token>'",
+                403,
+                code="login_required",
             )
         if type(handler.identity_provider).__module__.startswith("jupyter_server.auth"):
             # jupyter-server's own providers (token, password): everyone holding the token or the
@@ -53,12 +55,19 @@ class ServerIdentity(Identity):
             return self.owner
         return user.username  # JupyterHub's single-user provider and others know the person
 
+    def login_url(self, handler) -> str | None:
+        from tornado.httputil import url_concat
+
+        return url_concat(handler.get_login_url(), {"next": handler.request.uri})
+
 
 def _behind_login(cls):
     """``cls`` with jupyter-server's handler in front (authentication, XSRF for cookie requests,
-    CORS, host checks), and pagedq's errors and connection handling kept."""
+    CORS, host checks), and pagedq's errors and connection handling kept. The page for people
+    gets jupyter-server's page handler (HTML, login redirects), the API its JSON API handler."""
+    base = JupyterHandler if cls in PAGE_HANDLERS.values() else APIHandler
 
-    class Handler(APIHandler, cls):
+    class Handler(base, cls):
         def write_error(self, status_code: int, **kwargs):
             return cls.write_error(self, status_code, **kwargs)
 
@@ -70,7 +79,7 @@ def _behind_login(cls):
 
         def on_finish(self):
             cls.on_finish(self)
-            APIHandler.on_finish(self)
+            base.on_finish(self)
 
     if cls in OPEN_HANDLERS.values():  # health and readiness answer without a login
         setattr(Handler.get, "__allow_unauthenticated", True)  # what jupyter-server's decorator sets

@@ -20,6 +20,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default=None, help="quantize on load: int8 | int4")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | int8 | fp8_e4m3")
+    p.add_argument(
+        "--user-idle-seconds",
+        type=float,
+        default=600.0,
+        help="users idle this long leave the per-user tables",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +59,7 @@ def _engine_kwargs(a) -> dict:
         seed=a.seed,
         quantization=a.quantization,
         kv_cache_dtype=a.kv_cache_dtype,
+        user_idle_seconds=a.user_idle_seconds,
     )
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import Range
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -99,7 +101,8 @@ class EngineConfig:
     (``n > 1`` samples, beams) copy their parent's blocks instead of sharing them — the
     baseline that ``pagedq bench sharing`` measures against. ``scheduling_policy="fair"``
     shares the engine fairly between the users named in ``add_request(..., user=)``, in
-    proportion to ``user_weights`` (default 1 each).
+    proportion to ``user_weights`` (default 1 each); users idle for ``user_idle_seconds`` leave
+    the per-user tables.
     """
 
     model: str
@@ -119,6 +122,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     scheduling_policy: str = "fcfs"
     user_weights: dict[str, float] | None = None
+    user_idle_seconds: float = 600.0
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -153,6 +157,7 @@ class EngineConfig:
             raise ValueError("user_weights only apply with scheduling_policy='fair'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        Range(float, gt=0).check("user_idle_seconds", self.user_idle_seconds)
 
 
 def _positive_int(name: str, value, hint: str = "") -> None:

@@ -8,6 +8,7 @@ blocks of finished sequences. Bad requests are rejected in :meth:`add_request` w
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import json
@@ -37,6 +38,17 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
 ParamsType = SamplingParams | BeamSearchParams
+
+
+@dataclass
+class UserStats:
+    """What one user was really served (for metrics; fair share orders by its own virtual time)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0  # prompt tokens received (once per sample)
+    computed_tokens: int = 0  # prompt and output tokens run through the model (recomputation included)
+    generated_tokens: int = 0  # output tokens produced
+    last_active: float = 0.0  # time.monotonic() of the user's latest request or step
 
 
 @dataclass
@@ -133,6 +145,7 @@ class LLMEngine:
             ("prompt_tokens", "generated_tokens", "computed_tokens", "num_steps", "num_requests"), 0
         )
         self.latency = latency_histograms()  # time to first token, per output token, end to end
+        self.users: dict[str, UserStats] = {}  # by user; idle users are dropped (user_idle_seconds)
         self._peak_blocks = 0
         self._waste_at_peak = 0.0
         self._slot_steps = 0
@@ -314,6 +327,7 @@ class LLMEngine:
             req.beam.live = list(req.seqs)
             req.beam.scores = [0.0]
             self._counters["prompt_tokens"] += len(ids)
+            self._user(req.user).prompt_tokens += len(ids)
         else:
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None]
@@ -325,11 +339,13 @@ class LLMEngine:
                     seq.generator.manual_seed(params.seed + i)
                 req.seqs.append(seq)
             self._counters["prompt_tokens"] += len(ids) * params.n
+            self._user(req.user).prompt_tokens += len(ids) * params.n
         # n > 1: the prompt is prefilled once, by sample 0; the others fork from it (sharing its
         # blocks) when its prefill completes, and sample their first token from the same logits
         self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         self._counters["num_requests"] += 1
+        self._user(req.user).requests += 1
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -499,6 +515,13 @@ class LLMEngine:
         for rid, done in plan.prompt_done.items():
             self.requests[rid].num_prompt_logprobs_done = done
         self._counters["computed_tokens"] += plan.num_tokens
+        now = time.monotonic()
+        for item in plan.batch:
+            stats = self._user(item.seq.request.user)
+            stats.computed_tokens += item.num_new_tokens
+            stats.last_active = now
+        if self._counters["num_steps"] % 512 == 0:
+            self.prune_idle_users()
         self._counters["num_steps"] += 1
         # KV occupancy peaks here: this step's blocks are allocated and written, and nothing
         # finished or pruned in it has been freed yet
@@ -613,6 +636,7 @@ class LLMEngine:
             seq.token_ids.append(token)
             seq.cumulative_logprob = score
         self._counters["generated_tokens"] += len(new_live)
+        self._user(req.user).generated_tokens += len(new_live)
         search.live = [seq for seq, _, _ in new_live]
         search.scores = [score for _, _, score in new_live]
         req.seqs = list(search.live)
@@ -664,6 +688,7 @@ class LLMEngine:
         p = seq.params
         seq.token_ids.append(token)
         self._counters["generated_tokens"] += 1
+        self._user(seq.request.user).generated_tokens += 1
         if lp is not None:
             seq.logprobs.append(self._logprob_dict(token, lp))
             seq.cumulative_logprob += lp[0]
@@ -828,9 +853,30 @@ class LLMEngine:
             "startup_seconds": self.startup_seconds,
         }
 
-    def user_service(self) -> dict[str, float]:
-        """Tokens served per user so far (weighted), with ``scheduling_policy="fair"``; else empty."""
-        return dict(getattr(self.scheduler.policy, "served", {}))
+    def _user(self, user: str) -> UserStats:
+        stats = self.users.get(user)
+        if stats is None:
+            stats = self.users[user] = UserStats(last_active=time.monotonic())
+        return stats
+
+    def prune_idle_users(self) -> list[str]:
+        """Drop users with nothing in the engine and no activity for ``user_idle_seconds`` from the
+        per-user stats and the scheduling policy (so both tables stay as small as the set of
+        recent users); returns who was dropped. A user who comes back starts afresh: fair share
+        would start them at the least virtual time among active users anyway."""
+        cutoff = time.monotonic() - self.config.user_idle_seconds
+        busy = {req.user for req in self.requests.values()}
+        idle = [u for u, st in self.users.items() if u not in busy and st.last_active < cutoff]
+        for user in idle:
+            del self.users[user]
+            self.scheduler.policy.forget(user)
+        return idle
+
+    def user_stats(self) -> dict[str, UserStats]:
+        """What each recently active user was served: requests, prompt, computed and generated
+        tokens (the real counts; fair share's catch-up is not in them)."""
+        self.prune_idle_users()
+        return {u: dataclasses.replace(st) for u, st in self.users.items()}
 
     def _check_open(self) -> None:
         if self._closed:

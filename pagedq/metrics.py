@@ -1,7 +1,7 @@
 """Engine counters and gauges in Prometheus' text format (what ``/metrics`` of the API serves).
 
-Everything comes from :meth:`LLMEngine.stats`, with fair sharing the tokens served per user
-(:meth:`LLMEngine.user_service`), and the engine's latency histograms (time to first token, time
+Everything comes from :meth:`LLMEngine.stats`, what each recently active user was really served
+(:meth:`LLMEngine.user_stats`), and the engine's latency histograms (time to first token, time
 per output token, request latency): KV pool use and waste, queue lengths, prefix-cache hits,
 preemptions, tokens in and out. Names follow Prometheus' conventions (``pagedq_`` prefix,
 ``_total`` for counters, base units).
@@ -33,6 +33,14 @@ COUNTERS = {
     "prefix_cache_queries": "prefix-cache lookups",
     "prefix_cache_hits": "prefix-cache blocks found",
     "prefix_cache_evictions": "prefix-cache blocks evicted",
+}
+
+
+USER_COUNTERS = {  # per recently active user (idle users are dropped, their series with them)
+    "requests": "requests received per user",
+    "prompt_tokens": "prompt tokens received per user",
+    "computed_tokens": "tokens run through the model per user (prompts, outputs, recomputation)",
+    "generated_tokens": "output tokens generated per user",
 }
 
 
@@ -69,20 +77,21 @@ def latency_histograms() -> dict[str, Histogram]:
     return {name: Histogram(LATENCY_BUCKETS) for name in HISTOGRAMS}
 
 
-def _label(value: str) -> str:
+def label_value(value: str) -> str:
+    """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def prometheus_text(
     stats: dict,
     model: str,
-    user_service: dict[str, float] | None = None,
+    users: dict | None = None,
     histograms: dict[str, Histogram] | None = None,
 ) -> str:
-    """``stats`` (from ``LLMEngine.stats()``), the tokens served per user and the latency
-    histograms as Prometheus exposition text, labelled with ``model``."""
+    """``stats`` (from ``LLMEngine.stats()``), per-user counters (``LLMEngine.user_stats()``) and
+    the latency histograms as Prometheus exposition text, labelled with ``model``."""
     lines = []
-    labels = f'model="{_label(model)}"'
+    labels = f'model="{label_value(model)}"'
     for kind, table, suffix in (("gauge", GAUGES, ""), ("counter", COUNTERS, "_total")):
         for key, help_text in table.items():
             if key not in stats:
@@ -93,11 +102,13 @@ def prometheus_text(
                 f"# TYPE {name} {kind}",
                 f"{name}{{{labels}}} {float(stats[key])!r}",
             ]
-    if user_service:
-        name = "pagedq_user_served_tokens"
-        lines += [f"# HELP {name} tokens served per user (fair share, weighted)", f"# TYPE {name} gauge"]
-        for user, tokens in sorted(user_service.items()):
-            lines.append(f'{name}{{{labels},user="{_label(user)}"}} {float(tokens)!r}')
+    for key, help_text in USER_COUNTERS.items():
+        if not users:
+            break
+        name = f"pagedq_user_{key}_total"
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        for user, st in sorted(users.items()):
+            lines.append(f'{name}{{{labels},user="{label_value(user)}"}} {float(getattr(st, key))!r}')
     for key, hist in (histograms or {}).items():
         name = f"pagedq_{key}"
         lines += [f"# HELP {name} {HISTOGRAMS.get(key, key)}", f"# TYPE {name} histogram"]

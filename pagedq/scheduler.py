@@ -48,6 +48,14 @@ class SchedulingPolicy:
         """``num_tokens`` of ``seq`` were scheduled for computation (negative: computed tokens lost
         to a preemption, refunded because they will be computed again)."""
 
+    def victim_for(self, waiting: Sequence, running: list[Sequence], max_num_seqs: int) -> Sequence | None:
+        """A running sequence to preempt so that ``waiting`` (the head of the queue) can run in a
+        full batch; None to let it wait (FCFS never preempts for order)."""
+        return None
+
+    def forget(self, user: str) -> None:
+        """``user`` has been idle for long: drop what the policy keeps about them."""
+
 
 class FairSharePolicy(SchedulingPolicy):
     """Per-user fair share: the user who has been served the fewest tokens (prompt and output
@@ -55,9 +63,18 @@ class FairSharePolicy(SchedulingPolicy):
     least-served user's request is admitted, and when blocks run out the most-served user's
     newest sequence is preempted. Within one user, first come first served.
 
-    Service is virtual time, as in start-time fair queueing: a user who (re)appears starts at the
-    least service among the users with work queued, so time away is not banked (a user back from
-    lunch does not hold everyone else up until they catch up). Keys are fixed within one step.
+    The order is virtual time, as in start-time fair queueing: a user who (re)appears starts at
+    the least virtual time among the users with work queued, so time away is not banked (a user
+    back from lunch does not hold everyone else up until they catch up). That catch-up moves the
+    user's *virtual time* only; the tokens a user was really served are counted by the engine
+    (``LLMEngine.user_stats``). Keys are fixed within one step.
+
+    A full batch is shared too: when the least-served user has a request waiting while running
+    fewer sequences than its share of ``max_num_seqs`` (by weight, among users with work), and
+    another user runs at least one more than its share, that user's newest sequence is preempted
+    (its cached full blocks make the recomputation cheap). Without this, a user who keeps a few
+    requests in flight loses a slot each time one of them finishes and another user's queued
+    request takes it, and drifts far below its share.
     """
 
     name = "fair"
@@ -66,25 +83,48 @@ class FairSharePolicy(SchedulingPolicy):
     def __init__(self, weights: dict[str, float] | None = None):
         self.weights = dict(weights or {})
         for user, w in self.weights.items():
-            if not isinstance(w, (int, float)) or w <= 0:
-                raise ValueError(f"user weight must be a number > 0, got {w!r} for {user!r}")
-        self.served: dict[str, float] = {}
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf"):
+                raise ValueError(f"user weight must be a finite number > 0, got {w!r} for {user!r}")
+        self.vtime: dict[str, float] = {}
 
     def key(self, seq: Sequence) -> tuple:
-        return (self.served.get(seq.request.user, 0.0), seq.request.arrival, seq.index)
+        return (self.vtime.get(seq.request.user, 0.0), seq.request.arrival, seq.index)
 
     def activate(self, user: str, active: set[str]) -> None:
         if user in active:
             return
-        floor = min((self.served.get(u, 0.0) for u in active), default=None)
+        floor = min((self.vtime.get(u, 0.0) for u in active), default=None)
         if floor is not None:
-            self.served[user] = max(self.served.get(user, 0.0), floor)
+            self.vtime[user] = max(self.vtime.get(user, 0.0), floor)
         else:
-            self.served.setdefault(user, 0.0)
+            self.vtime.setdefault(user, 0.0)
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         user = seq.request.user
-        self.served[user] = self.served.get(user, 0.0) + num_tokens / self.weights.get(user, 1.0)
+        self.vtime[user] = self.vtime.get(user, 0.0) + num_tokens / self.weights.get(user, 1.0)
+
+    def victim_for(self, waiting: Sequence, running: list[Sequence], max_num_seqs: int) -> Sequence | None:
+        counts: dict[str, int] = {}
+        for s in running:
+            counts[s.request.user] = counts.get(s.request.user, 0) + 1
+        users = set(counts) | {waiting.request.user}
+        total = sum(self.weights.get(u, 1.0) for u in users)
+
+        def share(u: str) -> float:
+            return max_num_seqs * self.weights.get(u, 1.0) / total
+
+        mine = waiting.request.user
+        if counts.get(mine, 0) >= share(mine):
+            return None
+        over = [u for u in counts if u != mine and counts[u] >= share(u) + 1]
+        if not over:
+            return None
+        most = max(over, key=lambda u: self.vtime.get(u, 0.0))
+        candidates = [s for s in running if s.request.user == most and s.request.beam is None]
+        return max(candidates, key=self.key) if candidates else None
+
+    def forget(self, user: str) -> None:
+        self.vtime.pop(user, None)
 
 
 def make_policy(name: str, weights: dict[str, float] | None = None) -> SchedulingPolicy:
@@ -138,6 +178,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of those, to give a user its share of a full batch
 
     def add(self, seq: Sequence) -> None:
         if self.policy.dynamic:  # only fair share needs who else has work (a scan of the queues)
@@ -163,6 +204,13 @@ class Scheduler:
         self.running.sort(key=self.policy.key)
         if self.policy.dynamic:
             self.waiting.sort(key=self.policy.key)
+        if self.waiting and len(self.running) >= self.max_num_seqs:
+            # the batch is full: the policy may give a slot of an over-served user to the head of
+            # the queue (before anything is scheduled, so no scheduled sequence is taken back)
+            victim = self.policy.victim_for(self.waiting[0], self.running, self.max_num_seqs)
+            if victim is not None:
+                self._preempt(victim)
+                self.num_fair_preemptions += 1
 
         # 1. Running sequences: decodes and unfinished (chunked) prefills.
         i = 0

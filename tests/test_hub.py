@@ -1,111 +1,143 @@
-"""JupyterHub service mode (``pagedq serve --hub``): users are who the Hub API says own the
-request's token, they share the engine fairly, and nobody gets in without a hub token. The Hub
-is a stand-in that answers ``GET /hub/api/user`` as JupyterHub does."""
+"""The hub service's identity (``HubIdentity`` on JupyterHub's ``HubOAuth``) against a stand-in Hub
+API, for what a real hub makes hard to provoke: cached answers, a refusal that must not last, a
+hub that answers garbage or not at all. The real JupyterHub end to end is tests/test_jupyterhub.py."""
 
 from __future__ import annotations
 
 import json
-import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
 
-from .conftest import AppThread, ServeProcess, free_port
+from .conftest import AppThread, free_port
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("tornado")
+pytest.importorskip("jupyterhub", reason="hub mode needs jupyterhub (pip install 'pagedq[hub]')")
 
 import tornado.web  # noqa: E402
 
-TOKENS = {"tok-alice": "alice", "tok-bob": "bob"}
+SCOPE = "access:services!service=pagedq"
+VALID = {"tok-alice": ("alice", [SCOPE, "read:users:name!user=alice"]), "tok-carol": ("carol", ["self"])}
 
 
 class FakeHubUser(tornado.web.RequestHandler):
-    asked = 0
+    """``GET /hub/api/user`` as JupyterHub answers it."""
+
+    asked: list[str] = []
+    garbage = False
 
     def get(self):
-        FakeHubUser.asked += 1
         token = self.request.headers.get("Authorization", "").removeprefix("token ")
-        if token not in TOKENS:
+        FakeHubUser.asked.append(token)
+        if FakeHubUser.garbage:
+            self.finish("<html>not json</html>")
+            return
+        if token not in VALID:
             raise tornado.web.HTTPError(403)
-        self.finish(json.dumps({"name": TOKENS[token], "kind": "user", "scopes": ["access:services"]}))
+        name, scopes = VALID[token]
+        self.finish(json.dumps({"name": name, "kind": "user", "scopes": scopes}))
 
 
-def fake_hub() -> tornado.web.Application:
-    return tornado.web.Application([("/hub/api/user", FakeHubUser)])
+def identity_app(identity) -> tornado.web.Application:
+    from pagedq.serve.errors import APIError
+
+    class WhoAmI(tornado.web.RequestHandler):
+        async def get(self):
+            try:
+                self.finish({"user": await identity.authenticate(self)})
+            except APIError as e:
+                self.set_status(e.status)
+                self.finish(e.body())
+
+    return tornado.web.Application([("/whoami", WhoAmI)], cookie_secret="x" * 32)
 
 
 @pytest.fixture(scope="module")
-def hub_served(tmp_path_factory):
-    hub = AppThread(fake_hub())
-    hub.api_url = f"http://127.0.0.1:{hub.port}/hub/api"
-    port = free_port()
-    env = {
-        "JUPYTERHUB_API_URL": hub.api_url,
-        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
-        "JUPYTERHUB_SERVICE_PREFIX": "/services/llm/",
-    }
-    srv = ServeProcess("--hub", env=env, tmp=tmp_path_factory.mktemp("hub"))
-    srv.start()
-    base = f"http://127.0.0.1:{port}/services/llm/v1"
-    yield srv, base, hub, port
-    srv.stop()
-    hub.stop()
+def hub():
+    fake = AppThread(tornado.web.Application([("/hub/api/user", FakeHubUser)]))
+    yield f"http://127.0.0.1:{fake.port}/hub/api"
+    fake.stop()
 
 
-def served_users(port: int, token: str) -> dict[str, float]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/services/llm/v1/metrics", headers={"Authorization": f"token {token}"}
+def make_identity(api_url: str):
+    from pagedq.jupyter_ext.hub import HubIdentity, hub_auth_class
+
+    auth = hub_auth_class()(
+        api_url=api_url, api_token="service-token", access_scopes={SCOPE}, cache_max_age=60
     )
-    text = urllib.request.urlopen(req).read().decode()
-    return {
-        ln.split('user="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1])
-        for ln in text.splitlines()
-        if ln.startswith("pagedq_user_served_tokens{")
-    }
+    return HubIdentity(auth)
 
 
-def test_hub_users_share_one_engine(hub_served):
-    _, base, _, port = hub_served
-    results = {}
+@pytest.fixture
+def ask(hub):
+    identity = make_identity(hub)
+    app = AppThread(identity_app(identity))
 
-    def ask(token):
-        client = openai.OpenAI(base_url=base, api_key=token, max_retries=0)
-        # the body's user field is ignored: the hub token decides who asks
-        r = client.completions.create(model="pagedq-tiny", prompt="def f(", max_tokens=8, user="mallory")
-        results[token] = r.usage.completion_tokens
+    def call(token: str | None) -> tuple[int, dict]:
+        headers = {"Authorization": f"token {token}"} if token else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{app.port}/whoami", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
 
-    threads = [threading.Thread(target=ask, args=(t,)) for t in TOKENS for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert set(results) == set(TOKENS)
-    served = served_users(port, "tok-alice")
-    assert served.get("alice", 0) > 0 and served.get("bob", 0) > 0 and "mallory" not in served
-
-
-def test_no_hub_token_no_service(hub_served):
-    _, base, _, _ = hub_served
-    for key in ("", "tok-eve"):
-        client = openai.OpenAI(base_url=base, api_key=key or "-", max_retries=0)
-        if not key:
-            client = openai.OpenAI(
-                base_url=base, api_key="unused", max_retries=0, default_headers={"Authorization": ""}
-            )
-        with pytest.raises(openai.PermissionDeniedError, match="hub"):
-            client.models.list()
-    # answers are cached: asking again with a known token does not ask the hub again
-    client = openai.OpenAI(base_url=base, api_key="tok-alice", max_retries=0)
-    client.models.list()
-    before = FakeHubUser.asked
-    client.models.list()
-    assert FakeHubUser.asked == before
+    FakeHubUser.asked.clear()
+    FakeHubUser.garbage = False
+    yield call
+    app.stop()
 
 
-def test_hub_mode_needs_the_hub_url(monkeypatch):
+def test_users_need_the_access_scope(ask):
+    assert ask("tok-alice") == (200, {"user": "alice"})
+    status, body = ask("tok-carol")
+    assert status == 403 and "user 'carol' may not use this service" in body["error"]["message"]
+    for token in ("tok-eve", None):
+        status, body = ask(token)
+        assert status == 403 and body["error"]["code"] == "login_required"
+
+
+def test_answers_are_cached_and_refusals_only_briefly(ask, monkeypatch):
+    import pagedq.jupyter_ext.hub as hub_mod
+
+    ask("tok-alice")
+    ask("tok-alice")
+    assert FakeHubUser.asked.count("tok-alice") == 1  # cached as JupyterHub intends
+    monkeypatch.setattr(hub_mod, "REFUSAL_SECONDS", 0.3)
+    assert ask("tok-new")[0] == 403
+    VALID["tok-new"] = ("dana", [SCOPE])  # the token becomes valid (a role granted, a token made)
+    try:
+        assert ask("tok-new")[0] == 403  # the refusal is remembered for a moment: no hub call per request
+        assert FakeHubUser.asked.count("tok-new") == 1
+        time.sleep(0.4)
+        assert ask("tok-new") == (200, {"user": "dana"})
+    finally:
+        del VALID["tok-new"]
+
+
+def test_a_broken_or_missing_hub_is_a_503_without_its_address(ask, hub):
+    FakeHubUser.garbage = True
+    status, body = ask("tok-garbage")
+    assert status == 503 and "hub cannot tell who you are" in body["error"]["message"]
+    assert "127.0.0.1" not in body["error"]["message"]
+    gone = AppThread(identity_app(make_identity(f"http://127.0.0.1:{free_port()}/hub/api")))
+    try:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{gone.port}/whoami", headers={"Authorization": "token tok-alice"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        body = json.load(e.value)
+        assert e.value.code == 503 and "127.0.0.1" not in body["error"]["message"]
+    finally:
+        gone.stop()
+
+
+def test_hub_mode_runs_as_a_hub_service(monkeypatch):
     from pagedq.jupyter_ext.hub import HubIdentity
 
+    monkeypatch.delenv("JUPYTERHUB_API_TOKEN", raising=False)
     monkeypatch.delenv("JUPYTERHUB_API_URL", raising=False)
-    with pytest.raises(ValueError, match="JUPYTERHUB_API_URL"):
+    with pytest.raises(ValueError, match="JUPYTERHUB_API_TOKEN, JUPYTERHUB_API_URL"):
         HubIdentity()

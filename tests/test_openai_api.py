@@ -153,7 +153,7 @@ def test_logprobs_whole_and_streamed(client):
 def test_a_key_is_one_user_and_the_body_user_is_not_the_key(client, server):
     client.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2, user="mallory")
     m = metrics(server)
-    assert m['pagedq_user_served_tokens{model="pagedq-tiny",user="default"}'] > 0
+    assert m['pagedq_user_generated_tokens_total{model="pagedq-tiny",user="default"}'] > 0
     assert not any('user="mallory"' in k for k in m)
 
 
@@ -244,7 +244,7 @@ def test_trusted_body_users_share_fairly(tmp_path):
         c.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2, user="alice")
         c.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2)
         m = metrics(srv, key=None)
-        assert m['pagedq_user_served_tokens{model="pagedq-tiny",user="alice"}'] > 0
-        assert m['pagedq_user_served_tokens{model="pagedq-tiny",user="anonymous"}'] > 0
+        assert m['pagedq_user_generated_tokens_total{model="pagedq-tiny",user="alice"}'] > 0
+        assert m['pagedq_user_generated_tokens_total{model="pagedq-tiny",user="anonymous"}'] > 0
     finally:
         assert srv.stop() == 0

@@ -98,7 +98,9 @@ def test_token_clients_are_one_user_the_servers_owner(server):
     client = openai.OpenAI(base_url=server["url"], api_key=TOKEN, max_retries=0)
     for _ in range(4):
         client.completions.create(model="pagedq-tiny", prompt="x", max_tokens=2, user="someone-else")
-    users = [ln for ln in metrics_text(server).splitlines() if ln.startswith("pagedq_user_served_tokens{")]
+    users = [
+        ln for ln in metrics_text(server).splitlines() if ln.startswith("pagedq_user_generated_tokens_total{")
+    ]
     assert len(users) == 1 and f'user="{getpass.getuser()}"' in users[0], users
 
 
@@ -130,6 +132,19 @@ def test_a_cookie_post_without_xsrf_is_refused_as_jupyter_server_refuses_it(serv
     assert status("/api/contents", {}) == 403  # jupyter-server's own API, for comparison
     assert status("/pagedq/v1/completions", {}) == 403
     assert status("/pagedq/v1/completions", {"X-XSRFToken": xsrf}) == 200
+
+
+def test_the_page_for_people_behind_the_login(server):
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.build_opener(NoRedirect()).open(server["base"] + "/pagedq/")
+    assert e.value.code == 302 and e.value.headers["Location"].startswith("/login?next=")
+    opener, _ = _login(server)
+    html = opener.open(server["base"] + "/pagedq/").read().decode()
+    assert f"Signed in as <b>{getpass.getuser()}</b>" in html and "KV pool" in html
 
 
 def test_kill_9_of_the_engine_process_fails_requests_and_it_restarts(server):

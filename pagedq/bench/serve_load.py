@@ -93,7 +93,7 @@ def rss_mib(pid: int) -> float:
         return 0.0
 
 
-async def _request(port: int, body: bytes, key: str, hangup_after: int | None) -> tuple[str, int, str]:
+async def stream_request(port: int, body: bytes, key: str, hangup_after: int | None) -> tuple[str, int, str]:
     """One request over a fresh connection; returns (outcome, tokens received, detail)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     tokens = 0
@@ -179,7 +179,7 @@ async def _run_round(
             rnd.sent += 1
             try:
                 outcome, tokens, detail = await asyncio.wait_for(
-                    _request(port, json.dumps(body).encode(), key, hangup), args.request_timeout
+                    stream_request(port, json.dumps(body).encode(), key, hangup), args.request_timeout
                 )
             except asyncio.TimeoutError:
                 outcome, tokens, detail = "hung", 0, ""
@@ -201,7 +201,7 @@ async def _run_round(
             body = rng.choice(MALFORMED)
             try:
                 outcome, _, detail = await asyncio.wait_for(
-                    _request(port, body, keys[0], None), args.request_timeout
+                    stream_request(port, body, keys[0], None), args.request_timeout
                 )
             except asyncio.TimeoutError:
                 outcome, detail = "hung", ""

@@ -4,8 +4,9 @@ Two kinds of limits (all in :class:`~pagedq.serve.config.ServeConfig`, with docu
 defaults). A request that is too large — too many prompts, samples, log-probabilities or stop
 conditions — is refused with a 400 that names the field, its value and the limit (and the
 option that sets it). A caller or a server that is too busy — too many prompts in flight for one
-user, or for everyone — gets a 429 with ``Retry-After``; the prompts counted are those queued or
-running in the engine, released when each ends.
+user, or waiting for their first token for one user, or in flight for everyone — gets a 429 with
+``Retry-After``; the prompts counted are those queued or running in the engine, released when
+each ends. Users with nothing in flight leave the tables at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Admission:
         self._lock = threading.Lock()
         self.total = 0
         self.per_user: dict[str, int] = {}  # users with prompts in flight (others are dropped)
+        self.queued: dict[str, int] = {}  # of those, prompts that have no token yet
 
     def check_request(
         self, num_prompts: int, params: SamplingParams, logprobs_field: str = "logprobs"
@@ -55,6 +57,13 @@ class Admission:
         c = self.config
         with self._lock:
             mine = self.per_user.get(user, 0)
+            waiting = self.queued.get(user, 0)
+            if waiting + count > c.max_queued_per_user:
+                raise too_many(
+                    f"user {user!r} has {waiting} prompts waiting for their first token and this request adds "
+                    f"{count}; the limit is {c.max_queued_per_user} per user (max_queued_per_user): retry when "
+                    "they start"
+                )
             if mine + count > c.max_inflight_per_user:
                 raise too_many(
                     f"user {user!r} has {mine} prompts queued or running and this request adds {count}; "
@@ -67,13 +76,25 @@ class Admission:
                     retry_after=2.0,
                 )
             self.per_user[user] = mine + count
+            self.queued[user] = waiting + count
             self.total += count
 
-    def release(self, user: str, count: int = 1) -> None:
+    def started(self, user: str) -> None:
+        """One of ``user``'s prompts produced its first token: it is no longer queued."""
         with self._lock:
-            left = self.per_user.get(user, 0) - count
-            if left > 0:
-                self.per_user[user] = left
-            else:
-                self.per_user.pop(user, None)
+            _drop(self.queued, user, 1)
+
+    def release(self, user: str, count: int = 1, queued: int = 0) -> None:
+        """``count`` prompts of ``user`` ended, ``queued`` of them before their first token."""
+        with self._lock:
+            _drop(self.per_user, user, count)
+            _drop(self.queued, user, queued)
             self.total = max(0, self.total - count)
+
+
+def _drop(table: dict[str, int], user: str, count: int) -> None:
+    left = table.get(user, 0) - count
+    if left > 0:
+        table[user] = left
+    else:
+        table.pop(user, None)

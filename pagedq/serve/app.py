@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 import tornado.httpserver
 import tornado.web
 
-from pagedq.metrics import prometheus_text
+from pagedq.metrics import label_value, prometheus_text
 
 from .admission import Admission
 from .chat import ChatCompletionsHandler
@@ -38,6 +39,7 @@ from .errors import APIError
 from .handlers import BaseHandler, ServingState
 from .identity import Identity, OpenAccess
 from .openapi import document
+from .page import PageHandler
 from .protocol import Health, ModelCard, ModelList, Readiness
 from .supervisor import EngineSupervisor
 
@@ -99,7 +101,7 @@ class MetricsHandler(BaseHandler):
 
 def server_metrics(state: ServingState) -> str:
     sup = state.supervisor
-    labels = f'model="{state.model_name}"'
+    labels = f'model="{label_value(state.model_name)}"'
     lines = [
         "# HELP pagedq_engine_ready 1 when the engine process is loaded and serving",
         "# TYPE pagedq_engine_ready gauge",
@@ -115,6 +117,13 @@ def server_metrics(state: ServingState) -> str:
     ]
     for status, count in sorted(state.rejected.items()):
         lines.append(f'pagedq_http_errors_total{{{labels},status="{status}"}} {float(count)}')
+    lines += [
+        "# HELP pagedq_label_requests_total requests per label (the body's user where it is not the user), "
+        "for the most recent max_labels labels",
+        "# TYPE pagedq_label_requests_total counter",
+    ]
+    for label, count in sorted(state.labels.items()):
+        lines.append(f'pagedq_label_requests_total{{{labels},label="{label_value(label)}"}} {float(count)}')
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +134,7 @@ API_HANDLERS = {
     "v1/metrics": MetricsHandler,
 }
 OPEN_HANDLERS = {"health": HealthHandler, "ready": ReadyHandler}
+PAGE_HANDLERS = {"": PageHandler}
 
 
 def routes(state: ServingState, prefix: str = "/", wrap=None) -> list[tuple]:
@@ -132,12 +142,10 @@ def routes(state: ServingState, prefix: str = "/", wrap=None) -> list[tuple]:
     jupyter-server extension puts the server's own handler base in front)."""
     prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
     wrap = wrap or (lambda cls: cls)
-    out = [
-        (prefix + path, wrap(cls), {"state": state})
-        for path, cls in {**OPEN_HANDLERS, **API_HANDLERS}.items()
-    ]
+    handlers = {**OPEN_HANDLERS, **API_HANDLERS, **PAGE_HANDLERS}
+    out = [(prefix + path, wrap(cls), {"state": state}) for path, cls in handlers.items()]
     out.append((prefix + "v1/openapi.json", wrap(OpenAPIHandler), {"state": state, "prefix": prefix}))
-    return out
+    return out + state.identity.extra_routes(prefix)
 
 
 def make_state(
@@ -157,7 +165,8 @@ def make_state(
 
 
 def make_app(state: ServingState, prefix: str = "/") -> tornado.web.Application:
-    return tornado.web.Application(routes(state, prefix))
+    # the secret signs the login cookies of the hub's OAuth (a restart asks people to log in again)
+    return tornado.web.Application(routes(state, prefix), cookie_secret=os.urandom(32))
 
 
 class Server:

@@ -34,8 +34,14 @@ class ServeConfig:
     max_inflight_per_user: int = _opt(
         64, "most prompts one user may have queued or running; more -> 429 with Retry-After", ge=1
     )
+    max_queued_per_user: int = _opt(
+        32, "most prompts one user may have waiting for their first token; more -> 429 with Retry-After", ge=1
+    )
     max_queued: int = _opt(
         1024, "most prompts queued or running for everyone together; more -> 429 with Retry-After", ge=1
+    )
+    max_labels: int = _opt(
+        100, "most request labels (the body's user, where it is not the user) kept in the metrics", ge=0
     )
     keepalive_seconds: float = _opt(
         5.0, "interval of SSE keep-alive comments while a stream waits or computes", gt=0

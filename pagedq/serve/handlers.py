@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -46,6 +47,14 @@ class ServingState:
     admission: Admission
     draining: bool = False
     rejected: dict[int, int] = field(default_factory=dict)  # HTTP status -> requests refused
+    # requests per label (the body's user where it is not the user), most recent last; the least
+    # recently seen label is dropped beyond max_labels, so no caller can grow the metrics unbounded
+    labels: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    def count_label(self, label: str) -> None:
+        self.labels[label] = self.labels.pop(label, 0) + 1
+        while len(self.labels) > self.config.max_labels:
+            self.labels.popitem(last=False)
 
     async def first_start(self) -> None:
         """Start the engine if nobody has (the extension starts it on first use) and wait for its
@@ -85,6 +94,8 @@ class BaseHandler(tornado.web.RequestHandler):
         """The user this request is served as (fair share, limits): the authenticated user, or
         the body's ``user`` only where the operator trusts it."""
         self.user = self.state.identity.user_for(self.principal, body_user)
+        if body_user and body_user != self.user:
+            self.state.count_label(body_user)
         return self.user
 
     def send_json(self, obj: BaseModel | dict, status: int = 200) -> None:
@@ -178,6 +189,7 @@ class GenerationHandler(BaseHandler):
         super().initialize(state)
         self._rids: dict[int, str] = {}  # prompt index -> engine request id, while in flight
         self._held = 0  # prompts counted against the admission limits
+        self._started: set[int] = set()  # prompts that produced a token (no longer queued)
         self._queue: asyncio.Queue | None = None
         self._gone = False
         self.request_id = ""
@@ -228,14 +240,14 @@ class GenerationHandler(BaseHandler):
     def _done(self, index: int) -> None:
         if self._rids.pop(index, None) is not None and self._held:
             self._held -= 1
-            self.state.admission.release(self.user, 1)
+            self.state.admission.release(self.user, 1, 0 if index in self._started else 1)
 
     def _abort_all(self) -> None:
         for index, rid in list(self._rids.items()):
             self.state.supervisor.abort(rid)
             self._done(index)
-        if self._held:
-            self.state.admission.release(self.user, self._held)
+        if self._held:  # prompts counted that never reached the engine
+            self.state.admission.release(self.user, self._held, self._held)
             self._held = 0
 
     def on_connection_close(self) -> None:
@@ -274,6 +286,9 @@ class GenerationHandler(BaseHandler):
                 pending.discard(index)
                 self._done(index)
                 raise APIError(f"the engine failed this request: {delta.error}", 500)
+            if index not in self._started and any(c.token_ids for c in delta.choices):
+                self._started.add(index)
+                self.state.admission.started(self.user)
             if delta.finished:
                 pending.discard(index)
                 self._done(index)

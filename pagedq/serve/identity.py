@@ -40,6 +40,15 @@ class Identity:
     def user_for(self, principal: str | None, body_user: str | None) -> str:
         return principal or "anonymous"
 
+    def login_url(self, handler) -> str | None:
+        """Where a person who is not logged in should go (the page redirects there); None if
+        there is no login for people."""
+        return None
+
+    def extra_routes(self, prefix: str) -> list[tuple]:
+        """Routes this identity needs under the app's prefix (the hub's OAuth callback)."""
+        return []
+
 
 class OpenAccess(Identity):
     """No authentication: one user for everyone, or the body's ``user`` if the operator trusts it."""

@@ -13,7 +13,7 @@ Messages (tuples) on the pipe::
     engine -> server   ("ready", EngineInfo) | ("failed", message)   once, at start
                        ("accepted", rid, num_prompt_tokens) | ("rejected", rid, message, param)
                        ("outputs", [OutputDelta, ...])              once per engine step
-                       ("stats", rid, (stats, user_service, latency))
+                       ("stats", rid, (stats, user_stats, latency))
 
 Outputs travel as deltas (the text and tokens new since the last message), so a long answer
 costs the pipe its length once, not once per token. While a stop string could still cut the
@@ -191,7 +191,7 @@ def run(conn, model: str, engine_options: dict) -> None:
                             cancelled.pop(next(iter(cancelled)))
             elif kind == "stats":
                 with driver.lock:
-                    payload = (engine.stats(), engine.user_service(), engine.latency)
+                    payload = (engine.stats(), engine.user_stats(), engine.latency)
                     send(("stats", msg[1], payload))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
