@@ -25,7 +25,7 @@ from .beam_search import BeamSearch, BeamSearchParams
 from .block_manager import BlockManager
 from .checks import check_text, check_token_ids
 from .config import EngineConfig, resolve_device, resolve_dtype
-from .metrics import latency_histograms
+from .metrics import UserStats, latency_histograms
 from .model_runner import ModelRunner
 from .models import ModelConfig
 from .outputs import CompletionOutput, RequestOutput
@@ -38,17 +38,6 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
 ParamsType = SamplingParams | BeamSearchParams
-
-
-@dataclass
-class UserStats:
-    """What one user was really served (for metrics; fair share orders by its own virtual time)."""
-
-    requests: int = 0
-    prompt_tokens: int = 0  # prompt tokens received (once per sample)
-    computed_tokens: int = 0  # prompt and output tokens run through the model (recomputation included)
-    generated_tokens: int = 0  # output tokens produced
-    last_active: float = 0.0  # time.monotonic() of the user's latest request or step
 
 
 @dataclass

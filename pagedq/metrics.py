@@ -36,6 +36,18 @@ COUNTERS = {
 }
 
 
+@dataclass
+class UserStats:
+    """What one user was really served (fair share orders by its own virtual time). Defined here,
+    not in the engine, so that a server unpickling it needs no torch."""
+
+    requests: int = 0
+    prompt_tokens: int = 0  # prompt tokens received (once per sample)
+    computed_tokens: int = 0  # prompt and output tokens run through the model (recomputation included)
+    generated_tokens: int = 0  # output tokens produced
+    last_active: float = 0.0  # time.monotonic() of the user's latest request or step
+
+
 USER_COUNTERS = {  # per recently active user (idle users are dropped, their series with them)
     "requests": "requests received per user",
     "prompt_tokens": "prompt tokens received per user",

@@ -82,7 +82,7 @@ def metrics(srv) -> dict[str, float]:
     }
 
 
-def share_run(srv, spoof: bool, total: int = 3000) -> dict[str, int]:
+def share_run(srv, spoof: bool, total: int = 2000) -> dict[str, int]:
     """A keeps 4 streams in flight, B 40 (each of B's requests claiming a new ``user`` if
     ``spoof``), until ``total`` output tokens; returns the tokens each client received."""
 

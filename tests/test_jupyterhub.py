@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -72,7 +73,12 @@ c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = {str(tmp / "home" / "{username}")!r}
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
-c.Spawner.args = ["--allow-root"]
+# single-user servers without the extensions the test does not use start in half the time
+c.Spawner.args = [
+    "--allow-root",
+    "--ServerApp.jpserver_extensions={{'jupyterlab': False, 'jupyter_lsp': False, 'notebook_shim': False, "
+    "'jupyter_server_terminals': False, 'pagedq.jupyter_ext': False}}",
+]
 c.Spawner.start_timeout = 120
 c.JupyterHub.cleanup_servers = False
 c.JupyterHub.db_url = "sqlite:///{tmp / "hub.sqlite"}"
@@ -230,8 +236,12 @@ def hub(tmp_path_factory):
             except urllib.error.HTTPError as e:
                 if e.code != 409:  # 409: exists
                     raise
-        for user in ("alice", "bob"):
-            h.start_server(user)
+        # the hub answers a start only once the server is up (or slow): start both at once
+        starts = [threading.Thread(target=h.start_server, args=(u,)) for u in ("alice", "bob")]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join(120)
         for user in ("alice", "bob"):
             h.wait(lambda u=user: h.server_ready(u), f"{user}'s server did not start")
         h.kernels = {

@@ -28,7 +28,7 @@ def test_the_api_conforms_to_its_openapi_document(tmp_path):
         out = subprocess.run(
             [
                 st, "run", srv.url + "/openapi.json", "--url", srv.base, "-H", "Authorization: Bearer k",
-                "--checks", CHECKS, "--max-examples", "25", "--seed", "1", "--generation-database", "none",
+                "--checks", CHECKS, "--max-examples", "15", "--seed", "1", "--generation-database", "none",
                 "--workers", "2", "--request-timeout", "60", "--no-color",
             ],
             capture_output=True, text=True, timeout=420, cwd=tmp_path,

@@ -480,12 +480,12 @@ def _drain_case(tmp_path, grace: str, max_tokens: int):
 
 
 def test_sigterm_drains_running_requests_then_stops(tmp_path):
-    srv, engine, out, late, code = _drain_case(tmp_path, "60", 150)
+    srv, engine, out, late, code = _drain_case(tmp_path, "60", 80)
     assert late[0] == 503 and "shutting down" in late[2]["error"]["message"]
     ids, reasons, done, error = out["stream"]
-    assert error is None and done and reasons == ["length"] and len(ids) == 150
+    assert error is None and done and reasons == ["length"] and len(ids) == 80
     status, _, reply = out["whole"]
-    assert status == 200 and reply["usage"]["completion_tokens"] == 150
+    assert status == 200 and reply["usage"]["completion_tokens"] == 80
     assert code == 0 and not pid_alive(engine) and not child_pids(srv.proc.pid)
 
 

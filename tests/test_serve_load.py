@@ -34,7 +34,7 @@ def check(rounds) -> None:
 
 
 def test_short_load_with_hangups_malformed_requests_and_an_engine_kill():
-    check(serve_load.run(args(clients=12, seconds=8.0, rounds=2, malformed_per_second=2.0)))
+    check(serve_load.run(args(clients=12, seconds=6.0, rounds=2, malformed_per_second=2.0)))
 
 
 @pytest.mark.slow
