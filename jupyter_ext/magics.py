@@ -21,6 +21,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from pagedq.driver import EngineDriver, Generation
+from pagedq.outputs import GenerationError
 
 UPDATE_INTERVAL = 0.05  # seconds between display updates while tokens stream
 
@@ -304,6 +305,9 @@ class PagedqMagics(Magics):
             gen.cancel()
             updater.final(gen.latest, note="interrupted: request aborted, its KV blocks freed")
             return None
+        except GenerationError as e:  # the text so far stays on screen, marked as cut off
+            updater.final(gen.latest, note=f"FAILED, the text is cut off: {e}")
+            raise
         if args.output:
             ns[args.output] = gen.latest
         return None

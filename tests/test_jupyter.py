@@ -37,6 +37,8 @@ class Kernel:
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
         reply = self.kc.get_shell_msg(timeout=timeout)
+        while reply["parent_header"].get("msg_id") != msg_id:  # a late reply to an earlier request
+            reply = self.kc.get_shell_msg(timeout=timeout)
         self.last_reply = reply
         if reply["content"]["status"] == "error":
             raise AssertionError("\n".join(reply["content"]["traceback"]))
