@@ -50,19 +50,17 @@ class Session:
         return self.llm, self.driver
 
     def load(self, model: str, **options):
-        from pagedq import LLM
+        from pagedq.llm import LLM
 
         self.unload()
         self.llm = LLM(model, **options)
-        self.driver = EngineDriver(self.llm)
+        self.driver = self.llm.start_driver()
         self.model, self.options, self.loaded_at = model, options, time.perf_counter()
         return self.llm
 
     def unload(self) -> None:
-        if self.driver is not None:
-            self.driver.close()
         if self.llm is not None:
-            self.llm.close()
+            self.llm.close()  # stops its driver too
         self.llm = self.driver = None
         self.model = None
         release_memory()
@@ -84,7 +82,7 @@ def driver_for(llm=None) -> EngineDriver:
     """The session's driver, or one for ``llm`` (kept on it, so every widget shares it)."""
     if llm is None or llm is session.llm:
         return session.require()[1]
-    return llm._driver if llm._driver is not None else EngineDriver(llm)  # it registers itself on llm
+    return llm.start_driver()  # the same driver on every call, so every widget shares it
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -258,7 +256,7 @@ class PagedqMagics(Magics):
         ``{name}`` in the cell is replaced by the notebook variable ``name`` (unknown names stay
         as written). Interrupting the kernel aborts the request and frees its KV blocks.
         """
-        from pagedq import SamplingParams
+        from pagedq.sampling_params import SamplingParams
 
         args = parse_argstring(self.generate, line)
         ns = self.shell.user_ns if self.shell is not None else {}

@@ -27,7 +27,7 @@ class Playground:
     """Prompt, sampling sliders, Generate / Stop, samples streaming side by side, live tokens/s."""
 
     def __init__(self, llm=None):
-        from pagedq import SamplingParams  # noqa: F401  (fail early if pagedq is broken)
+        from pagedq.sampling_params import SamplingParams  # noqa: F401  (fail early if pagedq is broken)
 
         self.llm = llm if llm is not None else session.require()[0]
         self.driver = driver_for(llm)
@@ -66,7 +66,7 @@ class Playground:
         display(self.widget)
 
     def _on_generate(self, _=None) -> None:
-        from pagedq import SamplingParams
+        from pagedq.sampling_params import SamplingParams
 
         if self.generation is not None and not self.generation.done.is_set():
             return  # one generation at a time per playground

@@ -9,8 +9,7 @@ Names are imported on first use, so that processes that only serve or call the s
 from __future__ import annotations
 
 from ._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     "LLM": ".llm",

@@ -114,16 +114,17 @@ class Generation:
 
 
 class EngineDriver:
-    """Steps ``llm.engine`` on a daemon thread while requests are unfinished.
+    """Steps ``engine`` on a daemon thread while requests are unfinished.
 
-    ``listener(outputs)``, if given, is called on the driver thread (outside the lock) with the
-    outputs of every step — how the serving worker forwards them, without a :class:`Generation`
-    per request (see :meth:`add`).
+    Made by :meth:`pagedq.LLM.start_driver`, which then routes ``generate`` / ``stream`` /
+    ``next_token_logprobs`` here (the same calls as ``llm.InlineLoop``). ``listener(outputs)``,
+    if given, is called on the driver thread (outside the lock) with the outputs of every step —
+    how the serving worker forwards them, without a :class:`Generation` per request (see
+    :meth:`add`).
     """
 
-    def __init__(self, llm, listener: Callable[[list[RequestOutput]], None] | None = None):
-        self.llm = llm
-        self.engine = llm.engine
+    def __init__(self, engine, listener: Callable[[list[RequestOutput]], None] | None = None):
+        self.engine = engine
         self.listener = listener
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
@@ -132,7 +133,6 @@ class EngineDriver:
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="pagedq-engine", daemon=True)
         self._thread.start()
-        llm._driver = self  # LLM.generate / stream / next_token_logprobs now go through this thread
 
     def submit(self, prompt, params=None, prepare=None, user: str | None = None) -> Generation:
         """Validate and queue one request (``ValueError`` on bad input, nothing queued).
@@ -170,12 +170,13 @@ class EngineDriver:
             gen._finish()
         return out
 
-    def generate(self, prompts: list, params: list, user: str | None = None) -> list[RequestOutput]:
-        """``LLM.generate`` through the driver: every prompt validated first, results in order."""
-        checked = self.llm._validate_all(prompts, params)
+    def generate(
+        self, prompts: list, params: list, user: str | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
+        """``LLM.generate`` through the driver (prompts already validated): results in order."""
         gens = []
         try:
-            for p, sp in zip(checked, params):
+            for p, sp in zip(prompts, params):
                 gens.append(self.submit(p, sp, user=user))
             return [g.result() for g in gens]
         except BaseException:
@@ -185,9 +186,8 @@ class EngineDriver:
 
     def stream(self, prompts: list, params: list) -> Iterator[RequestOutput]:
         """``LLM.stream`` through the driver: outputs of all prompts as they come."""
-        checked = self.llm._validate_all(prompts, params)
         merged: queue.Queue[RequestOutput] = queue.Queue()
-        gens = [self.submit(p, sp) for p, sp in zip(checked, params)]
+        gens = [self.submit(p, sp) for p, sp in zip(prompts, params)]
         for g in gens:
             g.on_output(merged.put)
         pending = {g.request_id for g in gens}
@@ -204,6 +204,21 @@ class EngineDriver:
             for g in gens:
                 if g.request_id in pending:
                     g.cancel()
+
+    def distributions(self, prompts: list, params) -> list:
+        """``LLM.next_token_logprobs`` through the driver."""
+        import torch
+
+        reqs = []
+
+        def keep(req):
+            req.prompt_distributions = []
+            reqs.append(req)
+
+        gens = [self.submit(p, params, prepare=keep) for p in prompts]
+        for g in gens:
+            g.result()
+        return [torch.cat(r.prompt_distributions) for r in reqs]
 
     @property
     def generations(self) -> list[Generation]:
@@ -245,5 +260,3 @@ class EngineDriver:
             self._closed = True
             self._wake.notify_all()
         self._thread.join(timeout=10)
-        if getattr(self.llm, "_driver", None) is self:
-            self.llm._driver = None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .beam_search import BeamSearchParams
 from .checks import check_bool, check_text
 from .config import EngineConfig
+from .driver import EngineDriver
 from .engine import LLMEngine, ParamsType, PromptType
 from .outputs import GenerationError, RequestOutput
 from .sampling_params import SamplingParams
@@ -24,9 +25,25 @@ class LLM:
 
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
-        # In a notebook a driver thread (pagedq.jupyter_ext) may own the engine's loop; then
-        # generate / stream / next_token_logprobs submit to it instead of stepping themselves.
-        self._driver = None
+        # Who steps the engine: the caller's thread (InlineLoop) until start_driver() hands the
+        # loop to a background EngineDriver; generate / stream / next_token_logprobs go through it.
+        self._loop: InlineLoop | EngineDriver = InlineLoop(self.engine)
+
+    def start_driver(self, listener: Callable[[list[RequestOutput]], None] | None = None) -> EngineDriver:
+        """Hand the engine's loop to a background thread (notebook cells, widgets and the serving
+        worker share one continuous batch that way); returns it. Later calls return the same
+        driver; ``close()`` stops it. ``listener(outputs)`` sees every step's outputs."""
+        if isinstance(self._loop, EngineDriver):
+            if listener is not None:
+                raise ValueError("this LLM's driver is already running; its listener is fixed")
+            return self._loop
+        self._loop = EngineDriver(self.engine, listener)
+        return self._loop
+
+    @property
+    def driver(self) -> EngineDriver | None:
+        """The background driver, if :meth:`start_driver` was called."""
+        return self._loop if isinstance(self._loop, EngineDriver) else None
 
     @property
     def tokenizer(self):
@@ -52,37 +69,8 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        if self._driver is not None:
-            return self._driver.generate(prompts, params, user=user)
-        ids = self._add_all(prompts, params, user)
-        finals: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="Generating", unit="req")
-        try:
-            while len(finals) < len(ids):
-                if not self.engine.has_unfinished_requests():
-                    missing = [rid for rid in ids if rid not in finals]
-                    raise RuntimeError(
-                        f"requests {missing} left the engine without finishing (aborted elsewhere?)"
-                    )
-                for out in self.engine.step():
-                    if out.finished:
-                        finals[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
-        except BaseException:
-            # KeyboardInterrupt included: leave the engine empty and ready for the next call
-            for rid in ids:
-                if rid not in finals:
-                    self.engine.abort(rid)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return _raise_failed([finals[rid] for rid in ids])
+        checked = self._validate_all(prompts, params)
+        return _raise_failed(self._loop.generate(checked, params, user=user, use_tqdm=use_tqdm))
 
     def beam_search(
         self,
@@ -105,41 +93,13 @@ class LLM:
         """For each prompt, the log-probabilities of every next token after every prefix:
         a float32 tensor ``[num_tokens - 1, vocab]`` whose row ``i`` is ``log p(. | tokens[:i+1])``.
 
-        What perplexity and KL-divergence studies of quantized models need (``pagedq.quant.evaluate``).
+        What perplexity and KL-divergence studies of quantized models need (``pagedq.quality.evaluate``).
         """
-        import torch
 
         prompts = _as_prompt_list(prompts)
         sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
         checked = self._validate_all(prompts, [sp] * len(prompts))
-        if self._driver is not None:
-            reqs = []
-
-            def keep(req):
-                req.prompt_distributions = []
-                reqs.append(req)
-
-            gens = [self._driver.submit(p, sp, prepare=keep) for p in checked]
-            for g in gens:
-                g.result()
-            return [torch.cat(r.prompt_distributions) for r in reqs]
-        ids, reqs = [], {}
-        try:
-            for p in checked:
-                rid = self.engine.add_request(p, sp)
-                reqs[rid] = self.engine.requests[rid]
-                reqs[rid].prompt_distributions = []
-                ids.append(rid)
-            dists = {}
-            while len(dists) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in reqs and out.request_id not in dists:
-                        dists[out.request_id] = torch.cat(reqs[out.request_id].prompt_distributions)
-        except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        return [dists[rid] for rid in ids]
+        return self._loop.distributions(checked, sp)
 
     def stream(
         self,
@@ -149,9 +109,7 @@ class LLM:
         """Yield incremental outputs (cumulative text so far) as tokens are produced."""
         prompts = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        if self._driver is not None:
-            return self._driver.stream(prompts, params)
-        return self.engine.stream(self._validate_all(prompts, params), params)
+        return self._loop.stream(self._validate_all(prompts, params), params)
 
     def chat(
         self,
@@ -171,8 +129,7 @@ class LLM:
         return self.engine.stats()
 
     def close(self) -> None:
-        if self._driver is not None:
-            self._driver.close()
+        self._loop.close()
         self.engine.close()
 
     def __enter__(self) -> LLM:
@@ -207,11 +164,76 @@ class LLM:
             checked.append({"prompt": text, "prompt_token_ids": ids})
         return checked
 
-    def _add_all(
-        self, prompts: list[PromptType], params: list[SamplingParams], user: str | None = None
-    ) -> list[str]:
-        checked = self._validate_all(prompts, params)
-        return [self.engine.add_request(p, sp, user=user) for p, sp in zip(checked, params)]
+
+
+class InlineLoop:
+    """Steps the engine on the caller's thread until the caller's requests are done: the plain
+    ``LLM`` (a script, a test). :class:`~pagedq.driver.EngineDriver` offers the same three calls
+    from a background thread. Prompts arrive validated and tokenized (``LLM._validate_all``)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def generate(
+        self, prompts: list[dict], params: list[ParamsType], user: str | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
+        ids = [self.engine.add_request(p, sp, user=user) for p, sp in zip(prompts, params)]
+        finals: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Generating", unit="req")
+        try:
+            while len(finals) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    missing = [rid for rid in ids if rid not in finals]
+                    raise RuntimeError(
+                        f"requests {missing} left the engine without finishing (aborted elsewhere?)"
+                    )
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # KeyboardInterrupt included: leave the engine empty and ready for the next call
+            for rid in ids:
+                if rid not in finals:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finals[rid] for rid in ids]
+
+    def stream(self, prompts: list[dict], params: list[ParamsType]) -> Iterator[RequestOutput]:
+        return self.engine.stream(prompts, params)
+
+    def distributions(self, prompts: list[dict], params: SamplingParams) -> list:
+        """Every prompt's next-token log-softmax rows (``LLM.next_token_logprobs``)."""
+        import torch
+
+        ids, reqs = [], {}
+        try:
+            for p in prompts:
+                rid = self.engine.add_request(p, params)
+                reqs[rid] = self.engine.requests[rid]
+                reqs[rid].prompt_distributions = []
+                ids.append(rid)
+            dists = {}
+            while len(dists) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in reqs and out.request_id not in dists:
+                        dists[out.request_id] = torch.cat(reqs[out.request_id].prompt_distributions)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [dists[rid] for rid in ids]
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
 
 
 def chat_prompt(

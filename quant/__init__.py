@@ -4,23 +4,18 @@
   ``LLM(path)``; ``LLM(path, quantization="int8" | "int4")`` quantizes a dense one on load;
 * writing: :func:`quantize` makes a GPTQ / AWQ / RTN checkpoint from a dense one;
 * execution: :mod:`pagedq.quant.linear` (``NativeQuantLinear``, ``Int4Linear``, ``Int8Linear``, ``GroupedLinear``);
-* evaluation: :func:`evaluate` / :func:`compare` (perplexity, KL divergence from a reference,
-  weight bytes, decode tokens/s).
 
-Everything here needs torch alone.
+Evaluation of whole models (perplexity, KL divergence, decode speed: ``evaluate`` / ``compare``)
+opens engines, so it lives above the engine, in :mod:`pagedq.quality`. Everything here needs
+torch alone.
 """
 
-from .evaluate import Comparison, EvalResult, compare, evaluate
 from .formats import QuantConfig, QuantWeight
 from .quantize import QuantizeResult, quantize
 
 __all__ = [
-    "Comparison",
-    "EvalResult",
     "QuantConfig",
     "QuantWeight",
     "QuantizeResult",
-    "compare",
-    "evaluate",
     "quantize",
 ]

@@ -201,15 +201,14 @@ def test_playground_and_kv_view_models(tiny_llama):
 def test_llm_api_goes_through_the_driver_thread(tiny_llama):
     """With a driver (as in a notebook), LLM.generate / stream / next_token_logprobs submit to
     its thread, so they batch with a background generation instead of racing it."""
-    from pagedq.jupyter_ext import EngineDriver
-
     from pagedq import LLM, SamplingParams
 
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(tiny_llama, dtype="float32") as llm:
         ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS_J, greedy, use_tqdm=False)]
         dist = llm.next_token_logprobs(PROMPTS_J[0])[0]
-        driver = EngineDriver(llm)
+        driver = llm.start_driver()
+        assert llm.driver is driver and llm.start_driver() is driver
         bg = driver.submit(
             "for i in range(10):", SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
         )

@@ -413,8 +413,9 @@ def test_quantizer_writes_checkpoints_that_load_back(tiny_llama, tmp_path, metho
 
 
 def test_evaluate_perplexity_matches_hf_and_kl_orders_the_quantizations(tiny_llama):
-    from pagedq.quant import compare, evaluate
     from transformers import AutoModelForCausalLM
+
+    from pagedq.quality import compare, evaluate
 
     texts = [PROMPTS[4] * 3, PROMPTS[8] * 2]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -522,7 +523,7 @@ def test_compare_schemes_table_and_plot(tiny_llama, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from pagedq.quant import compare
+    from pagedq.quality import compare
 
     monkeypatch.setenv("PAGEDQ_CACHE", str(tmp_path))
     table = compare(

@@ -3,7 +3,7 @@
 All variants are loaded at once and measured interleaved, round by round: batch-1 decode
 tokens/s (the memory-bound case weight quantization is for), and with ``--throughput`` the
 ``throughput`` workload. Quality columns (perplexity, KL divergence from bf16) come from
-``pagedq.quant.evaluate`` on held-out standard-library text. ``--crossover`` times one layer's
+``pagedq.quality`` on held-out standard-library text. ``--crossover`` times one layer's
 weight-only kernel (and torch's, on the same weights, when ours runs) against dequantize + bf16
 GEMM and the bf16 GEMM over growing token counts: the data behind ``QuantLinear.dequant_min_tokens``.
 """
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pagedq import LLM
+from pagedq.llm import LLM
 
 from . import throughput as tp
 from . import workloads
@@ -66,7 +66,7 @@ def _crossover(llm: LLM, dtype: torch.dtype) -> None:
 
 def main(args) -> None:
     from pagedq.models.build import MODEL_SHAPES, ensure_model
-    from pagedq.quant.evaluate import decode_speed, default_texts, evaluate, reference_distributions
+    from pagedq.quality import decode_speed, default_texts, evaluate, reference_distributions
 
     model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     kv = args.kv_cache_memory or "1GiB"

@@ -15,7 +15,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from pagedq import LLM, BeamSearchParams, SamplingParams
+from pagedq.beam_search import BeamSearchParams
+from pagedq.llm import LLM
+from pagedq.sampling_params import SamplingParams
 
 from . import workloads
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedq import LLM, SamplingParams
+from pagedq.llm import LLM
+from pagedq.sampling_params import SamplingParams
 
 from . import workloads
 

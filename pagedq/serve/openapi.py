@@ -206,6 +206,6 @@ def document(
 
 
 def _version() -> str:
-    from pagedq import __version__
+    from pagedq._version import __version__
 
     return __version__

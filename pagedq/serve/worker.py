@@ -103,8 +103,7 @@ def run(conn, model: str, engine_options: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pagedq import LLM
-    from pagedq.driver import EngineDriver
+    from pagedq.llm import LLM
 
     try:
         llm = LLM(model, **engine_options)
@@ -135,7 +134,7 @@ def run(conn, model: str, engine_options: dict) -> None:
         if deltas:
             send(("outputs", deltas))
 
-    driver = EngineDriver(llm, listener=forward)
+    driver = llm.start_driver(listener=forward)
     engine = llm.engine
     tokenizer = llm.get_tokenizer()
 
@@ -195,8 +194,7 @@ def run(conn, model: str, engine_options: dict) -> None:
                     send(("stats", msg[1], payload))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        driver.close()
-        llm.close()
+        llm.close()  # stops the driver too
 
 
 def _message(e: Exception) -> str:

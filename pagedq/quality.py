@@ -1,5 +1,8 @@
 """Quality, memory and speed of a (quantized) model, side by side with a reference.
 
+A study tool above the engine (it opens ``LLM`` objects), so it lives here and not in
+``pagedq.quant``, which the engine's model loader depends on.
+
 ``evaluate`` measures one configuration: perplexity on held-out text, the mean KL divergence
 of its next-token distributions from a reference model's (the usual way to compare
 quantizations of the same model — perplexity alone hides where they differ), the bytes of its
@@ -19,6 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .llm import LLM
+from .sampling_params import SamplingParams
 
 # Held-out text: standard-library sources that the default calibration set does not use.
 EVAL_FILES = ("textwrap.py", "shlex.py", "fractions.py", "difflib.py")
@@ -67,8 +73,6 @@ def reference_distributions(reference, token_lists: list[list[int]]) -> list[tor
 
 def decode_speed(llm, prompt_ids: list[int], tokens: int = 64, runs: int = 3) -> float:
     """Batch-1 decode tokens/s: time of ``tokens + 1`` tokens minus time of 1 (the prefill)."""
-    from pagedq import SamplingParams
-
     def timed(n):
         t0 = time.perf_counter()
         llm.generate(
@@ -103,8 +107,6 @@ def evaluate(
     previous call computed (``reference_distributions``). ``decode_tokens=0`` skips the speed
     measurement.
     """
-    from pagedq import LLM
-
     owned = isinstance(model, str)
     llm = LLM(model, **llm_kwargs) if owned else model
     try:
@@ -160,16 +162,15 @@ SCHEMES = {
 def _scheme_config(model: str, name: str, group_size: int) -> dict:
     """``LLM`` keyword arguments of a scheme name; GPTQ/AWQ/RTN checkpoints are written once
     (with pagedq's quantizers) and cached under ``$PAGEDQ_CACHE/quantized``."""
-    from pagedq.models.build import cache_dir
+    from .models.build import cache_dir
 
     if name not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}; choose from {sorted(SCHEMES)}")
     cfg = dict(SCHEMES[name])
     q = cfg.pop("quantize", None)
     if q is not None:
-        from pagedq.engine import resolve_model_dir
-
-        from .quantize import quantize
+        from .engine import resolve_model_dir
+        from .quant.quantize import quantize
 
         src = resolve_model_dir(model)
         tag = hashlib.sha256(os.path.realpath(src).encode()).hexdigest()[:10]
@@ -253,8 +254,6 @@ def compare(
     pagedq's quantizers and cached); ``configs`` gives them as ``name -> LLM keyword
     arguments`` instead. ``plot=True`` also draws the figure (in a notebook, inline).
     """
-    from pagedq import LLM
-
     if schemes is not None:
         configs = {name: _scheme_config(model, name, group_size) for name in schemes}
     if not configs:
