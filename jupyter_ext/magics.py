@@ -8,6 +8,7 @@ operating system, so that a new ``load`` works at once in the same kernel.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import html
@@ -16,12 +17,14 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
 from pagedq.driver import EngineDriver, Generation
+from pagedq.options import add_arguments, collect
 from pagedq.outputs import GenerationError
+from pagedq.sampling_params import SamplingParams
 
 UPDATE_INTERVAL = 0.05  # seconds between display updates while tokens stream
 
@@ -192,13 +195,11 @@ def status() -> Status:
 class PagedqMagics(Magics):
     @line_magic
     def pagedq(self, line: str):
-        """%pagedq load MODEL [--dtype D] [--quantization int8|int4] [--kv-cache-dtype auto|int8|fp8_e4m3]
-        [--kv-cache-memory 1GiB] [--max-num-seqs N] [--max-model-len N] [--block-size N]
+        """%pagedq load MODEL [engine options]   e.g. --dtype bfloat16 --quantization int8 --kv-cache-memory 1GiB
+        %pagedq load --help  every engine option (the fields of pagedq.EngineConfig)
         %pagedq status      the engine at a glance
         %pagedq unload      free the weights and the KV cache (a new load works at once)
         """
-        import argparse
-
         words = shlex.split(line)
         if not words or words[0] not in ("load", "status", "unload"):
             print(self.pagedq.__doc__)
@@ -210,45 +211,17 @@ class PagedqMagics(Magics):
             session.unload()
             print("pagedq: unloaded")
             return None
-        p = argparse.ArgumentParser(prog="%pagedq load", add_help=False)
-        p.add_argument("model")
-        p.add_argument("--dtype", default="auto")
-        p.add_argument("--quantization", default=None)
-        p.add_argument("--kv-cache-dtype", default="auto")
-        p.add_argument("--kv-cache-memory", default=None)
-        p.add_argument("--num-kv-blocks", type=int, default=None)
-        p.add_argument("--max-num-seqs", type=int, default=256)
-        p.add_argument("--max-model-len", type=int, default=None)
-        p.add_argument("--block-size", type=int, default=16)
         try:
-            a = p.parse_args(words[1:])
-        except SystemExit:
-            print(p.format_usage())
+            a = _LOAD_PARSER.parse_args(words[1:])
+        except _Usage as e:
+            print(e)
             return None
-        opts = {k: v for k, v in vars(a).items() if k != "model" and v is not None}
+        opts = collect(a, _LOAD_PARSER.fields, drop_none=True)
         t0 = time.perf_counter()
         session.load(a.model, **opts)
         print(f"pagedq: loaded {a.model} in {time.perf_counter() - t0:.1f} s")
         return None
 
-    @magic_arguments()
-    @argument("--max-tokens", type=int, default=128)
-    @argument("--temperature", type=float, default=0.7)
-    @argument("--top-p", type=float, default=1.0)
-    @argument("--top-k", type=int, default=0)
-    @argument("--min-p", type=float, default=0.0)
-    @argument("--seed", type=int, default=None)
-    @argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    @argument("--n", type=int, default=1, help="samples, shown side by side")
-    @argument("--logprobs", type=int, default=None, help="keep the top-k logprobs of every token")
-    @argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    @argument("--system", default=None, help="system message (with --chat)")
-    @argument("-o", "--output", default=None, help="store the RequestOutput in this variable")
-    @argument("--format", default="text", choices=["text", "markdown", "code"])
-    @argument("--background", action="store_true", help="return a Generation handle at once")
-    @argument(
-        "--shared", action="store_true", help="run on the Jupyter server's shared engine (pagedq.connect())"
-    )
     @cell_magic
     def generate(self, line: str, cell: str):
         """Generate a completion of the cell's text with the loaded model, streaming into the cell.
@@ -256,9 +229,10 @@ class PagedqMagics(Magics):
         ``{name}`` in the cell is replaced by the notebook variable ``name`` (unknown names stay
         as written). Interrupting the kernel aborts the request and frees its KV blocks.
         """
-        from pagedq.sampling_params import SamplingParams
-
-        args = parse_argstring(self.generate, line)
+        try:
+            args = _GENERATE_PARSER.parse_args(shlex.split(line))
+        except _Usage as e:
+            raise UsageError(str(e)) from None
         ns = self.shell.user_ns if self.shell is not None else {}
         text = interpolate(cell.rstrip("\n"), ns)
         prompt: object = text
@@ -273,17 +247,7 @@ class PagedqMagics(Magics):
                 from pagedq.llm import chat_prompt
 
                 prompt = {"prompt": text, **chat_prompt(llm.get_tokenizer(), messages)}
-        params = SamplingParams(
-            n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            seed=args.seed,
-            stop=args.stop,
-            max_tokens=args.max_tokens,
-            logprobs=args.logprobs,
-        )
+        params = SamplingParams(**collect(args, _GENERATE_PARSER.fields))
         if args.shared:  # the same display and interrupt handling over the server's engine
             shared = session.connect_shared()
             gen = shared.submit(params=params, messages=messages) if messages else shared.submit(text, params)
@@ -335,6 +299,54 @@ class _Updater:
         if note:
             footer = f"{note}; {footer}"
         self.handle.update(Rendered([c.text for c in out.outputs], self.fmt, footer))
+
+
+class _Usage(Exception):
+    """A magic's options did not parse (argparse would exit the kernel's process)."""
+
+
+class _MagicParser(argparse.ArgumentParser):
+    fields: dict[str, str] = {}  # noqa: RUF012 - set per parser: dataclass field -> dest
+
+    def error(self, message: str):
+        raise _Usage(f"{self.format_usage()}{self.prog}: error: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise _Usage(message or self.format_help())
+
+
+def _load_parser() -> _MagicParser:
+    from pagedq.config import EngineConfig
+
+    p = _MagicParser(prog="%pagedq load")
+    p.add_argument("model", help="model folder, or pagedq-tiny (the bundled model)")
+    p.fields = add_arguments(p, EngineConfig, exclude=("model",))
+    return p
+
+
+def _generate_parser() -> _MagicParser:
+    p = _MagicParser(prog="%%generate", add_help=False)
+    p.fields = add_arguments(
+        p,
+        SamplingParams,
+        exclude=("logit_bias", "prompt_logprobs"),
+        defaults={"max_tokens": 128, "temperature": 0.7},
+    )
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("-o", "--output", default=None, help="store the RequestOutput in this variable")
+    p.add_argument("--format", default="text", choices=["text", "markdown", "code"])
+    p.add_argument("--background", action="store_true", help="return a Generation handle at once")
+    p.add_argument(
+        "--shared", action="store_true", help="run on the Jupyter server's shared engine (pagedq.connect())"
+    )
+    return p
+
+
+_LOAD_PARSER = _load_parser()
+_GENERATE_PARSER = _generate_parser()
+# ``%%generate?`` shows the options under the docstring
+PagedqMagics.generate.__doc__ = f"{PagedqMagics.generate.__doc__}\n{_GENERATE_PARSER.format_help()}"
 
 
 def load_ipython_extension(ipython) -> None:

@@ -29,6 +29,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Unicode
 
+from pagedq.policies import policy_help
 from pagedq.serve.app import OPEN_HANDLERS, PAGE_HANDLERS, drain, make_state, routes
 from pagedq.serve.config import ServeConfig
 from pagedq.serve.errors import APIError
@@ -96,7 +97,7 @@ class PagedqExtension(ExtensionApp):
         config=True,
         help="keyword arguments of pagedq.LLM, e.g. {'dtype': 'bfloat16', 'kv_cache_memory': '4GiB'}",
     )
-    scheduling_policy = Unicode("fair", config=True, help="fair (per-user share) or fcfs")
+    scheduling_policy = Unicode("fair", config=True, help=policy_help())
     preload = Bool(
         False, config=True, help="start the engine with the server instead of on the first request"
     )

@@ -23,12 +23,14 @@ step for step, so that results are equal to it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from .checks import Range, check_bool, check_token_ids
-from .sequence import Sequence
+from .outputs import CompletionOutput, RequestOutput
+from .sequence import Request, Sequence
 
 # transformers marks impossible scores with -1e9 rather than -inf; the same constant keeps the
 # comparisons identical
@@ -45,9 +47,11 @@ class BeamSearchParams:
     current length) or ``"never"`` (judged at the best length possible).
     """
 
-    beam_width: int
+    beam_width: int = field(metadata={"help": "beam search with this many beams"})
     max_tokens: int = 16
-    length_penalty: float = 1.0
+    length_penalty: float = field(
+        default=1.0, metadata={"help": "beam search: exponent of the length in the score"}
+    )
     early_stopping: bool | str = False
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -98,7 +102,13 @@ class Hypothesis:
 
 
 class BeamSearch:
-    """The beam state of one request: live beams, their scores, the kept hypotheses."""
+    """The beam state of one request: live beams, their scores, the kept hypotheses.
+
+    The engine talks to it through four calls: :meth:`start` (the first beam of a new request),
+    :meth:`collect` (a beam's next-token log-probabilities, as a step produces them), and once
+    every live beam has its row, :meth:`advance` (fork, extend and prune the beams, through the
+    scheduler's ``fork`` and ``finish``); :meth:`output` builds what the caller sees.
+    """
 
     def __init__(
         self, params: BeamSearchParams, stop_ids: list[int], user_stop_ids: list[int], max_new_tokens: int
@@ -117,6 +127,91 @@ class BeamSearch:
         self.done = False
         self.num_generated = 0
         self._next_index = 1
+
+    @classmethod
+    def start(cls, req: Request, eos_token_ids: list[int], max_model_len: int) -> Sequence:
+        """Attach a search to the beam-search request ``req``; return its first beam, which
+        prefills the prompt (the search forks it when its first logits arrive)."""
+        params: BeamSearchParams = req.params
+        stop_ids = ([] if params.ignore_eos else list(eos_token_ids)) + params.stop_token_ids
+        max_new = min(params.max_tokens, max_model_len - len(req.prompt_token_ids))
+        search = req.beam = cls(params, stop_ids, params.stop_token_ids, max_new)
+        first = Sequence(req, 0)
+        req.seqs.append(first)
+        search.live, search.scores = [first], [0.0]
+        return first
+
+    def collect(self, seq: Sequence, row: torch.Tensor) -> None:
+        """Keep live beam ``seq``'s next-token log-probabilities (a log-softmax row)."""
+        self.rows[seq.seq_id] = row
+
+    def advance(
+        self,
+        req: Request,
+        fork: Callable[[Sequence, Sequence], None],
+        finish: Callable[[Sequence], None],
+    ) -> int:
+        """Advance the search by one token once :meth:`ready`: a parent continued more than once
+        is forked first (``fork(parent, child)``: the child shares its blocks), beams nobody
+        continues are ended at once (``finish``), and each new beam gets its token. Returns the
+        number of tokens appended."""
+        picks = self.select()
+        continuing: set[int] = set()
+        new_live: list[tuple[Sequence, int, float]] = []
+        for parent, token, score in picks:
+            if parent.seq_id in continuing:  # a second child: fork before the parent grows
+                child = Sequence(req, self.next_index(), parent.token_ids)
+                fork(parent, child)
+            else:
+                continuing.add(parent.seq_id)
+                child = parent
+            new_live.append((child, token, score))
+        for beam in self.live:
+            if beam.seq_id not in continuing:  # pruned, or the search is over: free at once
+                finish(beam)
+        for seq, token, score in new_live:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob = score
+        self.live = [seq for seq, _, _ in new_live]
+        self.scores = [score for _, _, score in new_live]
+        req.seqs = list(self.live)
+        return len(new_live)
+
+    def output(self, req: Request, tokenizer) -> RequestOutput:
+        """The kept hypotheses, best first, once the search is over; the live beams before."""
+        skip = self.params.skip_special_tokens
+        if self.done and req.error is None:
+            outs = [
+                CompletionOutput(
+                    index=i,
+                    text=tokenizer.decode(h.token_ids, skip_special_tokens=skip),
+                    token_ids=list(h.token_ids),
+                    cumulative_logprob=h.cumulative_logprob,
+                    finish_reason=h.finish_reason,
+                    stop_reason=h.stop_reason,
+                    score=h.score,
+                )
+                for i, h in enumerate(self.finished)
+            ]
+        else:
+            outs = [
+                CompletionOutput(
+                    index=i,
+                    text=tokenizer.decode(s.output_token_ids, skip_special_tokens=skip),
+                    token_ids=list(s.output_token_ids),
+                    cumulative_logprob=s.cumulative_logprob,
+                    finish_reason=s.finish_reason,
+                )
+                for i, s in enumerate(req.seqs)
+            ]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            outputs=outs,
+            finished=req.finished,
+            error=req.error,
+        )
 
     def next_index(self) -> int:
         i, self._next_index = self._next_index, self._next_index + 1

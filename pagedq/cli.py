@@ -7,87 +7,47 @@ import logging
 import sys
 import time
 
+from pagedq.options import add_arguments, collect
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default=None, help="KV pool size, bytes or e.g. 2GiB")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantization", default=None, help="quantize on load: int8 | int4")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto | int8 | fp8_e4m3")
-    p.add_argument(
-        "--user-idle-seconds",
-        type=float,
-        default=600.0,
-        help="users idle this long leave the per-user tables",
-    )
+
+def _add_engine_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """Every engine option with a command-line form, from EngineConfig's fields."""
+    from pagedq.config import EngineConfig
+
+    p.set_defaults(_engine=add_arguments(p, EngineConfig, exclude=("model",), defaults=defaults))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--min-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--beam-width", type=int, default=None, help="beam search with this many beams")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: length exponent")
+    """Sampling and beam-search options from SamplingParams and BeamSearchParams; the CLI
+    generates greedily and longer by default."""
+    from pagedq.beam_search import BeamSearchParams
+    from pagedq.sampling_params import SamplingParams
+
+    sampling = add_arguments(
+        p,
+        SamplingParams,
+        exclude=("logit_bias",),
+        defaults={"max_tokens": 64, "temperature": 0.0},
+        rename={"seed": "sampling-seed"},
+        dest_prefix="sp_",
+    )
+    beam = add_arguments(p, BeamSearchParams, only=("beam_width", "length_penalty"), dest_prefix="bs_")
+    p.set_defaults(_sampling=sampling, _beam=beam)
 
 
 def _engine_kwargs(a) -> dict:
-    return dict(
-        dtype=a.dtype,
-        device=a.device,
-        block_size=a.block_size,
-        num_kv_blocks=a.num_kv_blocks,
-        kv_cache_memory=a.kv_cache_memory,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens,
-        max_model_len=a.max_model_len,
-        seed=a.seed,
-        quantization=a.quantization,
-        kv_cache_dtype=a.kv_cache_dtype,
-        user_idle_seconds=a.user_idle_seconds,
-    )
+    return collect(a, a._engine)
 
 
 def _sampling_params(a):
-    from pagedq import BeamSearchParams, SamplingParams
+    from pagedq.beam_search import BeamSearchParams
+    from pagedq.sampling_params import SamplingParams
 
-    if a.beam_width is not None:
-        return BeamSearchParams(
-            beam_width=a.beam_width,
-            max_tokens=a.max_tokens,
-            length_penalty=a.length_penalty,
-            ignore_eos=a.ignore_eos,
-        )
-    return SamplingParams(
-        n=a.n,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        seed=a.sampling_seed,
-        max_tokens=a.max_tokens,
-        min_tokens=a.min_tokens,
-        repetition_penalty=a.repetition_penalty,
-        presence_penalty=a.presence_penalty,
-        frequency_penalty=a.frequency_penalty,
-        stop=a.stop,
-        ignore_eos=a.ignore_eos,
-    )
+    sp = collect(a, a._sampling)
+    if a.bs_beam_width is not None:
+        shared = ("max_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+        return BeamSearchParams(**collect(a, a._beam), **{k: sp[k] for k in shared})
+    return SamplingParams(**sp)
 
 
 def _resolve_model(name: str) -> str:
@@ -101,7 +61,7 @@ def cmd_generate(a) -> None:
 
     sp = _sampling_params(a)
     with LLM(_resolve_model(a.model), **_engine_kwargs(a)) as llm:
-        if a.stream and sp.n == 1 and len(a.prompt) == 1 and a.beam_width is None:
+        if a.stream and sp.n == 1 and len(a.prompt) == 1 and a.bs_beam_width is None:
             shown = 0
             for out in llm.stream(a.prompt, sp):
                 text = out.outputs[0].text
@@ -263,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "model", nargs="?", default="pagedq-tiny", help="model folder, or pagedq-tiny (the bundled default)"
     )
-    _add_engine_args(s)
+    _add_engine_args(s, scheduling_policy="fair")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
@@ -282,7 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="without API keys, share fairly by the body's 'user' field (default: one shared user)",
     )
-    s.add_argument("--scheduling-policy", default="fair", help="fair (per-user share) | fcfs")
     s.add_argument(
         "--hub",
         action="store_true",
@@ -344,7 +303,6 @@ def cmd_serve(a) -> None:
     else:
         identity = OpenAccess(trust_request_user=a.trust_request_user)
     options = {k: v for k, v in _engine_kwargs(a).items() if v is not None}
-    options["scheduling_policy"] = a.scheduling_policy
     serve(_serve_model(a.model), options, config, identity, host, port, prefix)
 
 

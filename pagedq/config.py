@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .checks import Range
+from .policies import check_policy, policy_help
 
+if TYPE_CHECKING:  # torch is imported when an engine resolves its dtype and device, not before:
+    import torch  # the HTTP server reads this module for its options and never imports torch
+
+# dtype names -> torch attribute names
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 _UNITS = {
@@ -58,6 +62,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """Pick the activation/weight dtype. ``"auto"`` follows the checkpoint, except that
     float16 on a CPU becomes bfloat16 (CPUs have fast bf16 kernels, not fp16 ones)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
@@ -65,7 +71,7 @@ def resolve_dtype(
         if resolved == torch.float16 and device.type == "cpu":
             resolved = torch.bfloat16
     elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
+        resolved = getattr(torch, _DTYPES[dtype])
     else:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
@@ -74,6 +80,8 @@ def resolve_dtype(
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -105,24 +113,36 @@ class EngineConfig:
     the per-user tables.
     """
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
-    device: str | torch.device = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | float | str | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    seed: int = 0
-    enable_prefix_caching: bool = True
-    enable_kv_sharing: bool = True
-    quantization: str | None = None
-    kv_cache_dtype: str = "auto"
-    scheduling_policy: str = "fcfs"
-    user_weights: dict[str, float] | None = None
-    user_idle_seconds: float = 600.0
+    model: str = field(metadata={"help": "model folder, or pagedq-tiny (the bundled model)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
+    dtype: str | torch.dtype = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    device: str | torch.device = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "KV pool size in blocks"})
+    kv_cache_memory: int | float | str | None = field(
+        default=None, metadata={"help": "KV pool size, bytes or e.g. 2GiB", "type": str}
+    )
+    max_num_seqs: int = field(default=256, metadata={"help": "sequences in one batch at most"})
+    max_num_batched_tokens: int | None = field(
+        default=None, metadata={"help": "tokens in one step at most (default: max(2048, max_num_seqs))"}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "prompt + output tokens at most (default: the model's)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the engine's sampler"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached prompt blocks"})
+    enable_kv_sharing: bool = field(
+        default=True, metadata={"help": "forked sequences share blocks (copy on write)"}
+    )
+    quantization: str | None = field(default=None, metadata={"help": "quantize on load: int8 | int4"})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto | int8 | fp8_e4m3"})
+    scheduling_policy: str = field(default="fcfs", metadata={"help": policy_help()})
+    user_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "fair share weight per user (default 1 each)"}
+    )
+    user_idle_seconds: float = field(
+        default=600.0, metadata={"help": "users idle this long leave the per-user tables"}
+    )
 
     def validate(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -137,24 +157,13 @@ class EngineConfig:
             _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
-        if self.quantization is not None and self.quantization not in ("int8", "int4"):
-            raise ValueError(
-                f"quantization must be 'int8', 'int4' or None (GPTQ/AWQ checkpoints are detected from "
-                f"config.json), got {self.quantization!r}"
-            )
         if self.kv_cache_dtype == "fp8":
             self.kv_cache_dtype = "fp8_e4m3"
         if self.kv_cache_dtype not in ("auto", "int8", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' (the model dtype), 'int8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}"
             )
-        if self.scheduling_policy not in ("fcfs", "fair"):
-            raise ValueError(
-                f"scheduling_policy must be 'fcfs' (first come first served) or 'fair' (per-user fair "
-                f"share), got {self.scheduling_policy!r}"
-            )
-        if self.user_weights is not None and self.scheduling_policy != "fair":
-            raise ValueError("user_weights only apply with scheduling_policy='fair'")
+        check_policy(self.scheduling_policy, self.user_weights)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         Range(float, gt=0).check("user_idle_seconds", self.user_idle_seconds)

@@ -27,12 +27,14 @@ from .checks import check_text, check_token_ids
 from .config import EngineConfig, resolve_device, resolve_dtype
 from .metrics import UserStats, latency_histograms
 from .model_runner import ModelRunner
-from .models import ModelConfig
-from .outputs import CompletionOutput, RequestOutput
+from .models import read_config
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
+from .policies import make_policy
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledSeq, Scheduler, make_policy
-from .sequence import Logprob, Request, Sequence, SequenceStatus
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from .sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class _StepPlan:
     """The rows of one model step that the engine reads back: ``rows`` = the sampled rows
     (one per sequence in ``samplers``) then the prompt-logprob rows (``prompt_targets``)."""
 
-    batch: list[ScheduledSeq]
+    step: SchedulerOutput
     sample_rows: list[int] = field(default_factory=list)
     samplers: list[Sequence] = field(default_factory=list)
     prompt_rows: list[int] = field(default_factory=list)
@@ -89,7 +91,7 @@ class LLMEngine:
         config.validate()
         self.config = config
         model_dir = resolve_model_dir(config.model)
-        self.model_config = mc = ModelConfig.from_dir(model_dir)
+        self.model_config = mc = read_config(model_dir)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, mc.torch_dtype, self.device)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -123,6 +125,8 @@ class LLMEngine:
             config.max_num_seqs,
             self.max_num_batched_tokens,
             make_policy(config.scheduling_policy, config.user_weights),
+            self.eos_token_ids,
+            self.max_model_len,
         )
         self.sampler = Sampler(mc.vocab_size, self.eos_token_ids, self.device, config.seed)
 
@@ -134,6 +138,7 @@ class LLMEngine:
             ("prompt_tokens", "generated_tokens", "computed_tokens", "num_steps", "num_requests"), 0
         )
         self.latency = latency_histograms()  # time to first token, per output token, end to end
+        self.processor = OutputProcessor(self.tokenizer, self.scheduler.finish, self.latency)
         self.users: dict[str, UserStats] = {}  # by user; idle users are dropped (user_idle_seconds)
         self._peak_blocks = 0
         self._waste_at_peak = 0.0
@@ -308,13 +313,7 @@ class LLMEngine:
             arrival_time=time.perf_counter(),
         )
         if isinstance(params, BeamSearchParams):
-            # one beam prefills the prompt; the search forks it when its first logits arrive
-            stop_ids = ([] if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
-            max_new = min(params.max_tokens, self.max_model_len - len(ids))
-            req.beam = BeamSearch(params, stop_ids, params.stop_token_ids, max_new)
-            req.seqs.append(Sequence(req, 0))
-            req.beam.live = list(req.seqs)
-            req.beam.scores = [0.0]
+            BeamSearch.start(req, self.eos_token_ids, self.max_model_len)
             self._counters["prompt_tokens"] += len(ids)
             self._user(req.user).prompt_tokens += len(ids)
         else:
@@ -346,7 +345,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
-        return self._output(req)
+        return self.processor.output(req)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an explicit error (``finish_reason="error"``) and free its
@@ -354,7 +353,7 @@ class LLMEngine:
         outputs = []
         for rid, req in list(self.requests.items()):
             self._fail(req, message)
-            outputs.append(self._output(req))
+            outputs.append(self.processor.output(req))
             del self.requests[rid]
         return outputs
 
@@ -366,12 +365,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of the requests that changed in it.
 
-        If the model step raises, the step is not lost for everyone: the engine runs it again
-        without the requests admitted in it, then tries those (or, if that fails too, every
-        request) one by one; the requests that fail alone end with ``finish_reason="error"`` and
-        ``RequestOutput.error``, their blocks are freed, and the others go on as if nothing had
-        happened (their K/V slots are simply written again). A failure while sampling or
-        appending a token fails only its own request.
+        schedule → execute (the model over the packed batch) → sample → update (the scheduler
+        commits the step) → outputs. If the model step raises, the step is not lost for
+        everyone: the engine runs it again without the requests admitted in it, then tries
+        those (or, if that fails too, every request) one by one; the requests that fail alone
+        end with ``finish_reason="error"`` and ``RequestOutput.error``, their blocks are freed,
+        and the others go on as if nothing had happened (their K/V slots are simply written
+        again). A failure while sampling or processing a token fails only its own request.
         """
         self._check_open()
         sched = self.scheduler.schedule()
@@ -382,33 +382,31 @@ class LLMEngine:
                     f"{len(self.scheduler.waiting)} waiting sequences (a bug in pagedq; please report it)"
                 )
             return []
-        batch = [s for s in sched.scheduled if s.num_new_tokens == 1] + [
-            s for s in sched.scheduled if s.num_new_tokens > 1
-        ]
-        touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in batch}
-        copies = self.block_manager.take_pending_copies()
-        try:
-            plan = self._plan(batch)
-            logits = self.runner.execute(batch, plan.rows, copies)
-        except Exception as e:  # noqa: BLE001 - any failure of the model step is isolated
-            plan, logits = self._isolate_fault(batch, copies, e)
+        touched = {item.seq.request.request_id: item.seq.request for item in sched.scheduled}
+        plan, logits = self._execute(sched)
         if plan is not None:
-            self._commit(plan, logits)
+            self._account(plan)
+            sampled = self._sample_step(plan, logits)
+            self.scheduler.update_from_output(plan.step, [(seq, token) for seq, token, _ in sampled])
+            for seq, _, lp in sampled:
+                self._guarded(seq.request, self.processor.process_token, seq, lp)
         outputs, now = [], time.perf_counter()
         for req in touched.values():
-            out = self._output(req)
+            out = self.processor.output(req)
             outputs.append(out)
-            self._observe_latency(req, out, now)
+            self.processor.observe_latency(req, out, now)
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
 
-    def _plan(self, batch: list[ScheduledSeq]) -> _StepPlan:
+    # --- execute -----------------------------------------------------------------------------
+
+    def _plan(self, step: SchedulerOutput) -> _StepPlan:
         """Which rows of the packed batch are sampled and which score prompt tokens (no state
         changes: a failed step can be planned again)."""
-        plan = _StepPlan(batch)
+        plan = _StepPlan(step)
         start = 0
-        for item in batch:
+        for item in step.scheduled:
             seq, n = item.seq, item.num_new_tokens
             if item.samples:
                 plan.sample_rows.append(start + n - 1)
@@ -416,23 +414,30 @@ class LLMEngine:
             req = seq.request
             if req.prompt_logprobs is not None and seq.index == 0:
                 # position p predicts prompt token p + 1; score each prompt position once
-                first = max(seq.num_computed_tokens, req.num_prompt_logprobs_done)
-                last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+                first = max(item.start, req.num_prompt_logprobs_done)
+                last = min(item.start + n, seq.num_prompt_tokens - 1)
                 for p in range(first, last):
-                    plan.prompt_rows.append(start + p - seq.num_computed_tokens)
+                    plan.prompt_rows.append(start + p - item.start)
                     plan.prompt_targets.append((req, seq.token_ids[p + 1]))
                 plan.prompt_done[req.request_id] = max(req.num_prompt_logprobs_done, last)
             start += n
         plan.num_tokens = start
         return plan
 
+    def _execute(self, step: SchedulerOutput) -> tuple[_StepPlan | None, torch.Tensor | None]:
+        try:
+            plan = self._plan(step)
+            return plan, self.runner.execute(step, plan.rows)
+        except Exception as e:  # noqa: BLE001 - any failure of the model step is isolated
+            return self._isolate_fault(step, e)
+
     def _isolate_fault(
-        self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], error: Exception
+        self, step: SchedulerOutput, error: Exception
     ) -> tuple[_StepPlan | None, torch.Tensor | None]:
         """Find the requests that make the model step fail and fail them; return the plan and
         logits of the rest (None if nothing is left)."""
         groups: dict[str, list[ScheduledSeq]] = {}
-        for item in batch:
+        for item in step.scheduled:
             groups.setdefault(item.seq.request.request_id, []).append(item)
         logger.warning(
             "an engine step over %d requests failed (%s: %s); finding the requests responsible",
@@ -443,9 +448,9 @@ class LLMEngine:
 
         def attempt(rids: list[str]) -> tuple[list[str], _StepPlan, torch.Tensor]:
             keep = set(rids)
-            items = [it for it in batch if it.seq.request.request_id in keep]
-            plan = self._plan(items)
-            return rids, plan, self.runner.execute(items, plan.rows, copies)
+            sub = step.subset([it for it in step.scheduled if it.seq.request.request_id in keep])
+            plan = self._plan(sub)
+            return rids, plan, self.runner.execute(sub, plan.rows)
 
         good: list[str] = []
         last = None  # the latest attempt that succeeded
@@ -489,23 +494,20 @@ class LLMEngine:
             fn(*args)
             return True
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-            self._fail_with(req, e, fn.__name__)
+            self._fail_with(req, e, getattr(fn, "__name__", "the step"))
             return False
 
     def _fail_with(self, req: Request, error: Exception, where: str) -> None:
         logger.error("request %s failed in %s", req.request_id, where, exc_info=error)
         self._fail(req, f"the engine failed on this request: {type(error).__name__}: {error}")
 
-    def _commit(self, plan: _StepPlan, logits: torch.Tensor) -> None:
-        """Record the step's computed tokens, then sample and append the new tokens."""
-        for item in plan.batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
+    def _account(self, plan: _StepPlan) -> None:
+        """Counters of a step that ran: computed tokens (engine and per user), steps, KV peak."""
         for rid, done in plan.prompt_done.items():
             self.requests[rid].num_prompt_logprobs_done = done
         self._counters["computed_tokens"] += plan.num_tokens
         now = time.monotonic()
-        for item in plan.batch:
+        for item in plan.step.scheduled:
             stats = self._user(item.seq.request.user)
             stats.computed_tokens += item.num_new_tokens
             stats.last_active = now
@@ -516,23 +518,31 @@ class LLMEngine:
         # finished or pruned in it has been freed yet
         self._update_kv_stats()
 
+    # --- sample ------------------------------------------------------------------------------
+
+    def _sample_step(self, plan: _StepPlan, logits: torch.Tensor) -> list[tuple[Sequence, int, object]]:
+        """Read the step's logits: prompt log-probabilities, beam-search rows (advancing every
+        search whose beams all have theirs), and a sampled token for every other sequence whose
+        chunk reached its end — and for the samples of ``n > 1`` requests whose prompt just
+        finished, forked from sample 0 and drawn from its row. Returns (sequence, token,
+        log-probabilities) for the scheduler to append."""
         if plan.prompt_rows:
             try:
-                self._record_prompt_logprobs(logits[len(plan.sample_rows) :], plan.prompt_targets)
+                self.processor.record_prompt_logprobs(logits[len(plan.sample_rows) :], plan.prompt_targets)
             except Exception as e:  # noqa: BLE001
                 for req in {r.request_id: r for r, _ in plan.prompt_targets}.values():
                     self._fail_with(req, e, "prompt logprobs")
         samplers = plan.samplers
         if not samplers:
-            return
+            return []
         sample_logits = logits[: len(plan.sample_rows)]
         beams = [i for i, seq in enumerate(samplers) if seq.request.beam is not None]
         if beams:
             picked = sample_logits.index_select(0, torch.tensor(beams, device=logits.device))
-            self._collect_beam_rows(picked, [samplers[i] for i in beams])
+            self._advance_beams(picked, [samplers[i] for i in beams])
             keep = [i for i, seq in enumerate(samplers) if seq.request.beam is None]
             if not keep:
-                return
+                return []
             sample_logits = sample_logits.index_select(0, torch.tensor(keep, device=logits.device))
             samplers = [samplers[i] for i in keep]
         forked = self._fork_siblings(samplers)
@@ -540,8 +550,12 @@ class LLMEngine:
             rows = torch.tensor([row for _, row in forked], device=logits.device)
             sample_logits = torch.cat([sample_logits, sample_logits.index_select(0, rows)])
             samplers = samplers + [sib for sib, _ in forked]
-        for seq, token, lp in self._sample(sample_logits, samplers):
-            self._guarded(seq.request, self._append_token, seq, token, lp)
+        # a request that failed in this step (prompt logprobs, a fork) gets no token
+        sampled = [x for x in self._sample(sample_logits, samplers) if x[0].request.error is None]
+        for seq, _, _ in sampled:
+            self._counters["generated_tokens"] += 1
+            self._user(seq.request.user).generated_tokens += 1
+        return sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, object]]:
         """Sample every row at once; if that raises, sample row by row (seeded generators put
@@ -568,67 +582,25 @@ class LLMEngine:
             picked.append((seq, one.token_ids[0], one.logprobs[0]))
         return [(seq, t, lp) for seq, t, lp in picked if seq.request.error is None]
 
-    def _observe_latency(self, req: Request, out: RequestOutput, now: float) -> None:
-        produced = max((len(c.token_ids) for c in out.outputs), default=0)
-        if req.first_token_time is None and produced:
-            req.first_token_time = now
-            self.latency["time_to_first_token_seconds"].observe(now - req.arrival_time)
-        if req.finished:
-            if produced > 1:
-                self.latency["time_per_output_token_seconds"].observe(
-                    (now - req.first_token_time) / (produced - 1)
-                )
-            self.latency["e2e_request_latency_seconds"].observe(now - req.arrival_time)
-
     def _fork(self, parent: Sequence, child: Sequence) -> None:
-        """Start ``child`` from ``parent``'s tokens and KV, in the parent's place in the queues."""
-        if parent.block_table and self.block_manager.fork(parent, child, self.config.enable_kv_sharing):
-            if parent.status is SequenceStatus.RUNNING:
-                self.scheduler.add_running(child)
-                return
-        # the parent holds no KV now (preempted), or the pool cannot hold a copy: recompute
-        if child.block_table:
-            self.block_manager.free(child)
-        child.num_computed_tokens = 0
-        self.scheduler.add(child)
+        self.scheduler.fork(parent, child, self.config.enable_kv_sharing)
 
-    def _collect_beam_rows(self, logits: torch.Tensor, beams: list[Sequence]) -> None:
-        """Keep each beam's next-token log-probabilities (rows of ``logits``, in order of
-        ``beams``); run the search step of every request whose live beams all have theirs."""
+    def _advance_beams(self, logits: torch.Tensor, beams: list[Sequence]) -> None:
+        """Give each beam its next-token log-probabilities (rows of ``logits``, in order of
+        ``beams``); advance every search whose live beams all have theirs."""
         rows = torch.log_softmax(logits.float(), dim=-1)
         reqs: dict[str, Request] = {}
         for seq, row in zip(beams, rows):
-            seq.request.beam.rows[seq.seq_id] = row
+            seq.request.beam.collect(seq, row)
             reqs[seq.request.request_id] = seq.request
         for req in reqs.values():
             if req.error is None and req.beam.ready():
                 self._guarded(req, self._beam_step, req)
 
     def _beam_step(self, req: Request) -> None:
-        """Advance one beam-search request by a token: fork, extend and prune its beams."""
-        search: BeamSearch = req.beam
-        picks = search.select()
-        continuing: set[int] = set()
-        new_live: list[tuple[Sequence, int, float]] = []
-        for parent, token, score in picks:
-            if parent.seq_id in continuing:  # a second child: fork before the parent grows
-                child = Sequence(req, search.next_index(), parent.token_ids)
-                self._fork(parent, child)
-            else:
-                continuing.add(parent.seq_id)
-                child = parent
-            new_live.append((child, token, score))
-        for beam in search.live:
-            if beam.seq_id not in continuing:  # pruned, or the search is over: free at once
-                self.scheduler.finish(beam)
-        for seq, token, score in new_live:
-            seq.token_ids.append(token)
-            seq.cumulative_logprob = score
-        self._counters["generated_tokens"] += len(new_live)
-        self._user(req.user).generated_tokens += len(new_live)
-        search.live = [seq for seq, _, _ in new_live]
-        search.scores = [score for _, _, score in new_live]
-        req.seqs = list(search.live)
+        n = req.beam.advance(req, self._fork, self.scheduler.finish)
+        self._counters["generated_tokens"] += n
+        self._user(req.user).generated_tokens += n
 
     def _fork_siblings(self, samplers: list[Sequence]) -> list[tuple[Sequence, int]]:
         """Fork the waiting samples of every request whose sample 0 just finished its prefill.
@@ -653,130 +625,6 @@ class LLMEngine:
                 if sib.status is SequenceStatus.RUNNING:
                     forked.append((sib, row))
         return forked
-
-    def _record_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
-        keep = [i for i, (req, _) in enumerate(targets) if req.prompt_distributions is not None]
-        if keep:
-            rows = torch.log_softmax(logits[keep].float(), dim=-1).cpu()
-            for j, i in enumerate(keep):
-                targets[i][0].prompt_distributions.append(rows[j : j + 1])
-        ids = torch.tensor([t for _, t in targets], device=logits.device)
-        want = [req.params.prompt_logprobs for req, _ in targets]
-        rows = Sampler.token_logprobs(logits, ids, want)
-        for (req, token), row in zip(targets, rows):
-            req.prompt_logprobs.append(self._logprob_dict(token, row))
-
-    def _logprob_dict(self, token: int, row) -> dict[int, Logprob]:
-        lp, rank, top = row
-        d = {t: Logprob(v, r + 1, self.tokenizer.decode([t])) for r, (t, v) in enumerate(top)}
-        if token not in d:
-            d[token] = Logprob(lp, rank, self.tokenizer.decode([token]))
-        return d
-
-    def _append_token(self, seq: Sequence, token: int, lp) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        self._counters["generated_tokens"] += 1
-        self._user(seq.request.user).generated_tokens += 1
-        if lp is not None:
-            seq.logprobs.append(self._logprob_dict(token, lp))
-            seq.cumulative_logprob += lp[0]
-        delta = detokenizer.detokenize_step(self.tokenizer, seq)
-        n_out = seq.num_output_tokens
-        reason = stop_reason = None
-        if n_out >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                reason = "stop"
-            elif token in p.stop_token_ids:
-                reason, stop_reason = "stop", token
-            elif p.stop_strings and delta:
-                reason, stop_reason = self._check_stop_strings(seq, len(delta))
-        if reason is None and (
-            (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len
-        ):
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop_reason
-            self.scheduler.finish(seq)
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, new_chars: int) -> tuple[str | None, str | None]:
-        """Find a stop string that the newest text completes; cut the text there."""
-        p = seq.params
-        text = seq.output_text
-        best = None
-        for stop in p.stop_strings:
-            # only a match that ends inside the new text is new
-            idx = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, stop)
-        if best is None:
-            return None, None
-        idx, stop = best
-        seq.output_text = text[: idx + len(stop)] if p.include_stop_str_in_output else text[:idx]
-        return "stop", stop
-
-    def _output(self, req: Request) -> RequestOutput:
-        if req.beam is not None:
-            return self._beam_output(req)
-        outs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.output_text,
-                token_ids=list(s.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in req.seqs
-        ]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=list(req.prompt_token_ids),
-            outputs=outs,
-            finished=req.finished,
-            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-            error=req.error,
-        )
-
-    def _beam_output(self, req: Request) -> RequestOutput:
-        """The kept hypotheses, best first, once the search is over; the live beams before."""
-        search: BeamSearch = req.beam
-        skip = req.params.skip_special_tokens
-        if search.done and req.error is None:
-            outs = [
-                CompletionOutput(
-                    index=i,
-                    text=self.tokenizer.decode(h.token_ids, skip_special_tokens=skip),
-                    token_ids=list(h.token_ids),
-                    cumulative_logprob=h.cumulative_logprob,
-                    finish_reason=h.finish_reason,
-                    stop_reason=h.stop_reason,
-                    score=h.score,
-                )
-                for i, h in enumerate(search.finished)
-            ]
-        else:
-            outs = [
-                CompletionOutput(
-                    index=i,
-                    text=self.tokenizer.decode(s.output_token_ids, skip_special_tokens=skip),
-                    token_ids=list(s.output_token_ids),
-                    cumulative_logprob=s.cumulative_logprob,
-                    finish_reason=s.finish_reason,
-                )
-                for i, s in enumerate(req.seqs)
-            ]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=list(req.prompt_token_ids),
-            outputs=outs,
-            finished=req.finished,
-            error=req.error,
-        )
 
     # --- streaming ---------------------------------------------------------------------------
 

@@ -165,7 +165,6 @@ class LLM:
         return checked
 
 
-
 class InlineLoop:
     """Steps the engine on the caller's thread until the caller's requests are done: the plain
     ``LLM`` (a script, a test). :class:`~pagedq.driver.EngineDriver` offers the same three calls

@@ -1,8 +1,11 @@
 """Turns one scheduled step into tensors and runs the model once over the whole packed batch.
 
-The packed batch puts the one-token queries (decodes) first and the prefill chunks after them;
-for every token it sets the position and the cache slot its K/V go to (the slot mapping), and
-for the decodes it prepares the block ids to gather and the context mask, shared by all layers.
+Its input is the scheduler's :class:`~pagedq.scheduler.SchedulerOutput` and nothing else: per
+scheduled sequence the new token ids, their positions, the block table and whether a token is
+sampled, plus the step's copy-on-write block copies. The packed batch puts the one-token
+queries (decodes) first and the prefill chunks after them; :meth:`ModelRunner.prepare` sets
+for every token the position and the cache slot its K/V go to (the slot mapping), and for the
+decodes the block ids to gather and the context mask — built once per step, shared by all layers.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from pagedq.kernels import AttentionMetadata, PrefillChunk, copy_blocks
 
 from .models import ModelConfig, load_model
-from .scheduler import ScheduledSeq
+from .scheduler import ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class ModelRunner:
             self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
 
     def _zero_new_blocks(self, batch: list[ScheduledSeq]) -> None:
-        top = max((max(item.seq.block_table) for item in batch if item.seq.block_table), default=-1) + 1
+        top = max((max(item.block_table) for item in batch if item.block_table), default=-1) + 1
         if top > self._zeroed_blocks:
             self._kv_storage[:, :, self._zeroed_blocks : top].zero_()
             if self._kv_scales is not None:
@@ -112,11 +115,9 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         for item in batch:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            n, start, table = item.num_new_tokens, item.start, item.block_table
+            input_ids.extend(item.token_ids)
+            positions.extend(item.positions)
             if n == 1:
                 slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
@@ -151,11 +152,10 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(
-        self, batch: list[ScheduledSeq], logit_rows: list[int], copies: list[tuple[int, int]] = ()
-    ) -> torch.Tensor:
-        """Do the step's copy-on-write block ``copies``, run the model over ``batch`` and return
-        logits (float32) of the packed rows ``logit_rows``."""
+    def execute(self, step: SchedulerOutput, logit_rows: list[int]) -> torch.Tensor:
+        """Do the step's copy-on-write block copies, run the model over its packed batch and
+        return logits (float32) of the packed rows ``logit_rows``."""
+        batch, copies = step.scheduled, step.block_copies
         self._zero_new_blocks(batch)
         if copies:
             src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)

@@ -73,6 +73,7 @@ def reference_distributions(reference, token_lists: list[list[int]]) -> list[tor
 
 def decode_speed(llm, prompt_ids: list[int], tokens: int = 64, runs: int = 3) -> float:
     """Batch-1 decode tokens/s: time of ``tokens + 1`` tokens minus time of 1 (the prefill)."""
+
     def timed(n):
         t0 = time.perf_counter()
         llm.generate(

@@ -41,25 +41,29 @@ class SamplingParams:
     same for every prompt token after the first.
     """
 
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    n: int = field(default=1, metadata={"help": "samples per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "0 means greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the top tokens of this mass"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 or -1: all)"})
+    min_p: float = field(default=0.0, metadata={"help": "drop tokens below min_p x the top probability"})
+    seed: int | None = field(default=None, metadata={"help": "the request's own random seed"})
+    presence_penalty: float = field(default=0.0, metadata={"help": "penalty for tokens already generated"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "penalty per time a token was generated"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL-style penalty (1 disables it)"})
+    stop: str | list[str] | None = field(default=None, metadata={"help": "stop string (repeatable)"})
+    stop_token_ids: list[int] | None = field(default=None, metadata={"help": "stop token id (repeatable)"})
+    ignore_eos: bool = field(default=False, metadata={"help": "keep generating after the EOS token"})
+    max_tokens: int | None = field(default=16, metadata={"help": "tokens to generate at most"})
+    min_tokens: int = field(default=0, metadata={"help": "tokens to generate before stops apply"})
+    logprobs: int | None = field(default=None, metadata={"help": "top-k log-probabilities of every token"})
+    prompt_logprobs: int | None = field(
+        default=None, metadata={"help": "top-k log-probabilities of every prompt token"}
+    )
+    logit_bias: dict[int, float] | None = field(default=None, metadata={"help": "token id -> bias"})
+    skip_special_tokens: bool = field(default=True, metadata={"help": "leave special tokens out of the text"})
+    include_stop_str_in_output: bool = field(
+        default=False, metadata={"help": "keep the stop string at the end of the text"}
+    )
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

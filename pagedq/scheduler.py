@@ -14,13 +14,21 @@ blocks of the KV pool:
    (prefix caching) and only the rest is computed. Nothing new is admitted in a step that had
    to preempt.
 
-The order is the policy's: first come first served, or per-user fair share
-(:class:`FairSharePolicy`, ``scheduling_policy="fair"``) for one engine shared by many users.
+The order is the policy's (:mod:`pagedq.policies`): first come first served, or per-user fair
+share (``scheduling_policy="fair"``) for one engine shared by many users.
 
 A beam-search request advances all its beams together: a beam whose next-token logits are in
 sits in the running set without being scheduled until its sibling beams have theirs.
 
-The scheduler only does CPU bookkeeping; the model runner turns its output into tensors.
+The scheduler only does CPU bookkeeping; the model runner turns its output
+(:class:`SchedulerOutput`, the step's contract) into tensors. A step's life is
+``schedule()`` → the model runs → the engine samples → :meth:`Scheduler.update_from_output`.
+``schedule()`` already counts the scheduled tokens as computed (``num_computed_tokens``), as
+vLLM v1 does, so that forks made while sampling start from the step's end; ``update_from_output``
+makes the step final: full blocks enter the prefix cache, sampled tokens are appended, and
+sequences that hit a stop token or a length limit finish and free their blocks. (A step that
+fails is never committed for the requests it fails: they end with an error and their blocks
+are freed before anything is cached.)
 """
 
 from __future__ import annotations
@@ -29,129 +37,60 @@ import bisect
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .policies import SchedulingPolicy
 from .sequence import Sequence, SequenceStatus
-
-
-class SchedulingPolicy:
-    """Orders sequences: lower keys run first and are preempted last. FCFS by default."""
-
-    name = "fcfs"
-    dynamic = False  # whether keys change as tokens are served (the queue is then re-sorted)
-
-    def key(self, seq: Sequence) -> tuple:
-        return (seq.request.arrival, seq.index)
-
-    def activate(self, user: str, active: set[str]) -> None:
-        """A sequence of ``user`` was queued while ``active`` users had work in the scheduler."""
-
-    def charge(self, seq: Sequence, num_tokens: int) -> None:
-        """``num_tokens`` of ``seq`` were scheduled for computation (negative: computed tokens lost
-        to a preemption, refunded because they will be computed again)."""
-
-    def victim_for(self, waiting: Sequence, running: list[Sequence], max_num_seqs: int) -> Sequence | None:
-        """A running sequence to preempt so that ``waiting`` (the head of the queue) can run in a
-        full batch; None to let it wait (FCFS never preempts for order)."""
-        return None
-
-    def forget(self, user: str) -> None:
-        """``user`` has been idle for long: drop what the policy keeps about them."""
-
-
-class FairSharePolicy(SchedulingPolicy):
-    """Per-user fair share: the user who has been served the fewest tokens (prompt and output
-    tokens computed, divided by the user's weight) goes first — at every free slot the
-    least-served user's request is admitted, and when blocks run out the most-served user's
-    newest sequence is preempted. Within one user, first come first served.
-
-    The order is virtual time, as in start-time fair queueing: a user who (re)appears starts at
-    the least virtual time among the users with work queued, so time away is not banked (a user
-    back from lunch does not hold everyone else up until they catch up). That catch-up moves the
-    user's *virtual time* only; the tokens a user was really served are counted by the engine
-    (``LLMEngine.user_stats``). Keys are fixed within one step.
-
-    A full batch is shared too: when the least-served user has a request waiting while running
-    fewer sequences than its share of ``max_num_seqs`` (by weight, among users with work), and
-    another user runs at least one more than its share, that user's newest sequence is preempted
-    (its cached full blocks make the recomputation cheap). Without this, a user who keeps a few
-    requests in flight loses a slot each time one of them finishes and another user's queued
-    request takes it, and drifts far below its share.
-    """
-
-    name = "fair"
-    dynamic = True
-
-    def __init__(self, weights: dict[str, float] | None = None):
-        self.weights = dict(weights or {})
-        for user, w in self.weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf"):
-                raise ValueError(f"user weight must be a finite number > 0, got {w!r} for {user!r}")
-        self.vtime: dict[str, float] = {}
-
-    def key(self, seq: Sequence) -> tuple:
-        return (self.vtime.get(seq.request.user, 0.0), seq.request.arrival, seq.index)
-
-    def activate(self, user: str, active: set[str]) -> None:
-        if user in active:
-            return
-        floor = min((self.vtime.get(u, 0.0) for u in active), default=None)
-        if floor is not None:
-            self.vtime[user] = max(self.vtime.get(user, 0.0), floor)
-        else:
-            self.vtime.setdefault(user, 0.0)
-
-    def charge(self, seq: Sequence, num_tokens: int) -> None:
-        user = seq.request.user
-        self.vtime[user] = self.vtime.get(user, 0.0) + num_tokens / self.weights.get(user, 1.0)
-
-    def victim_for(self, waiting: Sequence, running: list[Sequence], max_num_seqs: int) -> Sequence | None:
-        counts: dict[str, int] = {}
-        for s in running:
-            counts[s.request.user] = counts.get(s.request.user, 0) + 1
-        users = set(counts) | {waiting.request.user}
-        total = sum(self.weights.get(u, 1.0) for u in users)
-
-        def share(u: str) -> float:
-            return max_num_seqs * self.weights.get(u, 1.0) / total
-
-        mine = waiting.request.user
-        if counts.get(mine, 0) >= share(mine):
-            return None
-        over = [u for u in counts if u != mine and counts[u] >= share(u) + 1]
-        if not over:
-            return None
-        most = max(over, key=lambda u: self.vtime.get(u, 0.0))
-        candidates = [s for s in running if s.request.user == most and s.request.beam is None]
-        return max(candidates, key=self.key) if candidates else None
-
-    def forget(self, user: str) -> None:
-        self.vtime.pop(user, None)
-
-
-def make_policy(name: str, weights: dict[str, float] | None = None) -> SchedulingPolicy:
-    if name == "fcfs":
-        return SchedulingPolicy()
-    if name == "fair":
-        return FairSharePolicy(weights)
-    raise ValueError(f"scheduling_policy must be 'fcfs' or 'fair', got {name!r}")
 
 
 @dataclass
 class ScheduledSeq:
+    """One sequence's share of a step: what the model runner reads (and all it reads).
+
+    The runner computes ``token_ids`` — the sequence's tokens at ``positions`` — writes their
+    K/V into the slots of ``block_table`` and, if ``samples``, returns the logits of the last
+    one. ``seq`` is the scheduler's own handle (for :meth:`Scheduler.update_from_output`).
+    """
+
     seq: Sequence
     num_new_tokens: int
     # taken from the waiting queue in this step (a new request, or one resuming after a
     # preemption): the first suspects when the step fails (see LLMEngine.step)
     admitted: bool = False
+    start: int = field(init=False)  # tokens already in the cache: the first position computed now
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.num_new_tokens]
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.start + self.num_new_tokens)
+
+    @property
+    def block_table(self) -> list[int]:
+        """The sequence's block ids, covering every position of this step (valid for the step)."""
+        return self.seq.block_table
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the sequence's tokens, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
+    """One step, as the scheduler hands it to the model runner.
+
+    ``scheduled`` is in packed order: one-token decodes first, then prefill chunks (the order
+    of the rows in the model's batch); ``block_copies`` are the copy-on-write block copies
+    ``(src, dst)`` to do before the forward pass; ``preempted`` lists the sequences that lost
+    their blocks in this step (they are back in the waiting queue).
+    """
+
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -162,6 +101,11 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def subset(self, keep: list[ScheduledSeq]) -> SchedulerOutput:
+        """The same step over some of its sequences (the block copies are all kept): how the
+        engine retries a step that failed without the requests that made it fail."""
+        return SchedulerOutput(keep, self.block_copies, self.preempted)
+
 
 class Scheduler:
     def __init__(
@@ -170,8 +114,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         policy: SchedulingPolicy | None = None,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        max_model_len: int | None = None,
     ):
         self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy or SchedulingPolicy()
@@ -257,7 +205,57 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, admitted=True))
             self.policy.charge(seq, n)
             budget -= n
+        # packed order: decodes, then prefill chunks
+        out.scheduled.sort(key=lambda item: item.num_new_tokens > 1)
+        out.block_copies = self.block_manager.take_pending_copies()
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
         return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Commit step ``out`` once the model ran it: register the newly full blocks in the
+        prefix cache, append each sampled token, and finish (freeing their blocks) the sequences
+        that reached a stop token (after ``min_tokens``), ``max_tokens`` or ``max_model_len``.
+        Returns the sequences that finished. Stop *strings* need the text: the output processor
+        checks them."""
+        for item in out.scheduled:
+            self.block_manager.cache_full_blocks(item.seq)
+        finished = []
+        for seq, token in sampled:
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason, seq.stop_reason = reason
+                self.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or (
+            self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+        ):
+            return "length", None
+        return None
+
+    def fork(self, parent: Sequence, child: Sequence, share: bool = True) -> None:
+        """Start ``child`` from ``parent``'s tokens and KV, in the parent's place in the queues
+        (parallel samples, beams). If the parent holds no KV (preempted) or the pool cannot hold
+        a copy, the child is queued to compute its tokens itself."""
+        if parent.block_table and self.block_manager.fork(parent, child, share):
+            if parent.status is SequenceStatus.RUNNING:
+                self.add_running(child)
+                return
+        if child.block_table:
+            self.block_manager.free(child)
+        child.num_computed_tokens = 0
+        self.add(child)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import QuantWeight
+from .formats.base import QuantWeight
 from .linear import QuantLinear
 
 _MISSING = (

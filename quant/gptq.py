@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import QuantWeight
+from .formats.base import QuantWeight
 from .rtn import group_length, quantize_codes, scale_zero
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QuantWeight
+from .formats.base import QuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,8 @@ class TritonQuantLinear(QuantLinear):
     def __init__(
         self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device, layout: str = "gptq"
     ):
-        from .formats import _awq_pack_cols, pack_int32
+        from .formats.awq import awq_pack_cols
+        from .formats.base import pack_int32
 
         n, k = w.shape
         super().__init__(k, n, bias)
@@ -370,7 +371,7 @@ class TritonQuantLinear(QuantLinear):
         zeros = w.zeros.round().to(torch.int64)
         if self.awq:
             self.group_size = w.regular_group_size
-            qweight, qzeros = _awq_pack_cols(w.q.T.contiguous()), _awq_pack_cols(zeros.to(torch.uint8))
+            qweight, qzeros = awq_pack_cols(w.q.T.contiguous()), awq_pack_cols(zeros.to(torch.uint8))
             g_idx = None
         else:
             pf = 32 // w.bits
@@ -397,11 +398,12 @@ class TritonQuantLinear(QuantLinear):
         )  # fmt: skip
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        from .formats import _awq_unpack_cols, unpack_int32
+        from .formats.awq import awq_unpack_cols
+        from .formats.base import unpack_int32
 
         if self.awq:
-            q = _awq_unpack_cols(self.qweight).T.float()
-            z = _awq_unpack_cols(self.qzeros).float()
+            q = awq_unpack_cols(self.qweight).T.float()
+            z = awq_unpack_cols(self.qzeros).float()
             g = torch.arange(self.in_features, device=q.device) // self.group_size
         else:
             q = unpack_int32(self.qweight, self.bits, 0).T.float()

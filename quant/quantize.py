@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import QuantWeight, awq_pack, gptq_pack
+from pagedq.models.registry import model_class
 
-METHODS = ("gptq", "awq", "rtn")
-# (module holding them, the layers reading one input, what feeds that input)
-_GROUPS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
-    ("self_attn", ("o_proj",), None),
-    ("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"),
-    ("mlp", ("down_proj",), "up_proj"),
-)
+from .formats import FORMATS, QuantWeight
+
+# quantizer -> the format of the checkpoint it writes
+METHODS = {"gptq": "gptq", "awq": "awq", "rtn": "gptq"}
 
 
 @dataclass
@@ -119,7 +115,7 @@ def quantize(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if bits not in (4, 8) or (method == "awq" and bits != 4):
         raise ValueError(f"bits must be 4 or 8 (AWQ: 4), got {bits} for {method}")
     if method == "awq" and sym:
@@ -139,6 +135,7 @@ def quantize(
         if calibration is not None
         else default_calibration(tok, num_samples, seq_len)
     )
+    groups = model_class(config).linear_groups  # which linears to quantize, and what feeds them
     layers = model.model.layers
     result = QuantizeResult(out_dir)
     iterator = range(len(layers))
@@ -150,9 +147,10 @@ def quantize(
         layer = layers[i]
         prefix = f"model.layers.{i}"
         if method == "awq":
-            _awq_layer(model, ids, layer, prefix, bits, group_size, result)
+            _awq_layer(model, ids, layer, prefix, bits, group_size, groups, result)
             continue
-        for parent_name, names, _ in _GROUPS:
+        for group in groups:
+            parent_name, names = group.parent, group.linears
             parent = getattr(layer, parent_name)
             mods = [getattr(parent, n) for n in names]
             h = None
@@ -170,52 +168,44 @@ def quantize(
                 qw.scales = qw.scales.half().float()  # what the checkpoint's fp16 scales read back as
                 mod.weight.data.copy_(qw.dequantize())  # later layers calibrate on quantized outputs
                 result.weights[f"{prefix}.{parent_name}.{name}"] = qw
-    qconfig = (
-        {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
-        if method == "awq"
-        else {
-            "quant_method": "gptq",
-            "bits": bits,
-            "group_size": group_size,
-            "sym": sym,
-            "desc_act": act_order,
-            "damp_percent": damp,
-            "checkpoint_format": "gptq",
-            "quantizer": f"pagedq-{method}",
-        }
-    )
+    fmt = FORMATS[METHODS[method]]
+    extra = {} if method == "awq" else {"damp_percent": damp, "quantizer": f"pagedq-{method}"}
+    qconfig = fmt.quantization_config(bits, group_size, sym, act_order, **extra)
     _write(model_dir, out_dir, model, result, config, qconfig, src_dtype)
     return result
 
 
-def _awq_layer(model, ids, layer, prefix, bits, group_size, result) -> None:
+def _awq_layer(model, ids, layer, prefix, bits, group_size, groups, result) -> None:
+    """AWQ on one decoder layer: per input channel scales searched on each group's calibration
+    input, multiplied into the group's weights and divided out of the module that feeds it (a
+    norm's weight, or the rows of the linear before); groups with nothing to fold into are
+    quantized unscaled. Then every linear is rounded to nearest."""
     from .awq import search_scale
     from .rtn import rtn
 
-    attn, mlp = layer.self_attn, layer.mlp
-    xs = _capture(model, ids, [attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj])
-    x_qkv, _, x_gate, x_down = xs
+    parents = [getattr(layer, g.parent) for g in groups]
+    firsts = [getattr(p, g.linears[0]) for p, g in zip(parents, groups)]
+    xs = _capture(model, ids, firsts)  # each group's input, in forward order
     with torch.no_grad():
-        for x, mods, prev in (
-            (x_qkv, [attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm),
-            (x_gate, [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm),
-            (x_down, [mlp.down_proj], mlp.up_proj),
-        ):
+        for group, parent, x in zip(groups, parents, xs):
+            if group.feeds is None:
+                continue
+            mods = [getattr(parent, n) for n in group.linears]
             s = search_scale(x, [m.weight.data for m in mods], bits, group_size)
             for m in mods:
                 m.weight.data.mul_(s)
+            prev = layer.get_submodule(group.feeds)
             if prev.weight.dim() == 1:  # a norm: its weight scales each channel
                 prev.weight.data.div_(s)
-            else:  # up_proj: its output rows are the input channels of down_proj
+            else:  # a linear: its output rows are the input channels of this group
                 prev.weight.data.div_(s[:, None])
-        for parent_name, names, _ in _GROUPS:
-            parent = getattr(layer, parent_name)
-            for name in names:
+        for group, parent in zip(groups, parents):
+            for name in group.linears:
                 mod = getattr(parent, name)
                 qw = rtn(mod.weight.data, bits, group_size, sym=False)
                 qw.scales = qw.scales.half().float()
                 mod.weight.data.copy_(qw.dequantize())
-                result.weights[f"{prefix}.{parent_name}.{name}"] = qw
+                result.weights[f"{prefix}.{group.parent}.{name}"] = qw
 
 
 def _write(model_dir, out_dir, model, result: QuantizeResult, config: dict, qconfig: dict, dtype) -> None:
@@ -239,8 +229,10 @@ def _write(model_dir, out_dir, model, result: QuantizeResult, config: dict, qcon
         if tied and name == "lm_head.weight":
             continue
         tensors[name] = t.to(dtype).contiguous()
+    fmt = FORMATS[qconfig["quant_method"]]
+    qcfg = fmt.parse(qconfig)
     for module, qw in result.weights.items():
-        packed = awq_pack(qw) if qconfig["quant_method"] == "awq" else gptq_pack(qw, "gptq")
+        packed = fmt.pack(qw, qcfg)
         for leaf, t in packed.items():
             tensors[f"{module}.{leaf}"] = t.contiguous()
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from .formats import QuantWeight
+from .formats.base import QuantWeight
 
 ON_LOAD = {"int8": dict(bits=8, group_size=-1, sym=True), "int4": dict(bits=4, group_size=128, sym=False)}
+
+
+def check_on_load(method: object) -> None:
+    """``ValueError`` unless ``method`` names a quantize-on-load scheme."""
+    if method not in ON_LOAD:
+        names = ", ".join(repr(m) for m in ON_LOAD)
+        raise ValueError(
+            f"quantization must be {names} or None (GPTQ/AWQ checkpoints are detected from config.json), "
+            f"got {method!r}"
+        )
 
 
 def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

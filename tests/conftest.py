@@ -14,7 +14,14 @@ if not torch.cuda.is_available():
 
 from pagedq.models.build import build_model, build_tokenizer
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite"]
+# config fields every tiny model of an architecture gets unless a test overrides them: Granite
+# 3's multipliers (its attention multiplier is 1/head_dim), so that they are exercised
+ARCH_DEFAULTS = {
+    "granite": dict(
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16, logits_scaling=8.0
+    ),
+}
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +35,7 @@ def model_factory(tmp_path_factory, tokenizer):
     built: dict = {}
 
     def make(arch: str = "llama", **overrides) -> str:
+        overrides = {**ARCH_DEFAULTS.get(arch, {}), **overrides}
         key = (arch, repr(sorted(overrides.items())))
         if key not in built:
             out = str(tmp_path_factory.mktemp(f"tiny-{arch}"))

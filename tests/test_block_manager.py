@@ -57,13 +57,13 @@ def test_scheduler_preempts_newest_and_respects_budget():
     out = sched.schedule()
     # budget 6: a's whole prompt (4) and a 2-token chunk of b
     assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(a, 4), (b, 2)]
-    for x in out.scheduled:
-        x.seq.num_computed_tokens += x.num_new_tokens
-    a.token_ids.append(9)
+    sched.update_from_output(out, [(a, 9)])  # a's prompt is done: its first token
     out = sched.schedule()
+    # packed order: a's decode first, then b's next chunk
     assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(a, 1), (b, 2)]
-    for x in out.scheduled:
-        x.seq.num_computed_tokens += x.num_new_tokens
+    assert [x.token_ids for x in out.scheduled] == [[9], [3, 4]]
+    assert [list(x.positions) for x in out.scheduled] == [[4], [2, 3]]
+    sched.update_from_output(out, [])
     bm.check()
     # grow a until the pool (4 blocks) runs dry: b, the newest, is preempted
     a.token_ids += [9] * 7

@@ -113,3 +113,17 @@ def test_sliding_window_matches_transformers(model_factory, arch, overrides, mon
     ref = hf_greedy(d, PROMPTS, MAX_NEW)
     assert _ours(d, block_size=4)[0] == ref
     assert _ours(d, block_size=4, max_num_batched_tokens=8)[0] == ref  # chunks read the cache
+
+
+def test_granite_multipliers_are_applied(model_factory):
+    """Granite differs from Llama only in four scalars: with them at 1.0 it is Llama, and the
+    tiny Granite of the other tests has Granite 3's values, which change what it generates."""
+    from pagedq.models import ARCHITECTURES
+
+    plain = model_factory("granite", embedding_multiplier=1.0, residual_multiplier=1.0,
+                          attention_multiplier=0.25, logits_scaling=1.0)  # fmt: skip
+    d = model_factory("granite")
+    assert "GraniteForCausalLM" in ARCHITECTURES
+    ours_plain, ours = _ours(plain)[0], _ours(d)[0]
+    assert ours_plain == hf_greedy(plain, PROMPTS, MAX_NEW)
+    assert ours == hf_greedy(d, PROMPTS, MAX_NEW) and ours != ours_plain

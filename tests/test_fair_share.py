@@ -4,7 +4,7 @@ who arrive late, weights, preemption order, and the errors."""
 import pytest
 
 from pagedq import LLM, SamplingParams
-from pagedq.scheduler import FairSharePolicy
+from pagedq.policies import FairSharePolicy
 
 SP = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 

@@ -98,10 +98,10 @@ def test_a_running_request_that_breaks_its_decode_fails_alone(llm, alone, monkey
     runner = llm.engine.runner
     execute = runner.execute
 
-    def faulty(batch, rows, copies=()):
-        if any(it.seq.request.request_id == "bad" and it.seq.num_output_tokens >= 3 for it in batch):
+    def faulty(step, rows):
+        if any(it.seq.request.request_id == "bad" and it.seq.num_output_tokens >= 3 for it in step.scheduled):
             raise RuntimeError("injected decode fault")
-        return execute(batch, rows, copies)
+        return execute(step, rows)
 
     monkeypatch.setattr(runner, "execute", faulty)
     submit = normal()
@@ -134,14 +134,14 @@ def test_a_sampler_fault_fails_only_its_row_and_seeded_rows_keep_their_draws(llm
 
 def test_a_fault_in_token_handling_fails_only_that_request(llm, alone, monkeypatch):
     engine = llm.engine
-    append = engine._append_token
+    process = engine.processor.process_token
 
-    def faulty(seq, token, lp):
-        if seq.request.request_id == "bad" and seq.num_output_tokens == 2:
+    def faulty(seq, lp):  # called with the new token appended: the third one
+        if seq.request.request_id == "bad" and seq.num_output_tokens == 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
-        return append(seq, token, lp)
+        return process(seq, lp)
 
-    monkeypatch.setattr(engine, "_append_token", faulty)
+    monkeypatch.setattr(engine.processor, "process_token", faulty)
     submit = normal()
     submit[1] = [("bad", [1, 6, 8, 10], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12))]
     finals = drive(engine, submit)

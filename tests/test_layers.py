@@ -14,7 +14,12 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # source folder -> the package it installs as (pyproject's package-dir)
-SOURCES = {"pagedq": "pagedq", "kernels": "pagedq.kernels", "quant": "pagedq.quant", "jupyter_ext": "pagedq.jupyter_ext"}
+SOURCES = {
+    "pagedq": "pagedq",
+    "kernels": "pagedq.kernels",
+    "quant": "pagedq.quant",
+    "jupyter_ext": "pagedq.jupyter_ext",
+}
 
 _CORE = [
     "pagedq.config",

@@ -274,6 +274,8 @@ MODEL_CASES = [
     ("llama", "gptq", 8, -1, True, False),
     ("llama", "gptq", 8, 32, False, True),
     ("llama", "awq", 4, 32, False, False),
+    ("granite", "gptq", 4, 32, False, True),
+    ("granite", "awq", 4, 32, False, False),
 ]
 
 
@@ -296,8 +298,9 @@ def test_quantized_model_generates_like_its_dequantized_twin(
     assert got == ref
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantize_on_load_equals_its_dequantized_weights(tiny_llama, method):
+@pytest.mark.parametrize("arch, method", [("llama", "int8"), ("llama", "int4"), ("granite", "int4")])
+def test_quantize_on_load_equals_its_dequantized_weights(model_factory, arch, method):
+    tiny_llama = model_factory(arch)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with LLM(tiny_llama, dtype="float32", quantization=method) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
@@ -374,12 +377,22 @@ def test_gptq_has_lower_output_error_than_rtn():
 
 
 @pytest.mark.parametrize(
-    "method,opts",
-    [("gptq", dict(act_order=True)), ("gptq", dict(bits=8, sym=True)), ("awq", {}), ("rtn", {})],
+    "arch,method,opts",
+    [
+        ("llama", "gptq", dict(act_order=True)),
+        ("llama", "gptq", dict(bits=8, sym=True)),
+        ("llama", "awq", {}),
+        ("llama", "rtn", {}),
+        # an architecture added through the registry alone is quantizable by every quantizer
+        ("granite", "gptq", dict(act_order=True)),
+        ("granite", "awq", {}),
+        ("granite", "rtn", {}),
+    ],
 )
-def test_quantizer_writes_checkpoints_that_load_back(tiny_llama, tmp_path, method, opts):
+def test_quantizer_writes_checkpoints_that_load_back(model_factory, tmp_path, arch, method, opts):
     from pagedq.quant import quantize
 
+    tiny_llama = model_factory(arch)
     res = quantize(
         tiny_llama,
         str(tmp_path / method),

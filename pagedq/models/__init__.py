@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from pagedq._lazy import lazy_exports
 
-_EXPORTS = {"SUPPORTED_ARCHITECTURES": ".config", "ModelConfig": ".config", "load_model": ".loader"}
+_EXPORTS = {
+    "ARCHITECTURES": ".registry",
+    "ModelConfig": ".config",
+    "load_model": ".loader",
+    "read_config": ".registry",
+    "register_architecture": ".registry",
+}
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig", "load_model"]
+__all__ = ["ARCHITECTURES", "ModelConfig", "load_model", "read_config", "register_architecture"]

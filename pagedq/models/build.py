@@ -115,32 +115,30 @@ def build_model(
 ) -> str:
     """Build model ``name`` (a key of ``MODEL_SHAPES``) with random weights into ``out_dir``.
 
-    ``arch`` switches the family (``llama``, ``mistral``, ``qwen2``, ``qwen3``) at the same
+    ``arch`` switches the family (a ``hf_model_type`` of the registry: ``llama``, ``mistral``,
+    ``qwen2``, ``qwen3``, ``granite``) at the same
     shape; ``overrides`` change config fields (e.g. ``rope_scaling``); ``tokenizer`` reuses an
     already trained tokenizer instead of training one. Returns ``out_dir``.
     """
     import torch
     import transformers
 
+    from .registry import by_model_type
+
     if name not in MODEL_SHAPES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_SHAPES)}")
     default_arch, shape, vocab = MODEL_SHAPES[name]
     arch = arch or default_arch
-    classes = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    }
-    if arch not in classes:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(classes)}")
+    ours = by_model_type(arch)  # transformers' classes of the same architecture build it
+    hf_model = ours.__name__
+    hf_config = hf_model.replace("ForCausalLM", "Config")
     os.makedirs(out_dir, exist_ok=True)
     if tokenizer is None:
         tok = build_tokenizer(vocab, out_dir)
     else:
         tok = tokenizer
         tok.save_pretrained(out_dir)
-    cfg_cls, model_cls = (getattr(transformers, c) for c in classes[arch])
+    cfg_cls, model_cls = getattr(transformers, hf_config), getattr(transformers, hf_model)
     fields = dict(shape)
     fields.update(
         vocab_size=max(len(tok), vocab),
@@ -148,10 +146,11 @@ def build_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    if arch == "mistral":
+    # transformers' defaults that a small random model must not keep (Mistral's 4096-token
+    # window, Qwen3's head_dim of 128)
+    if getattr(cfg_cls(), "sliding_window", None) is not None:
         fields.setdefault("sliding_window", None)
-    if arch == "qwen3":
-        fields.setdefault("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
+    fields.setdefault("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
     fields.update(overrides)
     config = cfg_cls(**fields)
     torch.manual_seed(seed)

@@ -1,24 +1,53 @@
 """The model's shape, read straight from a Hugging Face ``config.json``.
 
 Both spellings of rope settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4)
-and ``rope_parameters`` (transformers 5).
+and ``rope_parameters`` (transformers 5). What sets an architecture apart is declared by its
+model class (:class:`ArchTraits`, read through :mod:`pagedq.models.registry`), not here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-# architecture name -> what distinguishes it from plain Llama
-SUPPORTED_ARCHITECTURES: dict[str, dict] = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"qkv_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """What an architecture of the Llama family changes in the shape it reads from config.json.
+
+    ``qkv_bias``: Q/K/V projections have a bias; ``qk_norm``: per-head RMSNorm of q and k;
+    ``window_switch``: the config key that must be true for ``sliding_window`` to apply (Qwen's
+    ``use_sliding_window``); None when ``sliding_window`` alone decides.
+    """
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    window_switch: str | None = None
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Checkpoint linears of one decoder layer that read the same input, as the model holds them.
+
+    ``parent``: the submodule holding them (``self_attn``); ``linears``: their checkpoint names,
+    in the order their rows are packed into ``fused`` (None when the group is one unfused
+    linear); ``feeds``: the module, relative to the layer, whose output is their input (a norm,
+    or a linear), which activation-aware scaling (AWQ) folds its scales into — None if there is
+    none to fold into. The loader fills fused parameters and places quantized layers by these
+    groups, and every quantizer walks them.
+    """
+
+    parent: str
+    linears: tuple[str, ...]
+    fused: str | None = None
+    feeds: str | None = None
+
+    @property
+    def module(self) -> str:
+        """The name of the (fused) module in our model."""
+        return self.fused or self.linears[0]
+
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -51,25 +80,10 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> ModelConfig:
-        path = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"model folder {model_dir!r} has no config.json; pass a Hugging Face model folder"
-            )
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"pagedq supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        traits = SUPPORTED_ARCHITECTURES[arch]
+    def from_dict(cls, cfg: dict, architecture: str, traits: ArchTraits) -> ModelConfig:
+        """The shape of ``cfg`` (a parsed config.json) for ``architecture``, whose model class
+        declares ``traits`` (see :func:`pagedq.models.registry.read_config`)."""
+        arch = architecture
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope = dict(cfg.get("rope_parameters") or {})
@@ -85,7 +99,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         window = cfg.get("sliding_window")
-        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+        if traits.window_switch is not None and not cfg.get(traits.window_switch, False):
             window = None
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
         return cls(
@@ -102,8 +116,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_theta=rope_theta,
             rope_scaling=rope,
-            qkv_bias=bool(traits.get("qkv_bias") or cfg.get("attention_bias", False)),
-            qk_norm=bool(traits.get("qk_norm", False)),
+            qkv_bias=traits.qkv_bias or bool(cfg.get("attention_bias", False)),
+            qk_norm=traits.qk_norm,
             sliding_window=window,
             layer_windows=_layer_windows(cfg, window, int(cfg["num_hidden_layers"])),
             torch_dtype=_DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None,

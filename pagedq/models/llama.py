@@ -1,7 +1,10 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-One implementation; the family members differ only in switches of :class:`ModelConfig`
-(QKV bias for Qwen2, per-head q/k RMSNorm for Qwen3, rope scaling for Llama 3). Q, K and V
+One implementation; the family members differ only in the traits their classes declare
+(QKV bias for Qwen2, per-head q/k RMSNorm for Qwen3, when a sliding window applies) and in
+switches of :class:`ModelConfig` (rope scaling for Llama 3). Each class also declares how
+checkpoint linears pack into its fused parameters and which linears are quantizable
+(:data:`LLAMA_LINEARS`); :mod:`pagedq.models.registry` lists the classes. Q, K and V
 are one fused projection and so are gate and up: fewer, larger matmuls per layer. The
 numerics follow transformers' modeling code step for step (RMSNorm in float32, rope tables in
 float32 cast to the model dtype) so that float32 runs agree with it token for token.
@@ -20,7 +23,16 @@ from torch import nn
 
 from pagedq.kernels import AttentionMetadata, paged_attention
 
-from .config import ModelConfig
+from .config import ArchTraits, LinearGroup, ModelConfig
+
+# The linears of a Llama-style decoder layer: Q, K and V fused into one projection, gate and up
+# into another (fewer, larger matmuls per layer).
+LLAMA_LINEARS = (
+    LinearGroup("self_attn", ("q_proj", "k_proj", "v_proj"), fused="qkv_proj", feeds="input_layernorm"),
+    LinearGroup("self_attn", ("o_proj",)),
+    LinearGroup("mlp", ("gate_proj", "up_proj"), fused="gate_up_proj", feeds="post_attention_layernorm"),
+    LinearGroup("mlp", ("down_proj",), feeds="mlp.up_proj"),
+)
 
 
 class RMSNorm(nn.Module):
@@ -155,13 +167,19 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # What the registry, the loader and the quantizers read (a subclass overrides what differs):
+    hf_model_type = "llama"  # transformers' model_type (and its Config / ForCausalLM classes)
+    traits = ArchTraits()
+    linear_groups: tuple[LinearGroup, ...] = LLAMA_LINEARS
+    layer_class: type[nn.Module] = DecoderLayer
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         windows = cfg.layer_windows or [0] * cfg.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, windows[i]) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, windows[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
@@ -173,11 +191,41 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(positions, x, kv_cache, meta, self.rope)
         return self.norm(x)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
+
+    def part_slices(self, group: LinearGroup) -> list[slice]:
+        """The rows of ``group``'s fused parameter that each of its checkpoint linears fills."""
+        cfg = self.config
+        if group.fused == "qkv_proj":
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            sizes = [q, kv, kv]
+        elif group.fused == "gate_up_proj":
+            sizes = [cfg.intermediate_size] * 2
+        else:
+            raise ValueError(f"{type(self).__name__} has no fused module {group.fused!r}")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    hf_model_type = "mistral"
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    hf_model_type = "qwen2"
+    traits = ArchTraits(qkv_bias=True, window_switch="use_sliding_window")
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    hf_model_type = "qwen3"
+    traits = ArchTraits(qk_norm=True, window_switch="use_sliding_window")

@@ -14,12 +14,15 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from pagedq.quant.formats import FORMATS, QuantConfig, WeightFormat, read_quant_config
+from pagedq.quant.linear import make_fused_quant_linear, make_quant_linear
+from pagedq.quant.rtn import ON_LOAD, check_on_load, rtn
+
+from .config import ModelConfig
 from .llama import LlamaForCausalLM
+from .registry import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
-
-MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
 
 
 def safetensors_files(model_dir: str) -> list[str]:
@@ -48,28 +51,14 @@ def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-# checkpoint name fragment -> (our fused parameter, which slice of it)
-_FUSED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
-def _fused_slice(model: LlamaForCausalLM, fused: str, part) -> slice:
-    cfg = model.config
-    if fused == "qkv_proj":
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part]
-    i = cfg.intermediate_size
-    return slice(part * i, (part + 1) * i)
-
-
-_QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+def _fused_targets(model: LlamaForCausalLM) -> dict[str, tuple[str, slice]]:
+    """checkpoint linear name -> (our fused module, the rows of it the linear fills)."""
+    out = {}
+    for group in model.linear_groups:
+        if group.fused is not None:
+            for name, rows in zip(group.linears, model.part_slices(group)):
+                out[name] = (group.fused, rows)
+    return out
 
 
 def load_model(
@@ -86,18 +75,19 @@ def load_model(
     quantized layers; ``quantization="int8"`` or ``"int4"`` quantizes a dense checkpoint's
     projections as it loads (embeddings, norms and the LM head stay in ``dtype``).
     """
-    qcfg = None
+    qcfg = fmt = None
+    if quantization is not None:
+        check_on_load(quantization)
     if cfg.raw.get("quantization_config") is not None or os.path.isfile(
         os.path.join(model_dir, "quantize_config.json")
     ):
-        from pagedq.quant.formats import read_quant_config
-
         qcfg = read_quant_config(model_dir, cfg.raw)
+        fmt = FORMATS[qcfg.method]
         if quantization is not None:
             raise ValueError(
                 f"this checkpoint is already quantized ({qcfg.method}); drop quantization={quantization!r}"
             )
-    cls = MODEL_CLASSES[cfg.architecture]
+    cls = ARCHITECTURES[cfg.architecture]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in the model dtype: no float32 copy
     try:
@@ -106,6 +96,8 @@ def load_model(
     finally:
         torch.set_default_dtype(previous)
     params = dict(model.named_parameters())
+    fused = _fused_targets(model)
+    linears = tuple(fused) + tuple(g.linears[0] for g in model.linear_groups if g.fused is None)
     loaded: set[str] = set()
     # tensors of quantized projections: module key -> leaf name -> tensor
     quantized: dict[str, dict[str, torch.Tensor]] = {}
@@ -116,17 +108,14 @@ def load_model(
         if key == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: the head is the embedding matrix
         if qcfg is not None:
-            module, leaf = _split_projection(key)
-            if module is not None and (
-                qcfg.method == "bitsandbytes" or leaf in _QUANT_LEAVES or leaf == "bias"
-            ):
+            module, leaf = _split_projection(key, linears)
+            if module is not None and fmt.owns(leaf):
                 quantized.setdefault(module, {})[leaf] = tensor
                 continue
         target, rows = key, None
-        for frag, (fused, part) in _FUSED.items():
+        for frag, (module, part_rows) in fused.items():
             if f".{frag}." in key:
-                target = key.replace(frag, fused)
-                rows = _fused_slice(model, fused, part)
+                target, rows = key.replace(frag, module), part_rows
                 break
         param = params.get(target)
         if param is None:
@@ -142,15 +131,18 @@ def load_model(
         loaded.add(f"{target}[{rows.start}]" if rows is not None else target)
     replaced: set[str] = set()
     if qcfg is not None:
-        replaced = _install_quantized(model, quantized, qcfg, dtype, device, loaded)
+        replaced = _install_quantized(model, quantized, qcfg, fmt, dtype, device)
+    fused_rows = {module: [] for module, _ in fused.values()}
+    for module, rows in fused.values():
+        fused_rows[module].append(rows.start)
     expected = set()
     for pname in params:
-        if pname.rpartition(".")[0] in replaced:
+        module = pname.rpartition(".")[0]
+        if module in replaced:
             continue
-        if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
-            expected.update(f"{pname}[{_fused_slice(model, 'qkv_proj', s).start}]" for s in "qkv")
-        elif pname.endswith("gate_up_proj.weight"):
-            expected.update(f"{pname}[{_fused_slice(model, 'gate_up_proj', s).start}]" for s in (0, 1))
+        starts = fused_rows.get(module.rpartition(".")[2])
+        if starts is not None:
+            expected.update(f"{pname}[{start}]" for start in starts)
         else:
             expected.add(pname)
     missing = sorted(expected - loaded)
@@ -164,9 +156,9 @@ def load_model(
     return model
 
 
-def _split_projection(key: str) -> tuple[str | None, str]:
+def _split_projection(key: str, linears: tuple[str, ...]) -> tuple[str | None, str]:
     """``layers.0.self_attn.q_proj.weight.absmax`` -> (``layers.0.self_attn.q_proj``, ``weight.absmax``)."""
-    for proj in _PROJECTIONS:
+    for proj in linears:
         i = key.find(f".{proj}.")
         if i != -1:
             end = i + len(proj) + 1
@@ -174,42 +166,19 @@ def _split_projection(key: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _bnb_layer(tensors: dict[str, torch.Tensor], qcfg, dtype, device):
-    """One bitsandbytes projection: 8-bit as a canonical weight, 4-bit as a bitsandbytes layer."""
-    from pagedq.quant import bnb
-
-    if "SCB" in tensors:
-        return bnb.int8_weight(tensors)
-    if any(k.startswith("weight.quant_state.") for k in tensors):
-        return bnb.Bnb4bitLinear(tensors, None, dtype, device)
-    raise ValueError(
-        f"bitsandbytes tensors {sorted(tensors)} are neither LLM.int8 (SCB) nor 4-bit (quant_state)"
-    )
-
-
-def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[str]) -> set[str]:
+def _install_quantized(model, tensors: dict, qcfg: QuantConfig, fmt: WeightFormat, dtype, device) -> set[str]:
     """Replace the fused projections whose parts the checkpoint holds quantized; return their names."""
-    from pagedq.quant.formats import UNPACKERS
-    from pagedq.quant.linear import make_fused_quant_linear
-
     replaced = set()
     for layer_idx, layer in enumerate(model.layers):
-        for parent_name, fused_name, parts in (
-            ("self_attn", "qkv_proj", _FUSED_PARTS["qkv_proj"]),
-            ("self_attn", "o_proj", ("o_proj",)),
-            ("mlp", "gate_up_proj", _FUSED_PARTS["gate_up_proj"]),
-            ("mlp", "down_proj", ("down_proj",)),
-        ):
+        for group in model.linear_groups:
+            parent_name, fused_name, parts = group.parent, group.module, group.linears
             keys = [f"layers.{layer_idx}.{parent_name}.{p}" for p in parts]
-            have = [k for k in keys if _is_quantized(tensors.get(k, {}), qcfg)]
+            have = [k for k in keys if fmt.is_quantized(tensors.get(k, {}))]
             if not have:
                 continue
             if len(have) != len(keys):
                 raise ValueError(f"checkpoint quantizes only some of {keys}; pagedq needs all or none")
-            if qcfg.method == "bitsandbytes":
-                weights = [_bnb_layer(tensors[k], qcfg, dtype, device) for k in keys]
-            else:
-                weights = [UNPACKERS[qcfg.method](tensors[k], qcfg) for k in keys]
+            weights = [fmt.unpack(tensors[k], qcfg, dtype, device) for k in keys]
             biases = [tensors[k].get("bias") for k in keys]
             bias = None if all(b is None for b in biases) else torch.cat([b.to(dtype) for b in biases])
             parent = getattr(layer, parent_name)
@@ -223,37 +192,22 @@ def _install_quantized(model, tensors: dict, qcfg, dtype, device, loaded: set[st
                     f"quantized {keys} unpack to {shapes}, which does not fit "
                     f"{fused_name} {tuple(dense.weight.shape)}; is config.json right?"
                 )
-            layout = "awq" if qcfg.method == "awq" else "gptq"
-            setattr(parent, fused_name, make_fused_quant_linear(weights, bias, dtype, device, layout))
+            new_layer = make_fused_quant_linear(weights, bias, dtype, device, fmt.kernel_layout)
+            setattr(parent, fused_name, new_layer)
             replaced.add(f"layers.{layer_idx}.{parent_name}.{fused_name}")
-    leftover = sorted(k for k, v in tensors.items() if _is_quantized(v, qcfg) and not k.startswith("layers."))
+    leftover = sorted(k for k, v in tensors.items() if fmt.is_quantized(v) and not k.startswith("layers."))
     if leftover:
         raise ValueError(f"checkpoint has quantized tensors pagedq cannot place: {leftover[:4]}")
     for module, leaves in tensors.items():  # dense projections with a bias (nothing quantized)
-        if not _is_quantized(leaves, qcfg) and "bias" in leaves:
+        if not fmt.is_quantized(leaves) and "bias" in leaves:
             raise ValueError(f"checkpoint has a bias for {module} but no weights for it")
     return replaced
 
 
-def _is_quantized(leaves: dict, qcfg) -> bool:
-    if qcfg.method == "bitsandbytes":
-        return "weight" in leaves
-    return "qweight" in leaves
-
-
 def _quantize_on_load(model, method: str, dtype, device) -> None:
-    from pagedq.quant.linear import make_quant_linear
-    from pagedq.quant.rtn import ON_LOAD, rtn
-
-    if method not in ON_LOAD:
-        raise ValueError(f"quantization must be one of {sorted(ON_LOAD)} or None, got {method!r}")
     for layer in model.layers:
-        for parent, name in (
-            (layer.self_attn, "qkv_proj"),
-            (layer.self_attn, "o_proj"),
-            (layer.mlp, "gate_up_proj"),
-            (layer.mlp, "down_proj"),
-        ):
+        for group in model.linear_groups:
+            parent, name = getattr(layer, group.parent), group.module
             dense = getattr(parent, name)
             bias = None if dense.bias is None else dense.bias.data
             opts = dict(ON_LOAD[method])

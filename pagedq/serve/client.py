@@ -28,15 +28,13 @@ import threading
 import urllib.parse
 
 from pagedq.driver import Generation
+from pagedq.options import wire_fields
 from pagedq.outputs import CompletionOutput, GenerationError, RequestOutput
 from pagedq.sampling_params import SamplingParams
 
 # sampling fields sent as they are (the API's names are SamplingParams' names)
-_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "max_tokens", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-    "include_stop_str_in_output",
-)  # fmt: skip
+# SamplingParams fields sent under their own names, plus max_tokens (the API shapes the rest)
+_FIELDS = (*wire_fields(), "max_tokens")
 
 
 class SharedEngineError(GenerationError):

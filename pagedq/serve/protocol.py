@@ -12,6 +12,7 @@ Unknown fields are ignored, as OpenAI and vLLM do; fields pagedq does not implem
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,11 +25,13 @@ from pydantic import (
     StrictStr,
     ValidationError,
     WrapValidator,
+    create_model,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from pagedq.sampling_params import LOGIT_BIAS, RANGES, SamplingParams
+from pagedq.options import wire_fields
+from pagedq.sampling_params import FLAGS, LOGIT_BIAS, RANGES, SamplingParams
 
 from .errors import bad_request
 
@@ -79,16 +82,35 @@ _UNSUPPORTED = {
 }
 
 
-class _GenerationRequest(_Strict):
+def _sampling_fields() -> dict[str, Any]:
+    """The request fields that are SamplingParams fields under their own names
+    (:func:`pagedq.options.wire_fields`): type, range, default and description from there."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in wire_fields():
+            continue
+        doc = f.metadata.get("help")
+        if f.name in RANGES:
+            out[f.name] = (
+                _ranged(f.name, f.default, doc and f"{doc}; {RANGES[f.name].describe()}"),
+                f.default,
+            )
+        elif f.name in FLAGS:
+            out[f.name] = (StrictBool, Field(f.default, description=doc))
+        elif f.name == "stop_token_ids":
+            out[f.name] = (list[TokenId] | None, Field(None, description=doc))
+        else:  # a new SamplingParams field must be given its HTTP form here
+            raise TypeError(f"SamplingParams.{f.name} has no HTTP form in pagedq.serve.protocol")
+    return out
+
+
+_SamplingFields = create_model("_SamplingFields", __base__=_Strict, **_sampling_fields())
+
+
+class _GenerationRequest(_SamplingFields):
     """Fields shared by completions and chat completions."""
 
     model: StrictStr | None = Field(None, description="the served model id (GET /v1/models)")
-    n: _ranged("n", 1)
-    temperature: _ranged("temperature", 1.0)
-    top_p: _ranged("top_p", 1.0)
-    seed: _ranged("seed", None)
-    presence_penalty: _ranged("presence_penalty", 0.0)
-    frequency_penalty: _ranged("frequency_penalty", 0.0)
     stop: Annotated[StrictStr | list[StrictStr] | None, _one_of("a string or a list of strings")] = Field(
         None, description="up to max_stop stop strings"
     )
@@ -98,15 +120,6 @@ class _GenerationRequest(_Strict):
     user: StrictStr | None = Field(None, description="who the request is for (a label for metrics)")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # vLLM's extras
-    top_k: _ranged("top_k", 0)
-    min_p: _ranged("min_p", 0.0)
-    repetition_penalty: _ranged("repetition_penalty", 1.0)
-    min_tokens: _ranged("min_tokens", 0)
-    ignore_eos: StrictBool = False
-    stop_token_ids: list[TokenId] | None = None
-    skip_special_tokens: StrictBool = True
-    include_stop_str_in_output: StrictBool = False
     # refused with a 400 saying so
     echo: Any = None
     suffix: Any = None
@@ -131,14 +144,8 @@ class _GenerationRequest(_Strict):
                 raise bad_request(why, name)
 
     def common_params(self) -> dict:
-        kw = {
-            name: getattr(self, name)
-            for name in (
-                "n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
-                "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                "skip_special_tokens", "include_stop_str_in_output", "stop",
-            )
-        }  # fmt: skip
+        kw = {name: getattr(self, name) for name in wire_fields()}
+        kw["stop"] = self.stop
         if self.logit_bias:
             kw["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         return kw
