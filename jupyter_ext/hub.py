@@ -85,7 +85,7 @@ class HubIdentity(Identity):
             raise APIError(
                 "the hub cannot tell who you are right now; retry later", 503, retry_after=5
             ) from None
-        except Exception as e:  # noqa: BLE001 - e.g. a hub answer that is not JSON
+        except Exception as e:
             logger.error("asking JupyterHub who calls failed: %s: %s", type(e).__name__, e)
             raise APIError(
                 "the hub cannot tell who you are right now; retry later", 503, retry_after=5
@@ -133,7 +133,7 @@ class HubIdentity(Identity):
         from tornado.httputil import url_concat
 
         auth = self.hub_auth
-        params = {}
+        params: dict[str, str] = {}
         verifier = None
         if auth.pkce_enabled:
             verifier, challenge, method = auth.generate_pkce_code_challenge()

@@ -9,6 +9,7 @@ operating system, so that a new ``load`` works at once in the same kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import html
@@ -16,6 +17,7 @@ import re
 import shlex
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -26,12 +28,15 @@ from pagedq.options import add_arguments, collect
 from pagedq.outputs import GenerationError
 from pagedq.sampling_params import SamplingParams
 
+if TYPE_CHECKING:  # the engine (torch) loads with the first model, not with %load_ext
+    from pagedq.llm import LLM
+
 UPDATE_INTERVAL = 0.05  # seconds between display updates while tokens stream
 
 
 @dataclass
 class Session:
-    llm: object | None = None
+    llm: LLM | None = None
     driver: EngineDriver | None = None
     model: str | None = None
     options: dict = field(default_factory=dict)
@@ -75,10 +80,8 @@ session = Session()
 def release_memory() -> None:
     """Collect garbage and return freed heap pages to the OS (glibc ``malloc_trim``)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def driver_for(llm=None) -> EngineDriver:
@@ -233,31 +236,18 @@ class PagedqMagics(Magics):
             args = _GENERATE_PARSER.parse_args(shlex.split(line))
         except _Usage as e:
             raise UsageError(str(e)) from None
-        ns = self.shell.user_ns if self.shell is not None else {}
-        text = interpolate(cell.rstrip("\n"), ns)
-        prompt: object = text
-        messages = None
-        if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": text}
-            ]
-        if not args.shared:
-            llm, driver = session.require()
-            if messages is not None:
-                from pagedq.llm import chat_prompt
-
-                prompt = {"prompt": text, **chat_prompt(llm.get_tokenizer(), messages)}
-        params = SamplingParams(**collect(args, _GENERATE_PARSER.fields))
-        if args.shared:  # the same display and interrupt handling over the server's engine
-            shared = session.connect_shared()
-            gen = shared.submit(params=params, messages=messages) if messages else shared.submit(text, params)
-        else:
-            gen = driver.submit(prompt, params)
+        ns: dict = self.shell.user_ns if self.shell is not None else {}
+        gen = _submit(args, interpolate(cell.rstrip("\n"), ns))
         handle = display(Rendered([""] * args.n, args.format), display_id=True)
         updater = _Updater(handle, args.format, gen)
         if args.background:
             if args.output:
-                gen.on_output(lambda out: out.finished and ns.__setitem__(args.output, out))
+
+                def keep(out, name=args.output):
+                    if out.finished:
+                        ns[name] = out
+
+                gen.on_output(keep)
             gen.on_output(updater)
             return gen
         try:
@@ -273,6 +263,27 @@ class PagedqMagics(Magics):
         if args.output:
             ns[args.output] = gen.latest
         return None
+
+
+def _submit(args, text: str) -> Generation:
+    """Start a ``%%generate`` cell's request on the kernel's engine or, with ``--shared``, the
+    server's."""
+    messages = None
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": text}
+        ]
+    params = SamplingParams(**collect(args, _GENERATE_PARSER.fields))
+    if args.shared:  # the same display and interrupt handling over the server's engine
+        shared = session.connect_shared()
+        return shared.submit(params=params, messages=messages) if messages else shared.submit(text, params)
+    llm, driver = session.require()
+    prompt: object = text
+    if messages is not None:
+        from pagedq.llm import chat_prompt
+
+        prompt = {"prompt": text, **chat_prompt(llm.get_tokenizer(), messages)}
+    return driver.submit(prompt, params)
 
 
 class _Updater:

@@ -58,6 +58,14 @@ class AttentionMetadata:
     backend: str = "torch"  # "triton": the kernels of kernels/triton_attention.py
     prefill_tables: torch.Tensor | None = None  # Triton: padded block tables of the prefill chunks
 
+    @property
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block ids, context lengths, mask) of the decode rows: set whenever there are any."""
+        ids, lens, mask = self.decode_block_ids, self.decode_context_lens, self.decode_mask
+        if ids is None or lens is None or mask is None:
+            raise ValueError("this step has no decode rows")
+        return ids, lens, mask
+
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -76,6 +84,8 @@ def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_kv`; ``scale`` has the shape of ``codes`` without the last dim."""
     if codes.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("an int8 KV cache needs its scales")
         return (codes.float() * scale.float()[..., None]).to(dtype)
     if codes.dtype == torch.uint8:
         return codes.view(torch.float8_e4m3fn).to(dtype)
@@ -96,7 +106,7 @@ def reshape_and_cache(
     for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         codes, s = quantize_kv(x, cache.dtype)
         cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, codes)
-        if s is not None:
+        if s is not None and scale is not None:
             scale.view(-1, kvh).index_copy_(0, slot_mapping, s)
 
 
@@ -145,8 +155,10 @@ def paged_attention_decode(
     buffer and attended with one batched SDPA call.
     """
     if not window and native.supports(query, k_cache):
-        tables = meta.decode_block_ids.view(query.shape[0], meta.decode_max_blocks)
-        return native.paged_decode(query, k_cache, v_cache, tables, meta.decode_context_lens, scale)
+        ids, lens, _ = meta.decode
+        return native.paged_decode(
+            query, k_cache, v_cache, ids.view(query.shape[0], meta.decode_max_blocks), lens, scale
+        )
     return paged_attention_decode_torch(query, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
 
 
@@ -163,15 +175,15 @@ def paged_attention_decode_torch(
     b, nh, hd = query.shape
     _, bs, kvh, _ = k_cache.shape
     ctx = meta.decode_max_blocks * bs
-    mask = meta.decode_mask
+    block_ids, lens, mask = meta.decode
     if window:  # the query at position len - 1 sees keys after len - 1 - window
-        first = (meta.decode_context_lens - window).view(b, 1, 1, 1)
+        first = (lens - window).view(b, 1, 1, 1)
         mask = mask & (torch.arange(ctx, device=query.device).view(1, 1, 1, ctx) >= first)
     kv = []
     for name, cache, sc in (("k", k_cache, k_scale), ("v", v_cache, v_scale)):
-        x = _gather_blocks(cache, meta.decode_block_ids, meta.workspace, name).view(b, ctx, kvh, hd)
+        x = _gather_blocks(cache, block_ids, meta.workspace, name).view(b, ctx, kvh, hd)
         if cache.dtype != query.dtype:
-            s = None if sc is None else sc.index_select(0, meta.decode_block_ids).view(b, ctx, kvh)
+            s = None if sc is None else sc.index_select(0, block_ids).view(b, ctx, kvh)
             x = dequantize_kv(x, s, query.dtype)
         kv.append(x.transpose(1, 2))
     # GQA without repeating K/V: the query heads of one KV head act as that head's query rows.
@@ -202,7 +214,7 @@ def paged_attention_prefill(
     L, nh, hd = query.shape
     kvh = key.shape[1]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, nh, L, hd]
-    if chunk.block_table is None and (not window or L <= window):
+    if chunk.block_table is None and (not window or window >= L):
         k = key.transpose(0, 1).unsqueeze(0)
         v = value.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=nh != kvh)
@@ -278,25 +290,22 @@ def _paged_attention_triton(
     out = torch.empty_like(query)
     nd = meta.num_decode_tokens
     if nd:
-        tables = meta.decode_block_ids.view(nd, meta.decode_max_blocks)
+        ids, lens, _ = meta.decode
         out[:nd] = ta.paged_decode(
             query[:nd],
             k_cache,
             v_cache,
-            tables,
-            meta.decode_context_lens,
+            ids.view(nd, meta.decode_max_blocks),
+            lens,
             scale,
             k_scale,
             v_scale,
             window=window,
         )
     if meta.prefills:
-        if meta.prefill_tables is None:  # built once per step, shared by every layer
-            width = max(len(c.block_ids) for c in meta.prefills)
-            meta.prefill_tables = torch.tensor(
-                [c.block_ids + [0] * (width - len(c.block_ids)) for c in meta.prefills],
-                dtype=torch.int32,
-                device=query.device,
+        if meta.prefill_tables is None:
+            raise ValueError(
+                "the Triton prefill needs meta.prefill_tables (the model runner's prepare builds them)"
             )
         chunks = [(c.query_start, c.query_len, c.context_len) for c in meta.prefills]
         ta.paged_prefill(

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Any
 
 import torch
 
@@ -67,12 +68,17 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
         return None
-    src = b"".join(open(p, "rb").read() for p in _SRCS)
+    src = b"".join(_read(p) for p in _SRCS)
     flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
     key = hashlib.sha256(src + flags + _cpu_id().encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")
@@ -102,13 +108,14 @@ def _build() -> ctypes.CDLL | None:
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
     lib.woq_gemm_bf16.restype = None
-    lib.woq_gemm_bf16.argtypes = (
+    woq_args: list[Any] = (
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         + [ctypes.c_void_p] * 2
         + [ctypes.c_int] * 2
         + [ctypes.c_void_p]
         + [ctypes.c_int] * 3
     )
+    lib.woq_gemm_bf16.argtypes = woq_args
     return lib
 
 
@@ -190,7 +197,10 @@ def woq_gemm(
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    library().woq_gemm_bf16(
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see woq_supported)")
+    lib.woq_gemm_bf16(
         x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), zeros.data_ptr(), group, kc,
         y.data_ptr(), out_features, scales.shape[1], torch.get_num_threads(),
     )  # fmt: skip

@@ -131,8 +131,8 @@ def quant_matmul(
     dot_f32 = INTERPRET or x.dtype == torch.float32
     if INTERPRET or x.device.type == "cpu":
         bm, bn, bk = 16, 32, 32
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        _kernel_fixed[grid](
+        fixed_grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _kernel_fixed[fixed_grid](
             *args, BITS=bits, AWQ=awq, GROUP=group_size, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
         )
     else:

@@ -13,7 +13,7 @@ from ._version import __version__
 
 _EXPORTS = {
     "LLM": ".llm",
-    "BeamSearchParams": ".beam_search",
+    "BeamSearchParams": ".sampling_params",
     "CompletionOutput": ".outputs",
     "EngineConfig": ".config",
     "GenerationError": ".outputs",

@@ -24,70 +24,17 @@ step for step, so that results are equal to it:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .checks import Range, check_bool, check_token_ids
 from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import BeamSearchParams
 from .sequence import Request, Sequence
 
 # transformers marks impossible scores with -1e9 rather than -inf; the same constant keeps the
 # comparisons identical
 _NEG = -1.0e9
-
-
-@dataclass
-class BeamSearchParams:
-    """Parameters of one beam-search request (the names of vLLM's ``BeamSearchParams``).
-
-    ``length_penalty`` is the exponent of the length in the score of a finished hypothesis
-    (``> 0`` favours longer ones). ``early_stopping`` is ``True`` (stop once ``beam_width``
-    hypotheses finished), ``False`` (stop when no live beam can still beat them, judged at the
-    current length) or ``"never"`` (judged at the best length possible).
-    """
-
-    beam_width: int = field(metadata={"help": "beam search with this many beams"})
-    max_tokens: int = 16
-    length_penalty: float = field(
-        default=1.0, metadata={"help": "beam search: exponent of the length in the score"}
-    )
-    early_stopping: bool | str = False
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-
-    # Read by the parts of the engine that handle every kind of request.
-    logprobs = None
-    prompt_logprobs = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def n(self) -> int:
-        return self.beam_width
-
-    def validate(self) -> None:
-        """Check every field's type and range (``ValueError``); ``stop_token_ids`` becomes a list."""
-        Range(int, ge=1).check("beam_width", self.beam_width)
-        Range(int, ge=1).check("max_tokens", self.max_tokens)
-        Range(float).check("length_penalty", self.length_penalty)
-        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        check_bool("ignore_eos", self.ignore_eos)
-        check_bool("skip_special_tokens", self.skip_special_tokens)
-        ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        self.stop_token_ids = check_token_ids("stop_token_ids", ids)
-
-    def check_vocab(self, vocab_size: int) -> None:
-        bad = [t for t in self.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(
-                f"stop_token_ids has token ids outside the vocabulary (size {vocab_size}): {bad}"
-            )
-        if self.beam_width > vocab_size:
-            raise ValueError(f"beam_width must be <= the vocabulary size {vocab_size}, got {self.beam_width}")
 
 
 @dataclass
@@ -132,7 +79,9 @@ class BeamSearch:
     def start(cls, req: Request, eos_token_ids: list[int], max_model_len: int) -> Sequence:
         """Attach a search to the beam-search request ``req``; return its first beam, which
         prefills the prompt (the search forks it when its first logits arrive)."""
-        params: BeamSearchParams = req.params
+        params = req.params
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"beam search needs a BeamSearchParams, got {type(params).__name__}")
         stop_ids = ([] if params.ignore_eos else list(eos_token_ids)) + params.stop_token_ids
         max_new = min(params.max_tokens, max_model_len - len(req.prompt_token_ids))
         search = req.beam = cls(params, stop_ids, params.stop_token_ids, max_new)
@@ -250,7 +199,7 @@ class BeamSearch:
                     stop = t in self.stop_ids
                     merged.append(
                         Hypothesis(
-                            parent.output_token_ids + [t],
+                            [*parent.output_token_ids, t],
                             float(vals[j]),
                             normed[j],
                             "stop" if stop else "length",
@@ -267,10 +216,7 @@ class BeamSearch:
             self.done = True
             return []
         # Can a live beam still beat the worst kept hypothesis?
-        if self.params.early_stopping == "never" and lp > 0.0:
-            best_len = self.max_new_tokens
-        else:
-            best_len = length
+        best_len = self.max_new_tokens if self.params.early_stopping == "never" and lp > 0.0 else length
         best = float(torch.tensor(picks[0][2], dtype=torch.float32) / (best_len**lp))
         worst = min(h.score for h in self.finished) if len(self.finished) == k else _NEG
         self.improvable = self.improvable and best > worst

@@ -105,7 +105,9 @@ class BlockManager:
             return i
         return None
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
+    def can_allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] | tuple[int, ...] = ()
+    ) -> bool:
         """Whether ``seq`` (after taking ``cached_prefix``) can get slots for ``num_new_tokens``."""
         if not cached_prefix:
             cow = self._shared_write_block(seq) is not None
@@ -116,7 +118,9 @@ class BlockManager:
 
     # --- changes ---------------------------------------------------------------------------
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] = ()) -> None:
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] | tuple[int, ...] = ()
+    ) -> None:
         """Give ``seq`` the blocks that ``num_new_tokens`` more tokens need.
 
         ``cached_prefix`` (from :meth:`find_cached_prefix`, for a sequence holding no block)

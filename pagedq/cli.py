@@ -20,8 +20,7 @@ def _add_engine_args(p: argparse.ArgumentParser, **defaults) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling and beam-search options from SamplingParams and BeamSearchParams; the CLI
     generates greedily and longer by default."""
-    from pagedq.beam_search import BeamSearchParams
-    from pagedq.sampling_params import SamplingParams
+    from pagedq.sampling_params import BeamSearchParams, SamplingParams
 
     sampling = add_arguments(
         p,
@@ -40,8 +39,7 @@ def _engine_kwargs(a) -> dict:
 
 
 def _sampling_params(a):
-    from pagedq.beam_search import BeamSearchParams
-    from pagedq.sampling_params import SamplingParams
+    from pagedq.sampling_params import BeamSearchParams, SamplingParams
 
     sp = collect(a, a._sampling)
     if a.bs_beam_width is not None:
@@ -159,7 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_demo(sub)
+    _add_bench(sub)
+    _add_quantize(sub)
+    _add_serve(sub)
+    _add_build_model(sub)
+    return parser
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     g.add_argument("prompt", nargs="+")
     g.add_argument(
@@ -170,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="generate on the demo model and print text, throughput and KV statistics")
     d.add_argument("--model", default="pagedq-tiny")
     d.add_argument("--num-prompts", type=int, default=16)
@@ -177,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks from WORKLOAD.md, each beside its baseline")
     b.add_argument("workload", choices=["throughput", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
@@ -204,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_load_arguments(b)
     b.set_defaults(func=cmd_bench)
 
+
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="write a GPTQ / AWQ / RTN checkpoint of a dense model")
     q.add_argument("model", help="dense model folder, or a built-in random model name")
     q.add_argument("out_dir")
@@ -216,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     q.set_defaults(func=cmd_quantize)
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API (/v1), the engine in a supervised process",
@@ -252,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.set_defaults(func=cmd_serve)
 
+
+def _add_build_model(sub) -> None:
     m = sub.add_parser(
         "build-model", help="build a random-weight model (tiny, bench, bench-1b) into a folder"
     )
@@ -259,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--arch", default=None, help="llama | mistral | qwen2 | qwen3")
     m.set_defaults(func=cmd_build_model)
-    return parser
 
 
 def _serve_model(name: str) -> str:
@@ -280,7 +296,7 @@ def cmd_serve(a) -> None:
 
     from pagedq.serve.app import serve
     from pagedq.serve.config import from_arguments
-    from pagedq.serve.identity import ApiKeys, OpenAccess
+    from pagedq.serve.identity import ApiKeys, Identity, OpenAccess
 
     config = from_arguments(a)
     host, port, prefix = a.host, a.port, "/"
@@ -292,7 +308,8 @@ def cmd_serve(a) -> None:
 
         from pagedq.jupyter_ext.hub import HubIdentity, service_prefix
 
-        identity, prefix = HubIdentity(), service_prefix()
+        identity: Identity = HubIdentity()
+        prefix = service_prefix()
         if os.environ.get("JUPYTERHUB_SERVICE_URL"):  # where the hub expects this service
             where = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
             host, port = where.hostname or host, where.port or port

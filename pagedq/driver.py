@@ -10,21 +10,30 @@ thread (a Stop button, a kernel interrupt) is safe at any time. No process is sp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from .outputs import GenerationError, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 
+class Aborts(Protocol):
+    """What a :class:`Generation` needs of what runs it: the engine driver, or the shared
+    engine's client."""
+
+    def abort(self, request_id: str) -> object: ...
+
+
 class Generation:
     """One submitted request: its outputs as they arrive, and a way to stop it."""
 
-    def __init__(self, driver: EngineDriver, request_id: str):
+    def __init__(self, driver: Aborts, request_id: str):
         self.driver = driver
         self.request_id = request_id
         self.latest: RequestOutput | None = None
@@ -62,6 +71,8 @@ class Generation:
             if deadline is not None and time.perf_counter() > deadline:
                 raise TimeoutError(f"generation {self.request_id} is still running")
         self._raise_error()
+        if self.latest is None:  # done without an output or an error: aborted before its first step
+            raise GenerationError(f"generation {self.request_id} ended before producing output")
         return self.latest
 
     def _raise_error(self) -> None:
@@ -89,10 +100,8 @@ class Generation:
         self.latest = out
         self._queue.put(out)
         for fn in self._callbacks:
-            try:
+            with contextlib.suppress(Exception):  # a display callback must not stop the engine
                 fn(out)
-            except Exception:  # a display callback must not stop the engine
-                pass
         if out.finished:
             self._finish(
                 GenerationError(f"generation {self.request_id} failed: {out.error}", [out])

@@ -17,11 +17,12 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from . import detokenizer
-from .beam_search import BeamSearch, BeamSearchParams
+from .beam_search import BeamSearch
 from .block_manager import BlockManager
 from .checks import check_text, check_token_ids
 from .config import EngineConfig, resolve_device, resolve_dtype
@@ -32,7 +33,7 @@ from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .policies import make_policy
 from .sampler import Sampler
-from .sampling_params import SamplingParams
+from .sampling_params import BeamSearchParams, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
 
@@ -384,7 +385,7 @@ class LLMEngine:
             return []
         touched = {item.seq.request.request_id: item.seq.request for item in sched.scheduled}
         plan, logits = self._execute(sched)
-        if plan is not None:
+        if plan is not None and logits is not None:
             self._account(plan)
             sampled = self._sample_step(plan, logits)
             self.scheduler.update_from_output(plan.step, [(seq, token) for seq, token, _ in sampled])
@@ -428,7 +429,7 @@ class LLMEngine:
         try:
             plan = self._plan(step)
             return plan, self.runner.execute(step, plan.rows)
-        except Exception as e:  # noqa: BLE001 - any failure of the model step is isolated
+        except Exception as e:
             return self._isolate_fault(step, e)
 
     def _isolate_fault(
@@ -461,13 +462,13 @@ class LLMEngine:
             try:
                 last = attempt(rest)
                 good, to_test = rest, suspects
-            except Exception:  # noqa: BLE001 - the fault is not (only) in the new requests
+            except Exception:
                 pass
         for rid in to_test:
             try:
                 last = attempt([rid])
                 good.append(rid)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._fail_with(groups[rid][0].seq.request, e, "the model step")
         if not good:
             return None, None
@@ -493,7 +494,7 @@ class LLMEngine:
         try:
             fn(*args)
             return True
-        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+        except Exception as e:
             self._fail_with(req, e, getattr(fn, "__name__", "the step"))
             return False
 
@@ -529,7 +530,7 @@ class LLMEngine:
         if plan.prompt_rows:
             try:
                 self.processor.record_prompt_logprobs(logits[len(plan.sample_rows) :], plan.prompt_targets)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 for req in {r.request_id: r for r, _ in plan.prompt_targets}.values():
                     self._fail_with(req, e, "prompt logprobs")
         samplers = plan.samplers
@@ -564,19 +565,19 @@ class LLMEngine:
         try:
             out = self.sampler(logits, seqs)
             return list(zip(seqs, out.token_ids, out.logprobs))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             logger.warning(
                 "sampling %d rows failed (%s: %s); sampling them one by one", len(seqs), type(e).__name__, e
             )
         for s, state in states:
-            s.generator.set_state(state)
+            cast(torch.Generator, s.generator).set_state(state)
         picked = []
         for i, seq in enumerate(seqs):
             if seq.request.error is not None:
                 continue
             try:
                 one = self.sampler(logits[i : i + 1], [seq])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._fail_with(seq.request, e, "sampling")
                 continue
             picked.append((seq, one.token_ids[0], one.logprobs[0]))
@@ -629,7 +630,7 @@ class LLMEngine:
     # --- streaming ---------------------------------------------------------------------------
 
     def stream(
-        self, prompts: Iterable[PromptType], params: SamplingParams | list[SamplingParams] | None = None
+        self, prompts: Iterable[PromptType], params: ParamsType | list[ParamsType] | None = None
     ) -> Iterator[RequestOutput]:
         """Add ``prompts`` and yield their outputs step by step (cumulative text, ``finished`` at the end).
 

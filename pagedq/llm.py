@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
-from .beam_search import BeamSearchParams
 from .checks import check_bool, check_text
 from .config import EngineConfig
 from .driver import EngineDriver
 from .engine import LLMEngine, ParamsType, PromptType
 from .outputs import GenerationError, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import BeamSearchParams, SamplingParams
+from .sequence import Request
 
 
 class LLM:
@@ -120,7 +121,7 @@ class LLM:
         chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        convs = cast(list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages)
         tok = self.engine.tokenizer
         prompts = [chat_prompt(tok, conv, add_generation_prompt, chat_template) for conv in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -153,7 +154,7 @@ class LLM:
             )
         return params
 
-    def _validate_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[dict]:
+    def _validate_all(self, prompts: list[PromptType], params: list[ParamsType]) -> list[dict]:
         """Check every prompt before queueing any: one bad prompt queues nothing.
 
         Returns the prompts already tokenized, so that queueing them does not tokenize again.
@@ -213,18 +214,19 @@ class InlineLoop:
         """Every prompt's next-token log-softmax rows (``LLM.next_token_logprobs``)."""
         import torch
 
-        ids, reqs = [], {}
+        ids: list[str] = []
+        reqs: dict[str, Request] = {}
+        dists: dict[str, torch.Tensor] = {}
         try:
             for p in prompts:
                 rid = self.engine.add_request(p, params)
                 reqs[rid] = self.engine.requests[rid]
                 reqs[rid].prompt_distributions = []
                 ids.append(rid)
-            dists = {}
             while len(dists) < len(ids):
                 for out in self.engine.step():
                     if out.finished and out.request_id in reqs and out.request_id not in dists:
-                        dists[out.request_id] = torch.cat(reqs[out.request_id].prompt_distributions)
+                        dists[out.request_id] = torch.cat(reqs[out.request_id].prompt_distributions or [])
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)

@@ -45,7 +45,7 @@ class ModelRunner:
 
         self.backend = backend(device)
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         self._kv_storage: torch.Tensor | None = None
         self._workspace: dict = {}
 
@@ -87,10 +87,17 @@ class ModelRunner:
         else:
             self.kv_caches = [(self._kv_storage[i, 0], self._kv_storage[i, 1]) for i in range(cfg.num_layers)]
 
+    @property
+    def kv_storage(self) -> torch.Tensor:
+        """The one tensor of every layer's K and V (after :meth:`allocate_kv_cache`)."""
+        if self._kv_storage is None:
+            raise RuntimeError("the KV cache is not allocated (or was released)")
+        return self._kv_storage
+
     def _zero_new_blocks(self, batch: list[ScheduledSeq]) -> None:
         top = max((max(item.block_table) for item in batch if item.block_table), default=-1) + 1
         if top > self._zeroed_blocks:
-            self._kv_storage[:, :, self._zeroed_blocks : top].zero_()
+            self.kv_storage[:, :, self._zeroed_blocks : top].zero_()
             if self._kv_scales is not None:
                 self._kv_scales[:, :, self._zeroed_blocks : top].zero_()
             self._zeroed_blocks = top
@@ -137,6 +144,13 @@ class ModelRunner:
         for p in prefills:
             if p.block_table is not None:
                 p.block_table = p.block_table.to(dev)
+        if prefills and self.backend == "triton":  # padded block tables of the chunks, for every layer
+            width = max(len(p.block_ids or ()) for p in prefills)
+            meta.prefill_tables = torch.tensor(
+                [(p.block_ids or []) + [0] * (width - len(p.block_ids or ())) for p in prefills],
+                dtype=torch.int32,
+                device=dev,
+            )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)
             padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
@@ -160,7 +174,7 @@ class ModelRunner:
         if copies:
             src = torch.tensor([c[0] for c in copies], dtype=torch.long, device=self.device)
             dst = torch.tensor([c[1] for c in copies], dtype=torch.long, device=self.device)
-            copy_blocks(self._kv_storage, src, dst, block_dim=2, backend=self.backend)
+            copy_blocks(self.kv_storage, src, dst, block_dim=2, backend=self.backend)
             if self._kv_scales is not None:
                 copy_blocks(self._kv_scales, src, dst, block_dim=2, backend=self.backend)
         ids, pos, meta = self.prepare(batch)

@@ -43,7 +43,7 @@ def _flag_type(cls, f: dataclasses.Field):
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for a in args:
         if typing.get_origin(a) is list:
-            return list[typing.get_args(a)[0]]
+            return types.GenericAlias(list, (typing.get_args(a)[0],))
         if a in (bool, int, float, str):
             return a
     return None

@@ -11,12 +11,13 @@ produced" is decided here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
 from . import detokenizer
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampler import Sampler
+from .sampler import LogprobRow, Sampler
 from .sequence import Request, Sequence
 
 
@@ -33,7 +34,7 @@ class OutputProcessor:
         stop string it completes. A stop string ends the sequence with ``"stop"`` even when the
         token also reached ``max_tokens``, as vLLM does."""
         token = seq.token_ids[-1]
-        if lp is not None:
+        if lp is not None and seq.logprobs is not None:
             seq.logprobs.append(self.logprob_dict(token, lp))
             seq.cumulative_logprob += lp[0]
         delta = detokenizer.detokenize_step(self.tokenizer, seq)
@@ -53,16 +54,17 @@ class OutputProcessor:
         ``LLM.next_token_logprobs``, the whole distributions)."""
         keep = [i for i, (req, _) in enumerate(targets) if req.prompt_distributions is not None]
         if keep:
-            rows = torch.log_softmax(logits[keep].float(), dim=-1).cpu()
+            dists = torch.log_softmax(logits[keep].float(), dim=-1).cpu()
             for j, i in enumerate(keep):
-                targets[i][0].prompt_distributions.append(rows[j : j + 1])
+                cast(list, targets[i][0].prompt_distributions).append(dists[j : j + 1])
         ids = torch.tensor([t for _, t in targets], device=logits.device)
         want = [req.params.prompt_logprobs for req, _ in targets]
         rows = Sampler.token_logprobs(logits, ids, want)
         for (req, token), row in zip(targets, rows):
-            req.prompt_logprobs.append(self.logprob_dict(token, row))
+            if req.prompt_logprobs is not None and row is not None:
+                req.prompt_logprobs.append(self.logprob_dict(token, row))
 
-    def logprob_dict(self, token: int, row) -> dict[int, Logprob]:
+    def logprob_dict(self, token: int, row: LogprobRow) -> dict[int, Logprob]:
         lp, rank, top = row
         d = {t: Logprob(v, r + 1, self.tokenizer.decode([t])) for r, (t, v) in enumerate(top)}
         if token not in d:
@@ -102,7 +104,7 @@ class OutputProcessor:
             req.first_token_time = now
             self.latency["time_to_first_token_seconds"].observe(now - req.arrival_time)
         if req.finished:
-            if produced > 1:
+            if produced > 1 and req.first_token_time is not None:
                 self.latency["time_per_output_token_seconds"].observe(
                     (now - req.first_token_time) / (produced - 1)
                 )

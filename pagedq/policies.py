@@ -143,7 +143,8 @@ def policy_help() -> str:
 def check_policy(name: object, weights: object = None) -> None:
     """``ValueError`` unless ``name`` is a registered policy that takes ``weights`` (if given)."""
     if name not in POLICIES:
-        raise ValueError(f"scheduling_policy must be one of: {policy_help()}; got {name!r}")
+        names = " or ".join(f"{n!r} ({cls.description})" for n, cls in POLICIES.items())
+        raise ValueError(f"scheduling_policy must be {names}, got {name!r}")
     if weights is not None and not POLICIES[name].weighted:
         raise ValueError(f"user_weights only apply to a weighted policy, not scheduling_policy={name!r}")
 

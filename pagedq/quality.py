@@ -20,6 +20,7 @@ import statistics
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -144,7 +145,7 @@ def evaluate(
             llm.close()
 
 
-SCHEMES = {
+SCHEMES: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "fp16": {"dtype": "float16"},
@@ -167,7 +168,7 @@ def _scheme_config(model: str, name: str, group_size: int) -> dict:
 
     if name not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}; choose from {sorted(SCHEMES)}")
-    cfg = dict(SCHEMES[name])
+    cfg: dict[str, Any] = dict(SCHEMES[name])
     q = cfg.pop("quantize", None)
     if q is not None:
         from .engine import resolve_model_dir
@@ -202,7 +203,7 @@ class Comparison:
         tps = "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
         return [r.name, f"{r.perplexity:.3f}", kl, f"{r.weight_bytes / 2**20:.2f}", tps]
 
-    _HEAD = ["scheme", "perplexity", "KL vs reference", "weights MiB", "decode tok/s"]
+    _HEAD = ("scheme", "perplexity", "KL vs reference", "weights MiB", "decode tok/s")
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{h}</th>" for h in self._HEAD)

@@ -20,12 +20,15 @@ import torch
 
 from .sequence import Sequence
 
+# one row's logprobs: (logprob of the chosen token, its rank, [(token, logprob)] of the top k)
+LogprobRow = tuple[float, int, list[tuple[int, float]]]
+
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     # per row: (sampled token's logprob, its rank, [(token, logprob) of the top-k]) or None
-    logprobs: list[tuple[float, int, list[tuple[int, float]]] | None]
+    logprobs: list[LogprobRow | None]
 
 
 class Sampler:
@@ -43,13 +46,10 @@ class Sampler:
         logits = self._apply_penalties(logits, seqs)
 
         greedy = [s.params.greedy for s in seqs]
-        if all(greedy):
-            token_ids = logits.argmax(dim=-1)
-        else:
-            token_ids = self._sample(logits, seqs, greedy)
+        token_ids = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, seqs, greedy)
 
         want = [s.params.logprobs for s in seqs]
-        logprob_rows = [None] * len(seqs)
+        logprob_rows: list[LogprobRow | None] = [None] * len(seqs)
         if any(k is not None for k in want):
             logprob_rows = self.token_logprobs(raw, token_ids, want)
         return SamplerOutput(token_ids.tolist(), logprob_rows)
@@ -67,7 +67,7 @@ class Sampler:
                 vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
                 logits[i].index_add_(0, ids, vals)
             if s.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                banned = list(p.stop_token_ids or ()) + ([] if p.ignore_eos else self.eos_token_ids)
                 if banned:
                     if not cloned:
                         logits, cloned = logits.clone(), True
@@ -124,14 +124,14 @@ class Sampler:
     @staticmethod
     def token_logprobs(
         raw_logits: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
-    ) -> list[tuple[float, int, list[tuple[int, float]]] | None]:
+    ) -> list[LogprobRow | None]:
         """For each row: the logprob and rank of ``token_ids[row]`` and the top-``want[row]`` tokens."""
         logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
         chosen = logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1)
         ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
         kmax = max((k for k in want if k), default=0)
-        top_vals, top_ids = logprobs.topk(kmax, dim=-1) if kmax else (None, None)
-        rows = []
+        top_vals, top_ids = logprobs.topk(kmax, dim=-1) if kmax else (logprobs[:, :0], logprobs[:, :0])
+        rows: list[LogprobRow | None] = []
         chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
         for i, k in enumerate(want):
             if k is None:

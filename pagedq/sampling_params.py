@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .checks import Range, check_bool, check_text, is_int
+from .checks import Range, check_bool, check_text, check_token_ids, is_int
 
 # Temperatures below this are greedy (dividing logits by ~0 overflows to inf and NaN).
 MIN_TEMPERATURE = 1e-5
@@ -51,7 +51,7 @@ class SamplingParams:
     frequency_penalty: float = field(default=0.0, metadata={"help": "penalty per time a token was generated"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL-style penalty (1 disables it)"})
     stop: str | list[str] | None = field(default=None, metadata={"help": "stop string (repeatable)"})
-    stop_token_ids: list[int] | None = field(default=None, metadata={"help": "stop token id (repeatable)"})
+    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "stop token id (repeatable)"})
     ignore_eos: bool = field(default=False, metadata={"help": "keep generating after the EOS token"})
     max_tokens: int | None = field(default=16, metadata={"help": "tokens to generate at most"})
     min_tokens: int = field(default=0, metadata={"help": "tokens to generate before stops apply"})
@@ -88,32 +88,10 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} max_tokens={self.max_tokens}"
             )
-        stop = self.stop
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif not isinstance(stop, (list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-        for i, s in enumerate(stop):
-            check_text(f"stop[{i}]", s, allow_empty=False)
-        self._stop_list = list(stop)
-        ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        if not isinstance(ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__}")
-        for t in ids:
-            if not is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {t!r}")
-        self.stop_token_ids = list(ids)
+        self._stop_list = _stop_strings(self.stop)
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
         if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict):
-                raise ValueError(
-                    f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}"
-                )
-            for k, v in self.logit_bias.items():
-                if not is_int(k) or k < 0:
-                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}")
-                LOGIT_BIAS.check(f"logit_bias[{k}]", v)
+            _check_logit_bias(self.logit_bias)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids must exist in its vocabulary."""
@@ -129,3 +107,87 @@ class SamplingParams:
         for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
             if k is not None and k > vocab_size:
                 raise ValueError(f"{name} must be <= the vocabulary size {vocab_size}, got {k}")
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of one beam-search request (the names of vLLM's ``BeamSearchParams``).
+
+    ``length_penalty`` is the exponent of the length in the score of a finished hypothesis
+    (``> 0`` favours longer ones). ``early_stopping`` is ``True`` (stop once ``beam_width``
+    hypotheses finished), ``False`` (stop when no live beam can still beat them, judged at the
+    current length) or ``"never"`` (judged at the best length possible).
+    """
+
+    beam_width: int = field(metadata={"help": "beam search with this many beams"})
+    max_tokens: int = 16
+    length_penalty: float = field(
+        default=1.0, metadata={"help": "beam search: exponent of the length in the score"}
+    )
+    early_stopping: bool | str = False
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    skip_special_tokens: bool = True
+
+    # Read by the parts of the engine that handle every kind of request.
+    logprobs = None
+    prompt_logprobs = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def n(self) -> int:
+        return self.beam_width
+
+    def validate(self) -> None:
+        """Check every field's type and range (``ValueError``); ``stop_token_ids`` becomes a list."""
+        Range(int, ge=1).check("beam_width", self.beam_width)
+        Range(int, ge=1).check("max_tokens", self.max_tokens)
+        Range(float).check("length_penalty", self.length_penalty)
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        check_bool("ignore_eos", self.ignore_eos)
+        check_bool("skip_special_tokens", self.skip_special_tokens)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        self.stop_token_ids = check_token_ids("stop_token_ids", ids)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids has token ids outside the vocabulary (size {vocab_size}): {bad}"
+            )
+        if self.beam_width > vocab_size:
+            raise ValueError(f"beam_width must be <= the vocabulary size {vocab_size}, got {self.beam_width}")
+
+
+def _stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    for i, s in enumerate(stop):
+        check_text(f"stop[{i}]", s, allow_empty=False)
+    return list(stop)
+
+
+def _token_ids(name: str, ids) -> list[int]:
+    ids = [] if ids is None else ids
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token ids, got {type(ids).__name__}")
+    for t in ids:
+        if not is_int(t) or t < 0:
+            raise ValueError(f"{name} must hold token ids (integers >= 0), got {t!r}")
+    return list(ids)
+
+
+def _check_logit_bias(bias) -> None:
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    for k, v in bias.items():
+        if not is_int(k) or k < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}")
+        LOGIT_BIAS.check(f"logit_bias[{k}]", v)

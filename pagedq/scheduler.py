@@ -248,10 +248,10 @@ class Scheduler:
         """Start ``child`` from ``parent``'s tokens and KV, in the parent's place in the queues
         (parallel samples, beams). If the parent holds no KV (preempted) or the pool cannot hold
         a copy, the child is queued to compute its tokens itself."""
-        if parent.block_table and self.block_manager.fork(parent, child, share):
-            if parent.status is SequenceStatus.RUNNING:
-                self.add_running(child)
-                return
+        shared = bool(parent.block_table) and self.block_manager.fork(parent, child, share)
+        if shared and parent.status is SequenceStatus.RUNNING:
+            self.add_running(child)
+            return
         if child.block_table:
             self.block_manager.free(child)
         child.num_computed_tokens = 0

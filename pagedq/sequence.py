@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
 from .outputs import Logprob
-from .sampling_params import SamplingParams
+from .sampling_params import BeamSearchParams, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -59,7 +60,9 @@ class Sequence:
 
     @property
     def params(self) -> SamplingParams:
-        return self.request.params
+        """The request's sampling parameters (a beam's request holds a BeamSearchParams, read by
+        its search; the few fields other code reads of it exist on both)."""
+        return cast(SamplingParams, self.request.params)
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +94,7 @@ class Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams  # or a BeamSearchParams
+    params: SamplingParams | BeamSearchParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
@@ -101,8 +104,9 @@ class Request:
     # When a list: the full next-token log-softmax of every scored prompt position is kept
     # here too (``LLM.next_token_logprobs``, quantization studies), in chunks as they arrive.
     prompt_distributions: list | None = None
-    # Beam-search state (a ``beam_search.BeamSearch``); ``seqs`` are then the live beams.
-    beam: object | None = None
+    # Beam-search state (a ``beam_search.BeamSearch``, which sits above this module: typed Any);
+    # ``seqs`` are then the live beams.
+    beam: Any = None
     # who asked: the unit of fair sharing (``scheduling_policy="fair"``)
     user: str = "default"
     # wall-clock marks for the latency metrics (time.perf_counter())

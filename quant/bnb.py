@@ -49,6 +49,8 @@ def int8_weight(tensors: dict[str, torch.Tensor]) -> QuantWeight:
 class Bnb4bitLinear(QuantLinear):
     """A bitsandbytes NF4/FP4 layer: ``bitsandbytes.matmul_4bit`` and ``dequantize_4bit``."""
 
+    packed: torch.Tensor
+
     def __init__(
         self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype, device
     ):

@@ -53,7 +53,7 @@ def gptq_quantize(
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(k // size, n, dtype=torch.float64)
     zeros = torch.zeros(k // size, n, dtype=torch.float64)
-    scale = zero = None
+    scale = zero = torch.empty(0)  # the grid of the current group, set at its first column
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         w1 = w[:, b0:b1].clone()

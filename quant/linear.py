@@ -23,6 +23,7 @@ by ``pagedq bench quant --crossover``).
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,13 @@ class QuantLinear(nn.Module):
     in_features: int
     out_features: int
     dequant_min_tokens: int = DEQUANT_MIN_TOKENS
+    # buffers and settings the subclasses hold (declared for the type checker: nn.Module's
+    # attribute lookup says nothing about them)
+    bias: torch.Tensor | None
+    perm: torch.Tensor | None
+    scales: torch.Tensor
+    bits: int
+    group_size: int
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -150,6 +158,10 @@ class SortedGroupsLinear(QuantLinear):
 
 class Int4Linear(SortedGroupsLinear):
     dequant_min_tokens = 320
+    packed: torch.Tensor
+    scale_zeros: torch.Tensor
+    codes: torch.Tensor | None
+    block: int | None
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
@@ -175,7 +187,7 @@ class Int4Linear(SortedGroupsLinear):
 
     @staticmethod
     def supports(w: QuantWeight) -> bool:
-        n, k = w.shape
+        _n, k = w.shape
         if w.bits != 4 or k % 32:
             return False
         groups = w.scales.shape[0]
@@ -202,6 +214,7 @@ class Int4Linear(SortedGroupsLinear):
         # [N, K] scale tensors are built
         words = self.packed.view(torch.int32)
         b = self.block
+        assert b is not None  # codes are kept exactly when the packing is not one we read
         both = torch.empty(2, n // b, k, b // 2, dtype=torch.uint8, device=words.device)
         torch.bitwise_and(words, 0x0F0F0F0F, out=both[0].view(torch.int32).view(words.shape))
         torch.bitwise_and(words >> 4, 0x0F0F0F0F, out=both[1].view(torch.int32).view(words.shape))
@@ -211,6 +224,8 @@ class Int4Linear(SortedGroupsLinear):
 
 
 class Int8Linear(QuantLinear):
+    weight_int8: torch.Tensor
+
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
         super().__init__(k, n, bias)
@@ -250,6 +265,9 @@ class NativeQuantLinear(SortedGroupsLinear):
 
     dequant_min_tokens = 2**62
 
+    codes: torch.Tensor
+    zeros: torch.Tensor
+
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
         super().__init__(k, n, bias)
@@ -267,7 +285,7 @@ class NativeQuantLinear(SortedGroupsLinear):
     def supports(w: QuantWeight) -> bool:
         from pagedq.kernels import native
 
-        n, k = w.shape
+        _n, k = w.shape
         groups = w.scales.shape[0]
         if w.bits not in (4, 8) or k % groups or (k // groups) % 4 or not native.woq_supported():
             return False
@@ -333,6 +351,9 @@ class GroupedLinear(QuantLinear):
     """Any canonical weight, dequantized for every call: correct for every layout, not fast."""
 
     dequant_min_tokens = 0
+    q: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         n, k = w.shape
@@ -357,6 +378,9 @@ class TritonQuantLinear(QuantLinear):
     the Triton W4A16/W8A16 kernel of ``pagedq.kernels.triton_gemm`` at every token count."""
 
     dequant_min_tokens = 2**62  # the fused kernel serves prefill as well
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    g_idx: torch.Tensor | None
 
     def __init__(
         self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, device, layout: str = "gptq"
@@ -370,7 +394,7 @@ class TritonQuantLinear(QuantLinear):
         self.awq = layout == "awq" and w.bits == 4 and w.regular_group_size is not None and n % 8 == 0
         zeros = w.zeros.round().to(torch.int64)
         if self.awq:
-            self.group_size = w.regular_group_size
+            self.group_size = w.regular_group_size or 0
             qweight, qzeros = awq_pack_cols(w.q.T.contiguous()), awq_pack_cols(zeros.to(torch.uint8))
             g_idx = None
         else:
@@ -408,6 +432,7 @@ class TritonQuantLinear(QuantLinear):
         else:
             q = unpack_int32(self.qweight, self.bits, 0).T.float()
             z = unpack_int32(self.qzeros, self.bits, 1).float()
+            assert self.g_idx is not None  # GPTQ's layout keeps g_idx
             g = self.g_idx.long()
         return ((q - z[g].T) * self.scales[g].T).to(dtype)
 
@@ -450,7 +475,7 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat([p.dequantize(dtype) for p in self.parts])
+        return torch.cat([cast(QuantLinear, p).dequantize(dtype) for p in self.parts])
 
 
 def make_fused_quant_linear(
@@ -462,11 +487,12 @@ def make_fused_quant_linear(
 ) -> nn.Module:
     """One layer for projections that share an input (q/k/v, gate/up), fused when their
     quantization groups agree. ``weights`` may also hold ready layers (bitsandbytes 4-bit)."""
-    if all(isinstance(w, QuantWeight) for w in weights):
-        if len(weights) == 1:
-            return make_quant_linear(weights[0], bias, dtype, device, layout)
+    canonical = [w for w in weights if isinstance(w, QuantWeight)]
+    if len(canonical) == len(weights):
+        if len(canonical) == 1:
+            return make_quant_linear(canonical[0], bias, dtype, device, layout)
         try:
-            return make_quant_linear(QuantWeight.cat(weights), bias, dtype, device, layout)
+            return make_quant_linear(QuantWeight.cat(canonical), bias, dtype, device, layout)
         except ValueError:
             pass
     sizes = [w.shape[0] if isinstance(w, QuantWeight) else w.out_features for w in weights]

@@ -19,6 +19,8 @@ import torch
 from pagedq.models.registry import model_class
 
 from .formats import FORMATS, QuantWeight
+from .gptq import gptq_quantize, hessian
+from .rtn import rtn
 
 # quantizer -> the format of the checkpoint it writes
 METHODS = {"gptq": "gptq", "awq": "awq", "rtn": "gptq"}
@@ -153,17 +155,11 @@ def quantize(
             parent_name, names = group.parent, group.linears
             parent = getattr(layer, parent_name)
             mods = [getattr(parent, n) for n in names]
-            h = None
-            if method == "gptq":
-                from .gptq import gptq_quantize, hessian
-
-                h = hessian(_capture(model, ids, [mods[0]])[0])
+            h = hessian(_capture(model, ids, [mods[0]])[0]) if method == "gptq" else None
             for name, mod in zip(names, mods):
-                if method == "gptq":
+                if h is not None:
                     qw = gptq_quantize(mod.weight.data, h, bits, group_size, sym, act_order, damp, min_zero=1)
                 else:
-                    from .rtn import rtn
-
                     qw = rtn(mod.weight.data, bits, group_size, sym, min_zero=1)
                 qw.scales = qw.scales.half().float()  # what the checkpoint's fp16 scales read back as
                 mod.weight.data.copy_(qw.dequantize())  # later layers calibrate on quantized outputs
@@ -181,7 +177,6 @@ def _awq_layer(model, ids, layer, prefix, bits, group_size, groups, result) -> N
     norm's weight, or the rows of the linear before); groups with nothing to fold into are
     quantized unscaled. Then every linear is rounded to nearest."""
     from .awq import search_scale
-    from .rtn import rtn
 
     parents = [getattr(layer, g.parent) for g in groups]
     firsts = [getattr(p, g.linears[0]) for p, g in zip(parents, groups)]

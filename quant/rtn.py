@@ -10,7 +10,10 @@ import torch
 
 from .formats.base import QuantWeight
 
-ON_LOAD = {"int8": dict(bits=8, group_size=-1, sym=True), "int4": dict(bits=4, group_size=128, sym=False)}
+ON_LOAD: dict[str, dict] = {
+    "int8": {"bits": 8, "group_size": -1, "sym": True},
+    "int4": {"bits": 4, "group_size": 128, "sym": False},
+}
 
 
 def check_on_load(method: object) -> None:

@@ -12,6 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
+
 from pagedq.models.build import build_model, build_tokenizer
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite"]
@@ -166,7 +168,8 @@ class ServeProcess:
         self.port = free_port()
         self.args = [model, "--port", str(self.port), "--dtype", "float32", *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.logfile = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False, dir=tmp)
+        # the server's log for the process's whole life; closed by stop()
+        self.logfile = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False, dir=tmp)  # noqa: SIM115
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -231,10 +234,8 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait(10)
             for pid in kids:
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, 9)
-                except OSError:
-                    pass
 
 
 class AppThread:

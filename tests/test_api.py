@@ -26,7 +26,8 @@ def test_prompt_forms_and_order(llm):
     ids = llm.get_tokenizer().encode(PROMPTS[0])
     outs = llm.generate([PROMPTS[0], ids, {"prompt_token_ids": ids}, PROMPTS[1]], GREEDY, use_tqdm=False)
     assert [type(o) for o in outs] == [RequestOutput] * 4
-    assert outs[0].prompt == PROMPTS[0] and outs[0].prompt_token_ids == ids
+    assert outs[0].prompt == PROMPTS[0]
+    assert outs[0].prompt_token_ids == ids
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
     assert outs[3].prompt == PROMPTS[1]
     # a single prompt (string or token ids) is accepted as is
@@ -51,14 +52,16 @@ def test_stream_yields_growing_text_and_abort_frees_blocks(llm):
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     seen = [o.outputs[0].text for o in llm.stream(PROMPTS[0], sp)]
     final = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0].outputs[0].text
-    assert seen[-1] == final and len(seen) >= 5
+    assert seen[-1] == final
+    assert len(seen) >= 5
     assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1))
     it = llm.stream(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     next(it)
     next(it)
     assert eng.block_manager.num_used_blocks > 0
     it.close()  # the consumer stops early: its requests are aborted
-    assert eng.block_manager.num_used_blocks == 0 and not eng.has_unfinished_requests()
+    assert eng.block_manager.num_used_blocks == 0
+    assert not eng.has_unfinished_requests()
     eng.block_manager.check()
 
 
@@ -68,14 +71,16 @@ def test_engine_abort(llm):
     keep = eng.add_request(PROMPTS[1], GREEDY)
     eng.step()
     out = eng.abort(rid)
-    assert out.outputs[0].finish_reason == "abort" and out.finished
+    assert out.outputs[0].finish_reason == "abort"
+    assert out.finished
     done = None
     while eng.has_unfinished_requests():
         for o in eng.step():
             if o.request_id == keep and o.finished:
                 done = o
         eng.block_manager.check()
-    assert done is not None and len(done.outputs[0].token_ids) == 6
+    assert done is not None
+    assert len(done.outputs[0].token_ids) == 6
     assert eng.block_manager.num_used_blocks == 0
 
 
@@ -88,12 +93,13 @@ def test_chat_uses_template(llm):
         .decode(out.prompt_token_ids, skip_special_tokens=False)
         .endswith("<|assistant|>\n")
     )
-    assert "Be brief." in expected and len(out.outputs[0].token_ids) == 6
+    assert "Be brief." in expected
+    assert len(out.outputs[0].token_ids) == 6
     assert len(llm.chat([msgs, msgs[1:]], GREEDY, use_tqdm=False)) == 2
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    ("kwargs", "field"),
     [
         (dict(max_tokens=0), "max_tokens"),
         (dict(n=0), "n"),
@@ -135,7 +141,8 @@ def test_bad_requests_are_rejected_and_others_keep_running(llm):
     outs = []
     while eng.has_unfinished_requests():
         outs += [o for o in eng.step() if o.finished]
-    assert [o.request_id for o in outs] == [running] and len(outs[0].outputs[0].token_ids) == 6
+    assert [o.request_id for o in outs] == [running]
+    assert len(outs[0].outputs[0].token_ids) == 6
 
 
 def test_bad_engine_config(tiny_llama, tmp_path):
@@ -156,10 +163,10 @@ def test_bad_engine_config(tiny_llama, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*LlamaForCausalLM"):
         LLM(str(bad))
     os.remove(bad / "config.json")
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config.json"):
         LLM(str(bad))
 
 
@@ -193,8 +200,10 @@ def test_stats_and_kv_waste(tiny_llama):
         "generated_tokens",
     ):
         assert key in s
-    assert s["kv_blocks_in_use"] == 0 and s["kv_waste"] == 0.0
-    assert s["generated_tokens"] == 20 * len(PROMPTS) and s["num_preemptions"] == 0
+    assert s["kv_blocks_in_use"] == 0
+    assert s["kv_waste"] == 0.0
+    assert s["generated_tokens"] == 20 * len(PROMPTS)
+    assert s["num_preemptions"] == 0
     # at the peak every sequence wastes less than one block: waste < blocks held / (blocks held * 16) per seq
     assert 0.0 < s["peak_kv_waste"] < len(PROMPTS) / s["peak_kv_blocks_in_use"]
 
@@ -203,7 +212,8 @@ def test_close_frees_and_a_new_engine_starts(tiny_llama):
     llm = LLM(tiny_llama, dtype="float32")
     first = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     llm.close()
-    assert llm.engine.runner.model is None and llm.engine.runner.kv_caches == []
+    assert llm.engine.runner.model is None
+    assert llm.engine.runner.kv_caches == []
     with pytest.raises(RuntimeError, match="closed"):
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     with LLM(tiny_llama, dtype="float32") as again:

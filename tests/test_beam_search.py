@@ -72,7 +72,7 @@ def test_beam_search_equals_hf(model_factory, arch):
                 )
                 outs = run_checked(llm, BEAM_PROMPTS, params)
                 for p, out in zip(BEAM_PROMPTS, outs):
-                    ref = hf(p, k, max_new, lp, es, eos + [stop])
+                    ref = hf(p, k, max_new, lp, es, [*eos, stop])
                     got = [(c.token_ids, c.score) for c in out.outputs]
                     assert [t for t, _ in got] == [t for t, _ in ref], (arch, k, lp, es, p)
                     for (_, s), (_, rs) in zip(got, ref):
@@ -82,17 +82,15 @@ def test_beam_search_equals_hf(model_factory, arch):
                     for c in out.outputs:
                         if len(c.token_ids) < max_new:
                             finished_early += 1
-                            assert (
-                                c.token_ids[-1] == stop
-                                and c.finish_reason == "stop"
-                                and c.stop_reason == stop
-                            )
+                            assert c.token_ids[-1] == stop
+                            assert c.finish_reason == "stop"
+                            assert c.stop_reason == stop
                         assert c.text == llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True)
         assert finished_early > 0
 
 
 def _prompt(tok, n):
-    return [tok.bos_token_id] + list(range(100, 100 + n - 1))
+    return [tok.bos_token_id, *list(range(100, 100 + n - 1))]
 
 
 def test_beams_share_blocks_and_copy_only_the_diverging_one(tiny_llama):
@@ -104,7 +102,8 @@ def test_beams_share_blocks_and_copy_only_the_diverging_one(tiny_llama):
         eng.step()  # prefill; the first logits fork 4 beams from the prompt's beam
         bm.check()
         beams = eng.requests[rid].seqs
-        assert len(beams) == 4 and len({b.seq_id for b in beams}) == 4
+        assert len(beams) == 4
+        assert len({b.seq_id for b in beams}) == 4
         assert bm.num_used_blocks == 4  # all four point at the prompt's 4 blocks
         assert [bm.ref_counts[b] for b in beams[0].block_table] == [4, 4, 4, 4]
         eng.step()  # each beam writes its token into the shared partial block: 3 copies on write
@@ -150,7 +149,8 @@ def test_beams_under_preemption_and_eviction_stay_exact(tiny_llama):
     with LLM(tiny_llama, dtype="float32", block_size=4, num_kv_blocks=30) as llm:
         tight = run_checked(llm, prompts, plist)
         s = llm.stats()
-        assert s["num_preemptions"] > 0 and s["prefix_cache_evictions"] > 0
+        assert s["num_preemptions"] > 0
+        assert s["prefix_cache_evictions"] > 0
     for a, b in zip(alone, tight):
         assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
 
@@ -181,17 +181,21 @@ def test_abort_and_stream_of_a_beam_request(tiny_llama):
         rid = eng.add_request(PROMPTS[4], params)
         for _ in range(5):
             outs = eng.step()
-        assert outs and not outs[0].finished and len(outs[0].outputs) == 3
+        assert outs
+        assert not outs[0].finished
+        assert len(outs[0].outputs) == 3
         assert all(
             len(c.token_ids) == 5 for c in outs[0].outputs
         )  # a token per step, the first from the prefill
         final = eng.abort(rid)
-        assert final.finished and all(c.finish_reason == "abort" for c in final.outputs)
+        assert final.finished
+        assert all(c.finish_reason == "abort" for c in final.outputs)
         assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
         streamed = list(
             llm.stream([PROMPTS[4]], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
         )
-        assert streamed[-1].finished and len(streamed[-1].outputs) == 3
+        assert streamed[-1].finished
+        assert len(streamed[-1].outputs) == 3
         assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
 
 

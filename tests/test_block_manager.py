@@ -22,7 +22,8 @@ def test_allocate_and_free():
     s = _seq(9)
     assert bm.num_new_blocks(s, 9) == 3
     bm.allocate(s, 9)
-    assert len(s.block_table) == 3 and bm.num_free_blocks == 7
+    assert len(s.block_table) == 3
+    assert bm.num_free_blocks == 7
     bm.check()
     s.num_computed_tokens = 9
     s.token_ids.append(5)
@@ -31,7 +32,8 @@ def test_allocate_and_free():
     s.token_ids += [5, 5, 5]
     assert bm.num_new_blocks(s, 1) == 1
     bm.free(s)
-    assert bm.num_free_blocks == 10 and s.block_table == []
+    assert bm.num_free_blocks == 10
+    assert s.block_table == []
     bm.check()
 
 
@@ -70,6 +72,9 @@ def test_scheduler_preempts_newest_and_respects_budget():
     a.num_computed_tokens = 11
     b.token_ids.append(9)
     out = sched.schedule()
-    assert out.preempted == [b] and b.num_computed_tokens == 0 and b.block_table == []
-    assert sched.waiting == [b] and sched.num_preemptions == 1
+    assert out.preempted == [b]
+    assert b.num_computed_tokens == 0
+    assert b.block_table == []
+    assert sched.waiting == [b]
+    assert sched.num_preemptions == 1
     bm.check()

@@ -24,7 +24,8 @@ def test_greedy_matches_transformers(model_factory, arch):
     d = model_factory(arch)
     ours, stats = _ours(d, block_size=16)
     assert ours == hf_greedy(d, PROMPTS, MAX_NEW)
-    assert stats["kv_blocks_in_use"] == 0 and stats["generated_tokens"] == MAX_NEW * len(PROMPTS)
+    assert stats["kv_blocks_in_use"] == 0
+    assert stats["generated_tokens"] == MAX_NEW * len(PROMPTS)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_sharded_checkpoint(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "arch, overrides",
+    ("arch", "overrides"),
     [
         ("llama", {"num_key_value_heads": 1}),  # MQA
         ("llama", {"tie_word_embeddings": True}),
@@ -97,7 +98,7 @@ def test_model_variants_match_transformers(model_factory, arch, overrides):
 
 
 @pytest.mark.parametrize(
-    "arch, overrides",
+    ("arch", "overrides"),
     [
         ("mistral", {"sliding_window": 8}),  # every layer windowed
         ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),  # layer 1 only
@@ -126,4 +127,5 @@ def test_granite_multipliers_are_applied(model_factory):
     assert "GraniteForCausalLM" in ARCHITECTURES
     ours_plain, ours = _ours(plain)[0], _ours(d)[0]
     assert ours_plain == hf_greedy(plain, PROMPTS, MAX_NEW)
-    assert ours == hf_greedy(d, PROMPTS, MAX_NEW) and ours != ours_plain
+    assert ours == hf_greedy(d, PROMPTS, MAX_NEW)
+    assert ours != ours_plain

@@ -50,7 +50,8 @@ def test_fcfs_serves_in_arrival_order_and_fair_alternates_users(one_at_a_time):
         # bob's first request goes next to alice's first; ties go to the earlier arrival
         assert run(llm, queued) == ["a1", "b1", "a2", "b2", "a3", "a4"]
         policy = llm.engine.scheduler.policy
-        assert isinstance(policy, FairSharePolicy) and policy.vtime["alice"] == 2 * policy.vtime["bob"]
+        assert isinstance(policy, FairSharePolicy)
+        assert policy.vtime["alice"] == 2 * policy.vtime["bob"]
         llm.engine.block_manager.check()
 
 
@@ -100,7 +101,8 @@ def first_victims(tiny_llama, policy: str) -> list[str]:
         while eng.has_unfinished_requests():
             outs.update({o.request_id: o for o in eng.step() if o.finished})
             eng.block_manager.check()
-        assert all(len(o.outputs[0].token_ids) == 40 for o in outs.values()) and len(outs) == 3
+        assert all(len(o.outputs[0].token_ids) == 40 for o in outs.values())
+        assert len(outs) == 3
         return victims
 
 

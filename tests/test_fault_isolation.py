@@ -52,7 +52,8 @@ def drive(engine, submit_at: dict[int, list[tuple[str, list[int], SamplingParams
 
 def others_unchanged(finals: dict, alone: dict) -> None:
     for rid, tokens in alone.items():
-        assert finals[rid].error is None and finals[rid].outputs[0].finish_reason == "length"
+        assert finals[rid].error is None
+        assert finals[rid].outputs[0].finish_reason == "length"
         assert finals[rid].outputs[0].token_ids == tokens, rid
 
 
@@ -82,7 +83,8 @@ def test_a_request_that_breaks_the_model_step_fails_alone(llm, alone, faulty_mod
         submit.setdefault(when, []).append(("bad", [1, 5, POISON, 9], GREEDY))
         finals = drive(llm.engine, submit)
         bad = finals["bad"]
-        assert bad.outputs[0].finish_reason == "error" and bad.outputs[0].token_ids == []
+        assert bad.outputs[0].finish_reason == "error"
+        assert bad.outputs[0].token_ids == []
         assert "injected kernel fault" in bad.error
         others_unchanged(finals, alone)
     # the engine keeps serving
@@ -128,7 +130,8 @@ def test_a_sampler_fault_fails_only_its_row_and_seeded_rows_keep_their_draws(llm
     submit = normal()
     submit[0].append(("bad", [1, 6, 8, 10], SEEDED))
     finals = drive(llm.engine, submit)
-    assert finals["bad"].outputs[0].finish_reason == "error" and "sampler fault" in finals["bad"].error
+    assert finals["bad"].outputs[0].finish_reason == "error"
+    assert "sampler fault" in finals["bad"].error
     others_unchanged(finals, alone)  # "c" is seeded: its generator was put back before the retry
 
 
@@ -151,15 +154,17 @@ def test_a_fault_in_token_handling_fails_only_that_request(llm, alone, monkeypat
 
 
 def test_the_python_api_raises_instead_of_returning_cut_off_text(llm, alone, faulty_model):
-    with pytest.raises(GenerationError, match="1 of 2 requests failed.*injected kernel fault") as e:
+    with pytest.raises(GenerationError, match=r"1 of 2 requests failed.*injected kernel fault") as e:
         llm.generate(
             [{"prompt_token_ids": PROMPTS["a"]}, {"prompt_token_ids": [1, POISON]}], GREEDY, use_tqdm=False
         )
     ok, bad = e.value.outputs
-    assert ok.outputs[0].token_ids == alone["a"] and bad.outputs[0].finish_reason == "error"
+    assert ok.outputs[0].token_ids == alone["a"]
+    assert bad.outputs[0].finish_reason == "error"
     with pytest.raises(GenerationError, match="injected kernel fault"):
         list(llm.stream({"prompt_token_ids": [1, POISON]}, GREEDY))
-    assert llm.engine.block_manager.num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_used_blocks == 0
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_a_fault_everywhere_fails_everyone_explicitly(llm, monkeypatch):

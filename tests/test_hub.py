@@ -8,6 +8,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import ClassVar
 
 import pytest
 
@@ -15,7 +16,7 @@ from .conftest import AppThread, free_port
 
 pytest.importorskip("jupyterhub", reason="hub mode needs jupyterhub (pip install 'pagedq[hub]')")
 
-import tornado.web  # noqa: E402
+import tornado.web
 
 SCOPE = "access:services!service=pagedq"
 VALID = {"tok-alice": ("alice", [SCOPE, "read:users:name!user=alice"]), "tok-carol": ("carol", ["self"])}
@@ -24,7 +25,7 @@ VALID = {"tok-alice": ("alice", [SCOPE, "read:users:name!user=alice"]), "tok-car
 class FakeHubUser(tornado.web.RequestHandler):
     """``GET /hub/api/user`` as JupyterHub answers it."""
 
-    asked: list[str] = []
+    asked: ClassVar[list[str]] = []
     garbage = False
 
     def get(self):
@@ -92,10 +93,12 @@ def ask(hub):
 def test_users_need_the_access_scope(ask):
     assert ask("tok-alice") == (200, {"user": "alice"})
     status, body = ask("tok-carol")
-    assert status == 403 and "user 'carol' may not use this service" in body["error"]["message"]
+    assert status == 403
+    assert "user 'carol' may not use this service" in body["error"]["message"]
     for token in ("tok-eve", None):
         status, body = ask(token)
-        assert status == 403 and body["error"]["code"] == "login_required"
+        assert status == 403
+        assert body["error"]["code"] == "login_required"
 
 
 def test_answers_are_cached_and_refusals_only_briefly(ask, monkeypatch):
@@ -119,7 +122,8 @@ def test_answers_are_cached_and_refusals_only_briefly(ask, monkeypatch):
 def test_a_broken_or_missing_hub_is_a_503_without_its_address(ask, hub):
     FakeHubUser.garbage = True
     status, body = ask("tok-garbage")
-    assert status == 503 and "hub cannot tell who you are" in body["error"]["message"]
+    assert status == 503
+    assert "hub cannot tell who you are" in body["error"]["message"]
     assert "127.0.0.1" not in body["error"]["message"]
     gone = AppThread(identity_app(make_identity(f"http://127.0.0.1:{free_port()}/hub/api")))
     try:
@@ -129,7 +133,8 @@ def test_a_broken_or_missing_hub_is_a_503_without_its_address(ask, hub):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         body = json.load(e.value)
-        assert e.value.code == 503 and "127.0.0.1" not in body["error"]["message"]
+        assert e.value.code == 503
+        assert "127.0.0.1" not in body["error"]["message"]
     finally:
         gone.stop()
 

@@ -45,7 +45,8 @@ def test_admission_counts_in_flight_and_queued_per_user():
     adm.acquire("a", 2)
     with pytest.raises(APIError, match="waiting for their first token") as e:
         adm.acquire("a", 1)
-    assert e.value.status == 429 and e.value.headers()["Retry-After"] == "1"
+    assert e.value.status == 429
+    assert e.value.headers()["Retry-After"] == "1"
     adm.started("a")
     adm.started("a")
     adm.acquire("a", 2)  # the first two run: two more may wait
@@ -58,7 +59,9 @@ def test_admission_counts_in_flight_and_queued_per_user():
         adm.acquire("c", 1)
     adm.release("a", 4, 0)
     adm.release("b", 1, 1)
-    assert adm.total == 0 and adm.per_user == {} and adm.queued == {}  # nobody left in the tables
+    assert adm.total == 0
+    assert adm.per_user == {}
+    assert adm.queued == {}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,8 @@ def test_a_user_who_rewrites_the_body_user_cannot_take_anothers_share(keyed):
     }
     assert users == {u: honest[u] + spoofed[u] for u in ("A", "B")}
     labels = [k for k in m if k.startswith("pagedq_label_requests_total")]
-    assert len(labels) == 20 and all("someone-" in k for k in labels)
+    assert len(labels) == 20
+    assert all("someone-" in k for k in labels)
 
 
 def test_the_installed_package_enables_the_server_extension(tmp_path):

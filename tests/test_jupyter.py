@@ -70,10 +70,12 @@ def _texts(msgs, kind):
 def test_generate_streams_display_updates_and_stores_the_output(kernel, tiny_llama):
     msgs = kernel.run("%%generate --max-tokens 24 --temperature 0 -o out\ndef main(argv):\n    ")
     kinds = [m["msg_type"] for m in msgs if m["msg_type"] in ("display_data", "update_display_data")]
-    assert kinds[0] == "display_data" and kinds.count("update_display_data") >= 1
+    assert kinds[0] == "display_data"
+    assert kinds.count("update_display_data") >= 1
     final = _texts(msgs, "update_display_data")[-1]
     text = kernel.value("out.outputs[0].text")
-    assert final.startswith(text) and "24 tokens" in final
+    assert final.startswith(text)
+    assert "24 tokens" in final
     from pagedq import LLM, SamplingParams
 
     with LLM(tiny_llama, dtype="float32") as llm:
@@ -88,7 +90,10 @@ def test_generate_help(kernel):
     pages = [
         p["data"]["text/plain"] for p in kernel.last_reply["content"]["payload"] if p.get("source") == "page"
     ]
-    assert pages and "--max-tokens" in pages[0] and "--background" in pages[0] and "{name}" in pages[0]
+    assert pages
+    assert "--max-tokens" in pages[0]
+    assert "--background" in pages[0]
+    assert "{name}" in pages[0]
 
 
 def test_generate_interpolates_samples_side_by_side_and_chat(kernel):
@@ -101,7 +106,8 @@ def test_generate_interpolates_samples_side_by_side_and_chat(kernel):
     last = [m for m in msgs if m["msg_type"] == "update_display_data"][-1]["content"]["data"]
     assert last["text/html"].count("sample ") == 3
     kernel.run("%%generate --chat --system 'be brief' --max-tokens 4 -o chat\nhello")
-    assert kernel.value("chat.prompt") == "hello" and len(kernel.value("chat.prompt_token_ids")) > 3
+    assert kernel.value("chat.prompt") == "hello"
+    assert len(kernel.value("chat.prompt_token_ids")) > 3
 
 
 def test_interrupt_aborts_and_frees_every_block(kernel):
@@ -136,8 +142,9 @@ def test_background_generations_batch_together(kernel):
 
 def test_status_and_unload_load_cycles_keep_memory_bounded(kernel, tiny_llama):
     msgs = kernel.run("%pagedq status")
-    html = [m for m in msgs if m["msg_type"] == "execute_result"][0]["content"]["data"]["text/html"]
-    assert "blocks used" in html and "tok/s" in html
+    html = next(m for m in msgs if m["msg_type"] == "execute_result")["content"]["data"]["text/html"]
+    assert "blocks used" in html
+    assert "tok/s" in html
     rss = "int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
     kernel.run("%pagedq unload")
     kernel.run(f"%pagedq load {tiny_llama} --dtype float32 --kv-cache-memory 64MiB")
@@ -168,7 +175,9 @@ def test_playground_and_kv_view_models(tiny_llama):
         pg.generate_button.click()
         out = pg.wait()
         assert [b.value for b in pg.samples.children] == [c.text for c in out.outputs]
-        assert "tok/s" in pg.rate.value and not pg.generate_button.disabled and pg.stop_button.disabled
+        assert "tok/s" in pg.rate.value
+        assert not pg.generate_button.disabled
+        assert pg.stop_button.disabled
         ref = llm.generate(
             "def main(argv):\n    ",
             SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=7),
@@ -188,14 +197,14 @@ def test_playground_and_kv_view_models(tiny_llama):
         assert all(c.finish_reason == "abort" for c in stopped.outputs)
         assert llm.stats()["kv_blocks_in_use"] == 0
         shared = [b for b in snap["blocks"] if b["state"] == "shared"]
-        assert shared and all(
-            b["ref"] == 2 and len(b["owners"]) == 1 for b in shared
-        )  # n=2 samples of one request
+        assert shared
+        assert all(b["ref"] == 2 and len(b["owners"]) == 1 for b in shared)
         assert "shared (outlined)" in view.html.value
         # bad input shows an error instead of raising into the frontend
         pg.prompt.value = ""
         pg.generate_button.click()
-        assert "prompt is empty" in pg.error.value and not pg.generate_button.disabled
+        assert "prompt is empty" in pg.error.value
+        assert not pg.generate_button.disabled
 
 
 def test_llm_api_goes_through_the_driver_thread(tiny_llama):
@@ -208,7 +217,8 @@ def test_llm_api_goes_through_the_driver_thread(tiny_llama):
         ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS_J, greedy, use_tqdm=False)]
         dist = llm.next_token_logprobs(PROMPTS_J[0])[0]
         driver = llm.start_driver()
-        assert llm.driver is driver and llm.start_driver() is driver
+        assert llm.driver is driver
+        assert llm.start_driver() is driver
         bg = driver.submit(
             "for i in range(10):", SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
         )
@@ -216,7 +226,8 @@ def test_llm_api_goes_through_the_driver_thread(tiny_llama):
         # the background request was still running alongside (1500 steps: margin for a busy machine)
         assert not bg.done.is_set()
         streamed = [o for o in llm.stream(PROMPTS_J[:1], greedy)]
-        assert streamed[-1].finished and streamed[-1].outputs[0].token_ids == ref[0]
+        assert streamed[-1].finished
+        assert streamed[-1].outputs[0].token_ids == ref[0]
         d2 = llm.next_token_logprobs(PROMPTS_J[0])[0]
         assert len(bg.result(60).outputs[0].token_ids) == 1500
     assert got == ref

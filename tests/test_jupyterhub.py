@@ -90,7 +90,7 @@ c.JupyterHub.load_roles += [{{
 }}]
 """
         )
-        self.log = open(tmp / "hub.log", "a")
+        self.log = open(tmp / "hub.log", "a")  # noqa: SIM115 - the hub's log for its whole life
         self.proc = None
 
     def start(self) -> Hub:
@@ -285,7 +285,7 @@ def test_two_users_kernels_are_served_as_themselves(hub):
 
 
 @pytest.mark.parametrize(
-    "who, needle",
+    ("who", "needle"),
     [
         ("carol", "user 'carol' may not use this service"),  # no role with the access scope
         ("other-service", "service 'other' may not use this service"),
@@ -305,7 +305,8 @@ def test_only_those_with_the_access_scope_are_served(hub, who, needle):
     req = urllib.request.Request(hub.url + "/services/pagedq/v1/completions", body, headers)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
-    assert e.value.code == 403 and needle in json.loads(e.value.read())["error"]["message"]
+    assert e.value.code == 403
+    assert needle in json.loads(e.value.read())["error"]["message"]
     assert "127.0.0.1" not in needle  # no internal address in what a caller sees
 
 
@@ -329,7 +330,8 @@ def test_a_person_logged_in_to_the_hub_opens_the_page(hub):
     )
     with pytest.raises(urllib.error.HTTPError) as e:
         browser.open(req)
-    assert e.value.code == 403 and "XSRF" in json.loads(e.value.read())["error"]["message"]
+    assert e.value.code == 403
+    assert "XSRF" in json.loads(e.value.read())["error"]["message"]
 
 
 WAIT_IN_BACKGROUND = """

@@ -45,7 +45,7 @@ needs_native = pytest.mark.skipif(
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("h,kvh,d", [(4, 4, 64), (4, 2, 64), (8, 2, 128), (6, 3, 80)])
+@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (4, 2, 64), (8, 2, 128), (6, 3, 80)])
 @pytest.mark.parametrize("bs", [1, 16])
 def test_native_decode_matches_torch(dtype, h, kvh, d, bs):
     q, kc, vc, tables, lens, meta = _decode_case(5, h, kvh, d, bs, dtype)
@@ -60,7 +60,8 @@ def test_reshape_and_cache_writes_slots():
     vc = torch.zeros(4, 2, 1, 3)
     k = torch.arange(9.0).view(3, 1, 3)
     reshape_and_cache(k, -k, kc, vc, torch.tensor([7, 0, 3]))
-    assert torch.equal(kc.view(-1, 1, 3)[[7, 0, 3]], k) and torch.equal(vc.view(-1, 1, 3)[7], -k[0])
+    assert torch.equal(kc.view(-1, 1, 3)[[7, 0, 3]], k)
+    assert torch.equal(vc.view(-1, 1, 3)[7], -k[0])
     assert kc.view(-1, 1, 3)[[1, 2, 4, 5, 6]].abs().sum() == 0
 
 

@@ -101,6 +101,6 @@ def test_copy_on_write_carries_the_scales(tiny_llama, kind):
 
 def test_bad_kv_cache_dtype_names_the_choices(tiny_llama):
     with pytest.raises(
-        ValueError, match="kv_cache_dtype must be 'auto' .*, 'int8' or 'fp8_e4m3', got 'int4'"
+        ValueError, match=r"kv_cache_dtype must be 'auto' .*, 'int8' or 'fp8_e4m3', got 'int4'"
     ):
         LLM(tiny_llama, kv_cache_dtype="int4")

@@ -84,7 +84,8 @@ def layer_of(module: str) -> int:
 
 def _imports(module: str, path: str) -> list[tuple[str, int]]:
     """(internal module imported, line) for every import statement anywhere in the file."""
-    tree = ast.parse(open(path).read(), path)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
     is_pkg = path.endswith("__init__.py")
     package = module if is_pkg else module.rpartition(".")[0]
     found = []

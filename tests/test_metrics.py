@@ -8,7 +8,9 @@ def test_histogram_buckets_are_upper_bounds_and_exported_cumulative():
     h = Histogram((0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 3.0):
         h.observe(v)
-    assert h.counts == [2, 1, 1] and h.count == 4 and abs(h.sum - 3.65) < 1e-12  # 0.1 is <= 0.1
+    assert h.counts == [2, 1, 1]
+    assert h.count == 4
+    assert abs(h.sum - 3.65) < 1e-12
     text = prometheus_text({"num_requests": 4}, "m", histograms={"time_to_first_token_seconds": h})
     assert 'pagedq_time_to_first_token_seconds_bucket{model="m",le="0.1"} 2.0' in text
     assert 'pagedq_time_to_first_token_seconds_bucket{model="m",le="1.0"} 3.0' in text

@@ -59,7 +59,8 @@ def metrics(server, key: str | None = KEY) -> dict[str, float]:
 def test_completion_equals_generate_and_counts_usage(client, llm):
     ref = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     r = client.completions.create(model="pagedq-tiny", prompt=PROMPT, max_tokens=12, temperature=0)
-    assert r.object == "text_completion" and r.model == "pagedq-tiny"
+    assert r.object == "text_completion"
+    assert r.model == "pagedq-tiny"
     assert r.choices[0].text == ref.outputs[0].text
     assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
@@ -69,7 +70,8 @@ def test_completion_equals_generate_and_counts_usage(client, llm):
         model="pagedq-tiny", prompt=[PROMPT, ref.prompt_token_ids], max_tokens=5, n=2, seed=3, temperature=1.0
     )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    assert r.choices[0].text == r.choices[2].text and r.choices[1].text == r.choices[3].text  # same seeds
+    assert r.choices[0].text == r.choices[2].text
+    assert r.choices[1].text == r.choices[3].text
 
 
 def test_streamed_completion_concatenates_to_the_whole(client):
@@ -81,7 +83,8 @@ def test_streamed_completion_concatenates_to_the_whole(client):
         )
     )  # fmt: skip
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text == whole.choices[0].text and len(chunks) > 3
+    assert text == whole.choices[0].text
+    assert len(chunks) > 3
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 20
 
@@ -98,10 +101,8 @@ def test_a_streamed_stop_string_is_never_sent_and_taken_back(client, llm):
             model="pagedq-tiny", prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop], stream=True
         )
     )
-    assert (
-        "".join(c.choices[0].text for c in chunks) == want.outputs[0].text
-        and stop not in want.outputs[0].text
-    )
+    assert "".join(c.choices[0].text for c in chunks) == want.outputs[0].text
+    assert stop not in want.outputs[0].text
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -109,7 +110,8 @@ def test_chat_equals_llm_chat_streamed_or_not(client, llm):
     messages = [{"role": "user", "content": "Write a loop over a list."}]
     ref = llm.chat(messages, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text
     r = client.chat.completions.create(model="pagedq-tiny", messages=messages, max_tokens=16, temperature=0)
-    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref
     stream = client.chat.completions.create(
         model="pagedq-tiny", messages=messages, max_completion_tokens=16, temperature=0, stream=True
     )
@@ -130,8 +132,10 @@ def test_chat_equals_llm_chat_streamed_or_not(client, llm):
 def test_logprobs_whole_and_streamed(client):
     r = client.completions.create(model="pagedq-tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == 4 and all(x <= 0 for x in lp.token_logprobs)
-    assert "".join(lp.tokens) == r.choices[0].text and all(len(t) >= 3 for t in lp.top_logprobs)
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert all(len(t) >= 3 for t in lp.top_logprobs)
     chunks = list(
         client.completions.create(
             model="pagedq-tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3, stream=True
@@ -145,7 +149,8 @@ def test_logprobs_whole_and_streamed(client):
         logprobs=True, top_logprobs=2,
     )  # fmt: skip
     content = r.choices[0].logprobs.content
-    assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
+    assert len(content) == 3
+    assert all(len(c.top_logprobs) == 2 for c in content)
     # greedy: the chosen token is the most likely one
     assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
 
@@ -181,7 +186,8 @@ def test_a_client_that_hangs_up_frees_its_blocks(server):
     body = json.dumps({"prompt": PROMPT, "max_tokens": 2000, "stream": True, "ignore_eos": True})
     conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
-    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
     before = metrics(server)['pagedq_generated_tokens_total{model="pagedq-tiny"}']
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
@@ -194,10 +200,8 @@ def test_a_client_that_hangs_up_frees_its_blocks(server):
         ):
             break
         time.sleep(0.1)
-    assert (
-        m['pagedq_kv_blocks_in_use{model="pagedq-tiny"}'] == 0
-        and m['pagedq_prompts_in_flight{model="pagedq-tiny"}'] == 0
-    )
+    assert m['pagedq_kv_blocks_in_use{model="pagedq-tiny"}'] == 0
+    assert m['pagedq_prompts_in_flight{model="pagedq-tiny"}'] == 0
     assert m['pagedq_generated_tokens_total{model="pagedq-tiny"}'] < before + 1500  # stopped, not finished
 
 
@@ -223,7 +227,8 @@ def test_health_ready_and_the_generated_openapi_document(server):
             assert want.items() <= json.load(r).items()
     with urllib.request.urlopen(server.url + "/openapi.json") as r:
         doc = json.load(r)
-    assert doc["openapi"].startswith("3.1") and set(doc["paths"]) >= {
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) >= {
         "/v1/completions",
         "/v1/chat/completions",
     }
@@ -233,7 +238,8 @@ def test_health_ready_and_the_generated_openapi_document(server):
         if "anyOf" in schema["temperature"]
         else (schema["temperature"]["minimum"] == 0)
     )
-    assert schema["n"]["minimum"] == 1 and doc["security"] == [{"bearer": []}]
+    assert schema["n"]["minimum"] == 1
+    assert doc["security"] == [{"bearer": []}]
 
 
 def test_trusted_body_users_share_fairly(tmp_path):

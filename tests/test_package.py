@@ -52,4 +52,6 @@ def test_wheel_carries_subpackages(tmp_path):
 
 def test_cli_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "pagedq", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
+    assert out.returncode == 0
+    assert "generate" in out.stdout
+    assert "bench" in out.stdout

@@ -8,7 +8,7 @@ from .conftest import run_checked
 
 
 def _prompt(tok, n):
-    return [tok.bos_token_id] + list(range(100, 100 + n - 1))
+    return [tok.bos_token_id, *list(range(100, 100 + n - 1))]
 
 
 def test_n4_shares_the_prompt_blocks(tiny_llama):
@@ -23,7 +23,8 @@ def test_n4_shares_the_prompt_blocks(tiny_llama):
     assert shared["peak_kv_blocks_in_use"] == 2 + 4 * 2
     assert cow == 3
     assert shared["computed_tokens"] == P + 4 * (M - 1)  # the prompt is prefilled once
-    assert len(out.outputs) == 4 and all(len(c.token_ids) == M for c in out.outputs)
+    assert len(out.outputs) == 4
+    assert all(len(c.token_ids) == M for c in out.outputs)
     with LLM(tiny_llama, dtype="float32", block_size=bs, enable_prefix_caching=False) as plain:
         singles = [
             SamplingParams(temperature=1.0, max_tokens=M, seed=5 + i, ignore_eos=True) for i in range(4)

@@ -21,8 +21,8 @@ def test_second_request_prefills_only_new_tokens(tiny_llama):
     with LLM(tiny_llama, dtype="float32", block_size=bs) as llm:
         tok = llm.get_tokenizer()
         prefix = _prompt(tok, 1, 3 * bs)
-        first = prefix + [42, 43, 44]
-        second = prefix + [7, 8, 9, 10, 11]
+        first = [*prefix, 42, 43, 44]
+        second = [*prefix, 7, 8, 9, 10, 11]
         run_checked(llm, [first], GREEDY)
         before = llm.stats()
         out = run_checked(llm, [second], GREEDY)[0]
@@ -68,7 +68,8 @@ def test_eviction_under_a_small_pool_never_returns_a_wrong_block(tiny_llama):
             outs += [o.outputs[0].token_ids for o in run_checked(llm, prompts[i : i + 3], GREEDY)]
         s = llm.stats()
     assert outs == refs
-    assert s["prefix_cache_evictions"] > 0 and s["prefix_cache_hits"] > 0
+    assert s["prefix_cache_evictions"] > 0
+    assert s["prefix_cache_hits"] > 0
 
 
 def test_chunked_prefill_and_preemption_with_cache(tiny_llama):
@@ -82,4 +83,5 @@ def test_chunked_prefill_and_preemption_with_cache(tiny_llama):
         outs = [o.outputs[0].token_ids for o in run_checked(llm, prompts, GREEDY)]
         s = llm.stats()
     assert outs == refs
-    assert s["prefix_cache_hits"] > 0 and s["num_preemptions"] > 0
+    assert s["prefix_cache_hits"] > 0
+    assert s["num_preemptions"] > 0

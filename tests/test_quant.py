@@ -115,7 +115,7 @@ GPTQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,group,sym,act_order,v1", GPTQ_CASES)
+@pytest.mark.parametrize(("bits", "group", "sym", "act_order", "v1"), GPTQ_CASES)
 def test_gptq_layer_equals_dequantized_reference(bits, group, sym, act_order, v1):
     n, k = 128, 256
     q, zeros, scales, g_idx = random_weight(n, k, bits, group, sym, act_order, seed=bits * 100 + k, v1=v1)
@@ -279,7 +279,7 @@ MODEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,fmt,bits,group,sym,act_order", MODEL_CASES)
+@pytest.mark.parametrize(("arch", "fmt", "bits", "group", "sym", "act_order"), MODEL_CASES)
 def test_quantized_model_generates_like_its_dequantized_twin(
     model_factory, tmp_path, arch, fmt, bits, group, sym, act_order
 ):
@@ -298,7 +298,7 @@ def test_quantized_model_generates_like_its_dequantized_twin(
     assert got == ref
 
 
-@pytest.mark.parametrize("arch, method", [("llama", "int8"), ("llama", "int4"), ("granite", "int4")])
+@pytest.mark.parametrize(("arch", "method"), [("llama", "int8"), ("llama", "int4"), ("granite", "int4")])
 def test_quantize_on_load_equals_its_dequantized_weights(model_factory, arch, method):
     tiny_llama = model_factory(arch)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -377,7 +377,7 @@ def test_gptq_has_lower_output_error_than_rtn():
 
 
 @pytest.mark.parametrize(
-    "arch,method,opts",
+    ("arch", "method", "opts"),
     [
         ("llama", "gptq", dict(act_order=True)),
         ("llama", "gptq", dict(bits=8, sym=True)),
@@ -501,7 +501,9 @@ def write_bnb(src: str, out_q: str, out_dense: str, mode: str, double_quant: boo
     save_twins(src, out_q, out_dense, qt, dt, qconfig)
 
 
-@pytest.mark.parametrize("mode,double_quant", [("int8", False), ("nf4", False), ("nf4", True), ("fp4", True)])
+@pytest.mark.parametrize(
+    ("mode", "double_quant"), [("int8", False), ("nf4", False), ("nf4", True), ("fp4", True)]
+)
 def test_bitsandbytes_checkpoints_generate_like_their_dequantized_twin(
     model_factory, tmp_path, mode, double_quant
 ):
@@ -552,7 +554,8 @@ def test_compare_schemes_table_and_plot(tiny_llama, tmp_path, monkeypatch):
     assert all(r.kl_divergence > 0 for r in table.rows[1:])
     assert table[2].weight_bytes < table[1].weight_bytes < table[0].weight_bytes
     html = table._repr_html_()
-    assert "gptq4" in html and "perplexity" in html
+    assert "gptq4" in html
+    assert "perplexity" in html
     assert len(os.listdir(tmp_path / "quantized")) == 2  # the GPTQ and AWQ checkpoints, cached
     fig = table.plot()
     assert len(fig.axes) == 4

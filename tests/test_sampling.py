@@ -85,23 +85,27 @@ def test_stop_token_ids_and_min_tokens(llm):
     )[0]
     c = out.outputs[0]
     assert c.token_ids == greedy[: first + 1]
-    assert c.finish_reason == "stop" and c.stop_reason == stop_tok
+    assert c.finish_reason == "stop"
+    assert c.stop_reason == stop_tok
     # min_tokens keeps the stop token from being sampled before it is reached
     sp = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok], min_tokens=first + 2)
     c = run_checked(llm, [PROMPTS[0]], sp)[0].outputs[0]
-    assert len(c.token_ids) >= first + 2 and stop_tok not in c.token_ids[: first + 2]
+    assert len(c.token_ids) >= first + 2
+    assert stop_tok not in c.token_ids[: first + 2]
 
 
 def test_stop_string_cuts_text(llm):
     full = run_checked(llm, [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
     text = full.outputs[0].text
     stop = text[10:14]
-    assert stop and text.find(stop) >= 1
+    assert stop
+    assert text.find(stop) >= 1
     out = run_checked(llm, [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[
         0
     ].outputs[0]
     assert out.text == text[: text.find(stop)]
-    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop
     assert len(out.token_ids) < 30
     kept = SamplingParams(temperature=0, max_tokens=30, stop=stop, include_stop_str_in_output=True)
     out = run_checked(llm, [PROMPTS[1]], kept)[0].outputs[0]
@@ -110,7 +114,8 @@ def test_stop_string_cuts_text(llm):
 
 def test_max_tokens_finish_reason_length(llm):
     out = run_checked(llm, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
-    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 3
+    assert out.outputs[0].finish_reason == "length"
 
 
 def test_logprobs_match_transformers(llm, tiny_llama):
@@ -134,7 +139,8 @@ def test_logprobs_match_transformers(llm, tiny_llama):
         assert lp[tok].rank == 1  # greedy picks the top token
     assert c.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)))
     # prompt logprobs: None for the first token, then the actual token plus the top 3
-    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n_prompt
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == n_prompt
     for p in range(1, n_prompt):
         actual = out.prompt_token_ids[p]
         entry = out.prompt_logprobs[p]

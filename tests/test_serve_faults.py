@@ -10,6 +10,7 @@ loads torch or a tokenizer."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -183,15 +184,16 @@ def test_malformed_requests_get_400_while_other_users_streams_are_exact(server, 
         t.start()
         threads.append(t)
     for path, body, needle in MALFORMED:
-        status, headers, reply = post(server.base + path, body, "key-bob")
+        status, _headers, reply = post(server.base + path, body, "key-bob")
         assert status == 400, (body if isinstance(body, bytes) else str(body)[:80], reply)
-        assert reply["error"]["type"] == "invalid_request_error" and needle in reply["error"]["message"], (
-            reply
-        )
+        assert reply["error"]["type"] == "invalid_request_error", reply
+        assert needle in reply["error"]["message"], reply
     for t in threads:
         t.join(60)
     for user, (ids, reasons, done, error) in results.items():
-        assert error is None and done and reasons == ["length"]
+        assert error is None
+        assert done
+        assert reasons == ["length"]
         assert ids == alone[user], user
     # nothing of the malformed requests reached the engine: only the three streams did
     assert engine_metric(server, "pagedq_num_requests_total") == before + 3
@@ -207,7 +209,8 @@ def test_per_user_and_server_limits_answer_429(server):
             body = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
             c.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {key}"})
             r = c.getresponse()
-            assert r.status == 200 and r.readline().startswith(b"data: ")
+            assert r.status == 200
+            assert r.readline().startswith(b"data: ")
             conns.append(c)
 
         for _ in range(4):
@@ -215,17 +218,18 @@ def test_per_user_and_server_limits_answer_429(server):
         status, headers, reply = post(
             server.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-alice"
         )
-        assert status == 429 and int(headers["Retry-After"]) >= 1
-        assert (
-            "max_inflight_per_user" in reply["error"]["message"]
-            and reply["error"]["type"] == "rate_limit_error"
-        )
+        assert status == 429
+        assert int(headers["Retry-After"]) >= 1
+        assert "max_inflight_per_user" in reply["error"]["message"]
+        assert reply["error"]["type"] == "rate_limit_error"
         open_stream("key-bob")  # bob is not held back by alice's limit
         open_stream("key-bob")
         status, headers, reply = post(
             server.url + "/completions", {"prompt": "x", "max_tokens": 2}, "key-carol"
         )
-        assert status == 429 and "max_queued" in reply["error"]["message"] and "Retry-After" in headers
+        assert status == 429
+        assert "max_queued" in reply["error"]["message"]
+        assert "Retry-After" in headers
         conns.pop().close()  # bob hangs up: his prompt stops counting
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -235,7 +239,8 @@ def test_per_user_and_server_limits_answer_429(server):
             if status == 200:
                 break
             time.sleep(0.1)
-        assert status == 200 and reply["usage"]["completion_tokens"] == 2
+        assert status == 200
+        assert reply["usage"]["completion_tokens"] == 2
     finally:
         for c in conns:
             c.close()
@@ -272,18 +277,27 @@ def test_kill_9_of_the_engine_fails_every_request_in_flight_and_it_comes_back(se
     t0 = time.time()
     for t in threads:
         t.join(15)
-    assert all(not t.is_alive() for t in threads) and time.time() - t0 < 10  # explicit errors, no hang
+    assert all(not t.is_alive() for t in threads)
+    assert time.time() - t0 < 10
     for _ids, reasons, done, error in streams.values():
-        assert error is not None and "SIGKILL" in error["message"] and not done and not reasons
+        assert error is not None
+        assert "SIGKILL" in error["message"]
+        assert not done
+        assert not reasons
     for status, headers, reply in whole.values():
-        assert status == 503 and "Retry-After" in headers and "SIGKILL" in reply["error"]["message"]
+        assert status == 503
+        assert "Retry-After" in headers
+        assert "SIGKILL" in reply["error"]["message"]
     with pytest.raises(urllib.error.HTTPError) as e:  # not ready while it restarts
         urllib.request.urlopen(server.base + "/ready", timeout=5)
-    assert e.value.code == 503 and json.loads(e.value.read())["status"] == "restarting"
+    assert e.value.code == 503
+    assert json.loads(e.value.read())["status"] == "restarting"
     new = server.engine_pid()  # ready again
-    assert new != engine and not pid_alive(engine)
+    assert new != engine
+    assert not pid_alive(engine)
     status, _, reply = post(server.url + "/completions", {"prompt": "x", "max_tokens": 3}, "key-carol")
-    assert status == 200 and reply["usage"]["completion_tokens"] == 3
+    assert status == 200
+    assert reply["usage"]["completion_tokens"] == 3
     assert "was killed by SIGKILL; restarting it" in server.log
 
 
@@ -318,10 +332,8 @@ class Proxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def freeze(self):
         self.frozen.set()
@@ -340,7 +352,7 @@ def test_a_stream_through_a_proxy_fails_at_the_client_when_its_upstream_dies(tmp
         while gen.latest is None or len(gen.latest.outputs[0].token_ids) < 5:
             time.sleep(0.02)
         srv.proc.kill()  # the whole server dies, mid-stream
-        with pytest.raises(StreamInterruptedError, match="ended before the request finished|broke"):
+        with pytest.raises(StreamInterruptedError, match=r"ended before the request finished|broke"):
             gen.result(timeout=10)
         deadline = time.time() + 10
         while pid_alive(engine) and time.time() < deadline:
@@ -387,7 +399,8 @@ def test_keepalives_hold_a_waiting_stream_open(quiet):
         time.sleep(0.02)
     second = remote.submit("x = ", SamplingParams(max_tokens=4, ignore_eos=True))
     out = second.result(timeout=120)
-    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
+    assert out.outputs[0].finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 4
     assert first.result(timeout=120).outputs[0].finish_reason == "length"
 
 
@@ -441,7 +454,8 @@ def test_connect_raises_instead_of_returning_cut_off_text():
                 remote.generate(how, SamplingParams(max_tokens=3))
         with pytest.raises(EngineUnavailableError, match="busy 503") as e:
             remote.generate("503")
-        assert e.value.retry_after == 7 and isinstance(e.value, pagedq.GenerationError)
+        assert e.value.retry_after == 7
+        assert isinstance(e.value, pagedq.GenerationError)
         with pytest.raises(RateLimitedError, match="busy 429"):
             remote.generate("429")
     finally:
@@ -481,21 +495,32 @@ def _drain_case(tmp_path, grace: str, max_tokens: int):
 
 def test_sigterm_drains_running_requests_then_stops(tmp_path):
     srv, engine, out, late, code = _drain_case(tmp_path, "60", 80)
-    assert late[0] == 503 and "shutting down" in late[2]["error"]["message"]
+    assert late[0] == 503
+    assert "shutting down" in late[2]["error"]["message"]
     ids, reasons, done, error = out["stream"]
-    assert error is None and done and reasons == ["length"] and len(ids) == 80
+    assert error is None
+    assert done
+    assert reasons == ["length"]
+    assert len(ids) == 80
     status, _, reply = out["whole"]
-    assert status == 200 and reply["usage"]["completion_tokens"] == 80
-    assert code == 0 and not pid_alive(engine) and not child_pids(srv.proc.pid)
+    assert status == 200
+    assert reply["usage"]["completion_tokens"] == 80
+    assert code == 0
+    assert not pid_alive(engine)
+    assert not child_pids(srv.proc.pid)
 
 
 def test_sigterm_ends_what_outlives_the_grace_period_with_explicit_errors(tmp_path):
-    srv, engine, out, late, code = _drain_case(tmp_path, "1", 2000)
-    ids, reasons, done, error = out["stream"]
-    assert error is not None and "shutting down" in error["message"] and not done
-    status, headers, reply = out["whole"]
-    assert status == 503 and "shutting down" in reply["error"]["message"]
-    assert code == 0 and not pid_alive(engine)
+    _srv, engine, out, _late, code = _drain_case(tmp_path, "1", 2000)
+    _ids, _reasons, done, error = out["stream"]
+    assert error is not None
+    assert "shutting down" in error["message"]
+    assert not done
+    status, _headers, reply = out["whole"]
+    assert status == 503
+    assert "shutting down" in reply["error"]["message"]
+    assert code == 0
+    assert not pid_alive(engine)
 
 
 def test_the_server_process_never_loads_torch_or_a_tokenizer(server):
@@ -504,7 +529,8 @@ def test_the_server_process_never_loads_torch_or_a_tokenizer(server):
     status, _, reply = post(
         server.url + "/completions", {"prompt": "x " * 400_000, "max_tokens": 2}, "key-alice"
     )
-    assert status == 400 and "max_model_len" in reply["error"]["message"]
+    assert status == 400
+    assert "max_model_len" in reply["error"]["message"]
     status, _, _ = post(
         server.url + "/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},

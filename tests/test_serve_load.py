@@ -26,11 +26,13 @@ def args(**kw) -> argparse.Namespace:
 def check(rounds) -> None:
     for r in rounds:
         c = r.counts
-        assert r.balanced and c["hung"] == 0 and c["other"] == 0, (c, r.notes[:5])
-        assert (
-            c["completed"] > 0 and c["client_aborted"] > 0 and c["rejected"] > 0 and c["failed_by_kill"] > 0
-        ), c
-        assert r.kv_blocks_in_use == 0 and r.prompts_in_flight == 0
+        assert r.balanced, (c, r.notes[:5])
+        assert c["hung"] == 0, (c, r.notes[:5])
+        assert c["other"] == 0, (c, r.notes[:5])
+        for outcome in ("completed", "client_aborted", "rejected", "failed_by_kill"):
+            assert c[outcome] > 0, c
+        assert r.kv_blocks_in_use == 0
+        assert r.prompts_in_flight == 0
 
 
 def test_short_load_with_hangups_malformed_requests_and_an_engine_kill():

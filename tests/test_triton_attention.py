@@ -20,7 +20,7 @@ pytest.importorskip(
     "triton", reason="the Triton kernels need the triton package (pip install 'pagedq[triton]')"
 )
 
-from pagedq.kernels import triton_attention as ta  # noqa: E402
+from pagedq.kernels import triton_attention as ta
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STORE = {
@@ -92,7 +92,7 @@ SHAPES = [  # (num_heads, num_kv_heads, head_dim, block_size)
 
 
 @pytest.mark.parametrize("kind", list(STORE))
-@pytest.mark.parametrize("nh,kvh,hd,bs", SHAPES)
+@pytest.mark.parametrize(("nh", "kvh", "hd", "bs"), SHAPES)
 def test_decode_equals_reference(kind, nh, kvh, hd, bs):
     lens = [5, 37, 70]  # all end mid-block (for bs > 1)
     tables, (k, v, ks, vs) = _fill(
@@ -109,7 +109,7 @@ def test_decode_equals_reference(kind, nh, kvh, hd, bs):
 
 
 @pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16", "int8", "fp8"])
-@pytest.mark.parametrize("nh,kvh,hd,bs", SHAPES)
+@pytest.mark.parametrize(("nh", "kvh", "hd", "bs"), SHAPES)
 def test_prefill_extend_equals_reference(kind, nh, kvh, hd, bs):
     """Chunks of a packed batch: a fresh prompt, a continuing chunk, a chunk after a cached prefix."""
     ctx_lens = [19, 40, 33]

@@ -37,7 +37,7 @@ def _weight(n, k, bits, group, act_order, seed):
 
 
 @pytest.mark.parametrize(
-    "bits,layout,act_order",
+    ("bits", "layout", "act_order"),
     [(4, "gptq", False), (4, "gptq", True), (8, "gptq", False), (8, "gptq", True), (4, "awq", False)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

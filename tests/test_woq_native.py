@@ -42,7 +42,7 @@ def assert_bf16_exact(layer, x: torch.Tensor, w: torch.Tensor, bias=None) -> Non
         torch.testing.assert_close(layer(x).float(), ref + bias.float(), rtol=2**-8, atol=2**-8 * scale)
 
 
-@pytest.mark.parametrize("bits,group,sym,act_order,v1", GPTQ_CASES)
+@pytest.mark.parametrize(("bits", "group", "sym", "act_order", "v1"), GPTQ_CASES)
 def test_gptq_layer_in_bf16_equals_the_dequantized_reference(bits, group, sym, act_order, v1):
     n, k = 96, 256  # 96 output channels: the last 64-channel panel is padded
     q, zeros, scales, g_idx = random_weight(n, k, bits, group, sym, act_order, seed=bits * 10 + k, v1=v1)
@@ -56,7 +56,8 @@ def test_gptq_layer_in_bf16_equals_the_dequantized_reference(bits, group, sym, a
     assert isinstance(layer, NativeQuantLinear)
     torch.testing.assert_close(layer.dequantize(torch.float32), ref_w, rtol=0, atol=0)
     back = layer.quant_weight()  # the canonical weight out of the panels, act-order undone
-    assert torch.equal(back.dequantize(), w.dequantize()) and torch.equal(back.g_idx, w.g_idx)
+    assert torch.equal(back.dequantize(), w.dequantize())
+    assert torch.equal(back.g_idx, w.g_idx)
     for rows in ROWS:
         x = torch.randn(rows, k).bfloat16()
         assert_bf16_exact(layer, x, ref_w, bias)
@@ -81,7 +82,9 @@ def test_a_group_longer_than_the_k_block(bits):
     q, zeros, scales, g_idx = random_weight(n, k, bits, 512, False, False, seed=5)
     w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, bits)
     layer = make_quant_linear(w, None, torch.bfloat16, CPU)
-    assert isinstance(layer, NativeQuantLinear) and layer.kc == 128 and layer.group_size == 512
+    assert isinstance(layer, NativeQuantLinear)
+    assert layer.kc == 128
+    assert layer.group_size == 512
     for rows in (2, 9):
         x = torch.randn(rows, k).bfloat16()
         assert_bf16_exact(layer, x, w.dequantize())
@@ -100,7 +103,8 @@ def test_panel_packing_round_trips(bits):
     if bits == 4:  # the byte of channel c at t holds k = 4t + j (low) and 4t + 2 + j (high)
         c, t, j = 70, 5, 1
         byte = int(packed[c // 64, t, c % 64, j])
-        assert byte & 0xF == q[c, 4 * t + j] and byte >> 4 == q[c, 4 * t + 2 + j]
+        assert byte & 0xF == q[c, 4 * t + j]
+        assert byte >> 4 == q[c, 4 * t + 2 + j]
 
 
 def test_fp32_activations_and_unsupported_weights_take_other_paths(monkeypatch):
@@ -117,7 +121,7 @@ def test_fp32_activations_and_unsupported_weights_take_other_paths(monkeypatch):
     assert isinstance(make_quant_linear(w, None, torch.bfloat16, CPU), Int4Linear)
 
 
-@pytest.mark.parametrize("arch,fmt,bits,group,sym,act_order", MODEL_CASES)
+@pytest.mark.parametrize(("arch", "fmt", "bits", "group", "sym", "act_order"), MODEL_CASES)
 def test_quantized_model_in_bf16_follows_its_dequantized_twin(
     model_factory, tmp_path, arch, fmt, bits, group, sym, act_order
 ):

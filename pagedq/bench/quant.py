@@ -80,7 +80,7 @@ def main(args) -> None:
             print(f"loaded {name} in {time.perf_counter() - t0:.1f} s", flush=True)
         tok = llms["bf16"].get_tokenizer()
         prompt = workloads.cut_prompt(workloads.corpus_token_ids(tok), tok.bos_token_id, 0, 16)
-        speeds = {n: [] for n in llms}
+        speeds: dict[str, list[float]] = {n: [] for n in llms}
         for _ in range(args.runs):  # interleaved rounds
             for name, llm in llms.items():
                 speeds[name].append(decode_speed(llm, prompt, args.decode_tokens, runs=1))
@@ -108,7 +108,7 @@ def main(args) -> None:
             )
         if args.throughput:
             w = workloads.throughput(tok, args.num_requests)
-            results = {n: [] for n in llms}
+            results: dict[str, list] = {n: [] for n in llms}
             for _ in range(args.runs):
                 for name, llm in llms.items():
                     results[name].append(tp.run_pagedq(llm, w).output_tps)

@@ -96,7 +96,6 @@ def rss_mib(pid: int) -> float:
 async def stream_request(port: int, body: bytes, key: str, hangup_after: int | None) -> tuple[str, int, str]:
     """One request over a fresh connection; returns (outcome, tokens received, detail)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    tokens = 0
     try:
         writer.write(
             b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -115,29 +114,36 @@ async def stream_request(port: int, body: bytes, key: str, hangup_after: int | N
             if 400 <= status < 500:
                 return "rejected", 0, retry
             return ("failed_by_kill", 0, retry) if status == 503 else ("other", 0, f"{status}: {detail}")
-        done, event, reasons = False, None, 0
-        async for line in _sse_lines(reader, headers):
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data: "):
-                data = line[6:]
-                if event == "error":
-                    if "engine process" in data or "shutting down" in data:
-                        return "failed_by_kill", tokens, ""
-                    return "other", tokens, f"error event: {data[:200]}"
-                if data == "[DONE]":
-                    done = True
-                    break
-                for c in json.loads(data)["choices"]:
-                    tokens += len(c["token_ids"])
-                    reasons += c["finish_reason"] is not None
-                if hangup_after is not None and tokens >= hangup_after:
-                    return "client_aborted", tokens, ""
-        if done and reasons == 1:
-            return "completed", tokens, ""
-        return "other", tokens, f"stream ended: [DONE] {done}, finish reasons {reasons}"
+        return await _read_stream(reader, headers, hangup_after)
     finally:
         writer.close()
+
+
+async def _read_stream(reader, headers: dict, hangup_after: int | None) -> tuple[str, int, str]:
+    """Read an SSE stream to its end (or hang up after ``hangup_after`` tokens)."""
+    tokens, done, event, reasons = 0, False, None, 0
+    async for line in _sse_lines(reader, headers):
+        if line.startswith("event:"):
+            event = line[6:].strip()
+            continue
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if event == "error":
+            if "engine process" in data or "shutting down" in data:
+                return "failed_by_kill", tokens, ""
+            return "other", tokens, f"error event: {data[:200]}"
+        if data == "[DONE]":
+            done = True
+            break
+        for c in json.loads(data)["choices"]:
+            tokens += len(c["token_ids"])
+            reasons += c["finish_reason"] is not None
+        if hangup_after is not None and tokens >= hangup_after:
+            return "client_aborted", tokens, ""
+    if done and reasons == 1:
+        return "completed", tokens, ""
+    return "other", tokens, f"stream ended: [DONE] {done}, finish reasons {reasons}"
 
 
 async def _sse_lines(reader: asyncio.StreamReader, headers: dict):
@@ -161,6 +167,16 @@ async def _sse_lines(reader: asyncio.StreamReader, headers: dict):
             yield line.decode().rstrip("\r")
 
 
+async def _timed(request, timeout: float) -> tuple[str, int, str]:
+    """A request's outcome, or ``hung`` after ``timeout`` s (a broken connection is ``other``)."""
+    try:
+        return await asyncio.wait_for(request, timeout)
+    except asyncio.TimeoutError:
+        return "hung", 0, ""
+    except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+        return "other", 0, f"{type(e).__name__}: {e}"
+
+
 async def _run_round(
     args, port: int, keys: list[str], server_pid: int, rnd: Round, rng: random.Random
 ) -> None:
@@ -177,14 +193,9 @@ async def _run_round(
                 "ignore_eos": True, "temperature": rng.choice([0.0, 0.8]), "seed": rng.randint(0, 2**31),
             }  # fmt: skip
             rnd.sent += 1
-            try:
-                outcome, tokens, detail = await asyncio.wait_for(
-                    stream_request(port, json.dumps(body).encode(), key, hangup), args.request_timeout
-                )
-            except asyncio.TimeoutError:
-                outcome, tokens, detail = "hung", 0, ""
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                outcome, tokens, detail = "other", 0, f"{type(e).__name__}: {e}"
+            outcome, tokens, detail = await _timed(
+                stream_request(port, json.dumps(body).encode(), key, hangup), args.request_timeout
+            )
             rnd.counts[outcome] += 1
             rnd.tokens += tokens
             if outcome == "other":
@@ -199,12 +210,7 @@ async def _run_round(
             await asyncio.sleep(1 / args.malformed_per_second)
             rnd.sent += 1
             body = rng.choice(MALFORMED)
-            try:
-                outcome, _, detail = await asyncio.wait_for(
-                    stream_request(port, body, keys[0], None), args.request_timeout
-                )
-            except asyncio.TimeoutError:
-                outcome, detail = "hung", ""
+            outcome, _, detail = await _timed(stream_request(port, body, keys[0], None), args.request_timeout)
             # a 400 from the schema, or (token ids checked by the engine) a 503 while it restarts
             if outcome not in ("rejected", "failed_by_kill", "hung"):
                 rnd.notes.append(f"malformed {body[:40]!r}: {outcome} {detail}")
@@ -264,7 +270,7 @@ def run(args) -> list[Round]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(os.path.join(tmp, "server.log"), "w+")
+    log = open(os.path.join(tmp, "server.log"), "w+")  # noqa: SIM115 - the server's log, closed in the finally below
     cmd = [
         sys.executable, "-m", "pagedq", "serve", args.model, "--port", str(port), "--dtype", args.dtype,
         "--api-keys", os.path.join(tmp, "keys.txt"), "--max-model-len", str(args.max_model_len),

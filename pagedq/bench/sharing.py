@@ -15,9 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from pagedq.beam_search import BeamSearchParams
 from pagedq.llm import LLM
-from pagedq.sampling_params import SamplingParams
+from pagedq.sampling_params import BeamSearchParams, SamplingParams
 
 from . import workloads
 

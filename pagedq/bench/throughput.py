@@ -165,7 +165,7 @@ def main(args) -> None:
             print(f" | hf-static {theirs[-1].output_tps:7.1f} out tok/s ({theirs[-1].seconds:.1f} s)", end="")
         print(flush=True)
     llm.close()
-    peer = []
+    peer: list[RunResult] = []
     if args.vllm_python:
         print(f"vLLM ({args.vllm_python}): starting, then {args.runs} runs in one process ...", flush=True)
         startup_v, peer = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype)
@@ -177,7 +177,9 @@ def main(args) -> None:
     report(ours, theirs, args.hf_batch_size, peer)
 
 
-def report(ours: list[RunResult], theirs: list[RunResult], hf_batch: int, peer: list[RunResult] = ()) -> None:
+def report(
+    ours: list[RunResult], theirs: list[RunResult], hf_batch: int, peer: list[RunResult] | None = None
+) -> None:
     def med(rs, attr):
         return statistics.median(getattr(r, attr) for r in rs)
 

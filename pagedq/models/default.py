@@ -21,11 +21,12 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 NAME = "pagedq-tiny"
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", NAME)
 
-CONFIG = dict(
+CONFIG: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=768,
     num_hidden_layers=4,
@@ -37,7 +38,9 @@ CONFIG = dict(
     rms_norm_eps=1e-5,
 )
 VOCAB = 4096
-RECIPE = dict(seq_len=256, batch=16, lr=3e-3, warmup=60, weight_decay=0.1, seed=0, holdout_every=20)
+RECIPE: dict[str, Any] = dict(
+    seq_len=256, batch=16, lr=3e-3, warmup=60, weight_decay=0.1, seed=0, holdout_every=20
+)
 
 
 def path() -> str:
@@ -68,10 +71,11 @@ def corpus_files() -> list[str]:
 def _corpus(tokenizer) -> tuple[list[int], list[int], list[str]]:
     """Token ids of the standard library's sources: training files and every 20th file held out."""
     files = corpus_files()
-    train, held = [], []
+    train: list[int] = []
+    held: list[int] = []
     for i, f in enumerate(files):
         with open(f, encoding="utf-8", errors="replace") as fh:
-            ids = tokenizer.encode(fh.read(), add_special_tokens=False) + [tokenizer.eos_token_id]
+            ids = [*tokenizer.encode(fh.read(), add_special_tokens=False), tokenizer.eos_token_id]
         (held if i % RECIPE["holdout_every"] == 0 else train).extend(ids)
     return train, held, files
 
@@ -107,22 +111,6 @@ def train(out_dir: str, minutes: float = 12.0, threads: int | None = None) -> di
     L, B = RECIPE["seq_len"], RECIPE["batch"]
     g = torch.Generator().manual_seed(RECIPE["seed"])
 
-    def batch(src):
-        starts = torch.randint(0, src.numel() - L - 1, (B,), generator=g)
-        x = torch.stack([src[s : s + L] for s in starts])
-        return x
-
-    def held_loss(n=8):
-        model.eval()
-        tot = 0.0
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for i in range(n):
-                s = (i * (held.numel() - L - 1)) // n
-                x = held[s : s + L][None]
-                tot += model(x, labels=x).loss.float().item()
-        model.train()
-        return tot / n
-
     t0, step, log = time.perf_counter(), 0, []
     budget = minutes * 60
     est_steps = None
@@ -133,13 +121,9 @@ def train(out_dir: str, minutes: float = 12.0, threads: int | None = None) -> di
             break
         if step == 20:
             est_steps = int(budget / (elapsed / 20))
-        total = est_steps or 10**6
-        lr = RECIPE["lr"] * min(1.0, (step + 1) / RECIPE["warmup"])
-        if est_steps:
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
         for group in opt.param_groups:
-            group["lr"] = lr
-        x = batch(data)
+            group["lr"] = _learning_rate(step, est_steps)
+        x = _batch(data, g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -149,18 +133,59 @@ def train(out_dir: str, minutes: float = 12.0, threads: int | None = None) -> di
         if step % 100 == 0:
             entry = {"step": step, "seconds": round(elapsed, 1), "train_loss": round(loss.item(), 4)}
             if step % 500 == 0:
-                entry["heldout_loss"] = round(held_loss(), 4)
+                entry["heldout_loss"] = round(_held_loss(model, held), 4)
             log.append(entry)
             print(json.dumps(entry), flush=True)
         step += 1
-    final = {"steps": step, "tokens": step * B * L, "heldout_loss": round(held_loss(32), 4)}
-    model = model.to(torch.bfloat16)
+    final = {"steps": step, "tokens": step * B * L, "heldout_loss": round(_held_loss(model, held, 32), 4)}
+    model = model.bfloat16()
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
+    card = _model_card(n_params, files, len(train_ids), len(held_ids), minutes, final, log)
+    with open(os.path.join(out_dir, "model_card.json"), "w") as f:
+        json.dump(card, f, indent=2)
+    print(json.dumps(final))
+    return card
+
+
+def _batch(src, g):
+    import torch
+
+    starts = torch.randint(0, src.numel() - RECIPE["seq_len"] - 1, (RECIPE["batch"],), generator=g)
+    return torch.stack([src[s : s + RECIPE["seq_len"]] for s in starts])
+
+
+def _held_loss(model, held, n: int = 8) -> float:
+    import torch
+
+    seq_len = RECIPE["seq_len"]
+    model.eval()
+    tot = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(n):
+            s = (i * (held.numel() - seq_len - 1)) // n
+            x = held[s : s + seq_len][None]
+            tot += model(x, labels=x).loss.float().item()
+    model.train()
+    return tot / n
+
+
+def _learning_rate(step: int, est_steps: int | None) -> float:
+    """Linear warm-up, then (once the run's length is estimated) cosine decay to 10%."""
+    lr = RECIPE["lr"] * min(1.0, (step + 1) / RECIPE["warmup"])
+    if est_steps:
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps)))
+    return lr
+
+
+def _model_card(n_params, files, train_tokens, heldout_tokens, minutes, final, log) -> dict:
+    import torch
+    import transformers
+
     corpus_hash = hashlib.sha256("\n".join(os.path.relpath(f) for f in files).encode()).hexdigest()[:16]
-    card = {
+    return {
         "name": NAME,
         "parameters": n_params,
         "config": CONFIG,
@@ -169,8 +194,8 @@ def train(out_dir: str, minutes: float = 12.0, threads: int | None = None) -> di
             "what": "Python standard library sources (every *.py under sysconfig stdlib except tests, lib2to3, site-packages)",
             "python": platform.python_version(),
             "files": len(files),
-            "train_tokens": len(train_ids),
-            "heldout_tokens": len(held_ids),
+            "train_tokens": train_tokens,
+            "heldout_tokens": heldout_tokens,
             "heldout": f"every {RECIPE['holdout_every']}th file",
             "file_list_sha256_16": corpus_hash,
             "license": "PSF License Agreement for Python (PSF-2.0), which permits redistribution of derived works",
@@ -183,10 +208,6 @@ def train(out_dir: str, minutes: float = 12.0, threads: int | None = None) -> di
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    with open(os.path.join(out_dir, "model_card.json"), "w") as f:
-        json.dump(card, f, indent=2)
-    print(json.dumps(final))
-    return card
 
 
 if __name__ == "__main__":

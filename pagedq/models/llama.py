@@ -84,6 +84,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables indexed by position (the rotate-half convention of HF Llama)."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
@@ -132,11 +135,12 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
+        k_scale, v_scale = kv_cache[2:] if len(kv_cache) == 4 else (None, None)
         out = paged_attention(
-            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:], window=self.window
+            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, k_scale, v_scale, window=self.window
         )
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -188,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[torch.Tensor, ...]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed(input_ids)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from pagedq.quant.formats import FORMATS, QuantConfig, WeightFormat, read_quant_config
-from pagedq.quant.linear import make_fused_quant_linear, make_quant_linear
+from pagedq.quant.linear import QuantLinear, make_fused_quant_linear, make_quant_linear
 from pagedq.quant.rtn import ON_LOAD, check_on_load, rtn
 
 from .config import ModelConfig
@@ -47,7 +47,7 @@ def safetensors_files(model_dir: str) -> list[str]:
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
+            for name in f:
                 yield name, f.get_tensor(name)
 
 
@@ -71,35 +71,66 @@ def load_model(
 ):
     """Build the model on ``device`` in ``dtype`` and fill it from the checkpoint.
 
-    A checkpoint with a ``quantization_config`` (GPTQ, AWQ) loads its projections as
-    quantized layers; ``quantization="int8"`` or ``"int4"`` quantizes a dense checkpoint's
+    A checkpoint with a ``quantization_config`` (GPTQ, AWQ, bitsandbytes) loads its projections
+    as quantized layers; ``quantization="int8"`` or ``"int4"`` quantizes a dense checkpoint's
     projections as it loads (embeddings, norms and the LM head stay in ``dtype``).
     """
-    qcfg = fmt = None
+    qcfg = _checkpoint_quantization(model_dir, cfg, quantization)
+    model = _build(ARCHITECTURES[cfg.architecture], cfg, dtype, device, max_positions)
+    loaded, quantized = _fill(model, model_dir, qcfg)
+    dense_params = [name for name, _ in model.named_parameters()]  # before quantized layers replace some
+    replaced: set[str] = set()
+    if qcfg is not None:
+        replaced = _install_quantized(model, quantized, qcfg, FORMATS[qcfg.method], dtype, device)
+    missing = sorted(_expected(model, dense_params, replaced) - loaded)
+    if missing:
+        raise ValueError(
+            f"checkpoint in {model_dir!r} lacks weights: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+        )
+    if quantization is not None:
+        _quantize_on_load(model, quantization, dtype, device)
+    model.eval()
+    return model
+
+
+def _checkpoint_quantization(
+    model_dir: str, cfg: ModelConfig, quantization: str | None
+) -> QuantConfig | None:
+    """The checkpoint's own quantization (None if dense), refusing a second one on top."""
     if quantization is not None:
         check_on_load(quantization)
-    if cfg.raw.get("quantization_config") is not None or os.path.isfile(
+    if cfg.raw.get("quantization_config") is None and not os.path.isfile(
         os.path.join(model_dir, "quantize_config.json")
     ):
-        qcfg = read_quant_config(model_dir, cfg.raw)
-        fmt = FORMATS[qcfg.method]
-        if quantization is not None:
-            raise ValueError(
-                f"this checkpoint is already quantized ({qcfg.method}); drop quantization={quantization!r}"
-            )
-    cls = ARCHITECTURES[cfg.architecture]
+        return None
+    qcfg = read_quant_config(model_dir, cfg.raw)
+    if qcfg is None:
+        return None
+    if quantization is not None:
+        raise ValueError(
+            f"this checkpoint is already quantized ({qcfg.method}); drop quantization={quantization!r}"
+        )
+    return qcfg
+
+
+def _build(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in the model dtype: no float32 copy
     try:
         with torch.device(device):
-            model = cls(cfg, dtype, max_positions)
+            return cls(cfg, dtype, max_positions)
     finally:
         torch.set_default_dtype(previous)
+
+
+def _fill(model, model_dir: str, qcfg: QuantConfig | None) -> tuple[set[str], dict]:
+    """Copy the checkpoint's dense tensors into ``model`` (fused parts into their rows); return
+    what was filled and the tensors of quantized projections (module -> leaf -> tensor)."""
+    fmt = FORMATS[qcfg.method] if qcfg is not None else None
     params = dict(model.named_parameters())
     fused = _fused_targets(model)
     linears = tuple(fused) + tuple(g.linears[0] for g in model.linear_groups if g.fused is None)
     loaded: set[str] = set()
-    # tensors of quantized projections: module key -> leaf name -> tensor
     quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in iter_tensors(model_dir):
         if "rotary_emb.inv_freq" in name:
@@ -107,7 +138,7 @@ def load_model(
         key = name[len("model.") :] if name.startswith("model.") else name
         if key == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: the head is the embedding matrix
-        if qcfg is not None:
+        if fmt is not None:
             module, leaf = _split_projection(key, linears)
             if module is not None and fmt.owns(leaf):
                 quantized.setdefault(module, {})[leaf] = tensor
@@ -120,7 +151,7 @@ def load_model(
         param = params.get(target)
         if param is None:
             raise ValueError(
-                f"checkpoint tensor {name!r} has no place in {cfg.architecture}; is config.json right?"
+                f"checkpoint tensor {name!r} has no place in {model.config.architecture}; is config.json right?"
             )
         dst = param.data if rows is None else param.data[rows]
         if dst.shape != tensor.shape:
@@ -129,14 +160,17 @@ def load_model(
             )
         dst.copy_(tensor)
         loaded.add(f"{target}[{rows.start}]" if rows is not None else target)
-    replaced: set[str] = set()
-    if qcfg is not None:
-        replaced = _install_quantized(model, quantized, qcfg, fmt, dtype, device)
-    fused_rows = {module: [] for module, _ in fused.values()}
-    for module, rows in fused.values():
-        fused_rows[module].append(rows.start)
-    expected = set()
-    for pname in params:
+    return loaded, quantized
+
+
+def _expected(model, param_names: list[str], replaced: set[str]) -> set[str]:
+    """What :func:`_fill` must have filled: every parameter (each part of a fused one) that a
+    quantized layer did not replace."""
+    fused_rows: dict[str, list[int]] = {}
+    for module, rows in _fused_targets(model).values():
+        fused_rows.setdefault(module, []).append(rows.start)
+    expected: set[str] = set()
+    for pname in param_names:
         module = pname.rpartition(".")[0]
         if module in replaced:
             continue
@@ -145,15 +179,7 @@ def load_model(
             expected.update(f"{pname}[{start}]" for start in starts)
         else:
             expected.add(pname)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(
-            f"checkpoint in {model_dir!r} lacks weights: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-        )
-    if quantization is not None:
-        _quantize_on_load(model, quantization, dtype, device)
-    model.eval()
-    return model
+    return expected
 
 
 def _split_projection(key: str, linears: tuple[str, ...]) -> tuple[str | None, str]:
@@ -184,8 +210,7 @@ def _install_quantized(model, tensors: dict, qcfg: QuantConfig, fmt: WeightForma
             parent = getattr(layer, parent_name)
             dense = getattr(parent, fused_name)
             shapes = [
-                (w.out_features, w.in_features) if isinstance(w, torch.nn.Module) else w.shape
-                for w in weights
+                (w.out_features, w.in_features) if isinstance(w, QuantLinear) else w.shape for w in weights
             ]
             if tuple(dense.weight.shape) != (sum(s[0] for s in shapes), shapes[0][1]):
                 raise ValueError(
@@ -210,7 +235,9 @@ def _quantize_on_load(model, method: str, dtype, device) -> None:
             parent, name = getattr(layer, group.parent), group.module
             dense = getattr(parent, name)
             bias = None if dense.bias is None else dense.bias.data
-            opts = dict(ON_LOAD[method])
-            if dense.in_features % max(opts["group_size"], 1):
-                opts["group_size"] = -1  # narrower than one group: one scale per output channel
-            setattr(parent, name, make_quant_linear(rtn(dense.weight.data, **opts), bias, dtype, device))
+            opts = ON_LOAD[method]
+            group = opts["group_size"]
+            if dense.in_features % max(group, 1):
+                group = -1  # narrower than one group: one scale per output channel
+            w = rtn(dense.weight.data, opts["bits"], group, opts["sym"])
+            setattr(parent, name, make_quant_linear(w, bias, dtype, device))

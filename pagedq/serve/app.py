@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import tornado.httpserver
 import tornado.web
@@ -143,7 +144,9 @@ def routes(state: ServingState, prefix: str = "/", wrap=None) -> list[tuple]:
     prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
     wrap = wrap or (lambda cls: cls)
     handlers = {**OPEN_HANDLERS, **API_HANDLERS, **PAGE_HANDLERS}
-    out = [(prefix + path, wrap(cls), {"state": state}) for path, cls in handlers.items()]
+    out: list[tuple[str, type, dict[str, Any]]] = [
+        (prefix + path, wrap(cls), {"state": state}) for path, cls in handlers.items()
+    ]
     out.append((prefix + "v1/openapi.json", wrap(OpenAPIHandler), {"state": state, "prefix": prefix}))
     return out + state.identity.extra_routes(prefix)
 
@@ -190,7 +193,7 @@ class Server:
         sup.start()
         url = f"http://{self.host}:{self.port}{self.prefix.rstrip('/')}/v1"
         logger.info("listening at http://%s:%d%s; loading %r", self.host, self.port, self.prefix, sup.model)
-        ready = loop.run_in_executor(None, sup.wait_ready)
+        ready: asyncio.Future[Any] = loop.run_in_executor(None, sup.wait_ready)
         done, _ = await asyncio.wait(
             [ready, asyncio.ensure_future(self._stop.wait())], return_when=asyncio.FIRST_COMPLETED
         )

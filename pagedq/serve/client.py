@@ -18,6 +18,7 @@ interrupting the cell, closes its connection; the server then aborts the request
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import http.client
 import itertools
@@ -26,6 +27,7 @@ import os
 import socket
 import threading
 import urllib.parse
+from typing import cast
 
 from pagedq.driver import Generation
 from pagedq.options import wire_fields
@@ -35,6 +37,42 @@ from pagedq.sampling_params import SamplingParams
 # sampling fields sent as they are (the API's names are SamplingParams' names)
 # SamplingParams fields sent under their own names, plus max_tokens (the API shapes the rest)
 _FIELDS = (*wire_fields(), "max_tokens")
+
+
+class _StreamState:
+    """What the chunks of one stream have said so far, per sample."""
+
+    def __init__(self, rid: str, prompt, prompt_ids: list[int], chat: bool, n: int):
+        self.rid, self.prompt, self.prompt_ids, self.chat, self.n = rid, prompt, prompt_ids, chat, n
+        self.texts: dict[int, str] = {i: "" for i in range(n)}
+        self.ids: dict[int, list[int]] = {i: [] for i in range(n)}
+        self.reasons: dict[int, str | None] = dict.fromkeys(range(n))
+
+    def apply(self, chunk: dict) -> None:
+        for c in chunk.get("choices", []):
+            i = c["index"]
+            delta = (c["delta"].get("content") or "") if self.chat else c.get("text", "")
+            self.texts[i] = self.texts.get(i, "") + delta
+            self.ids[i] = self.ids.get(i, []) + list(c.get("token_ids") or [])
+            if c.get("finish_reason"):
+                self.reasons[i] = c["finish_reason"]
+
+    def output(self, finished: bool) -> RequestOutput:
+        outs = [
+            CompletionOutput(i, self.texts[i], self.ids[i], finish_reason=self.reasons[i])
+            for i in range(self.n)
+        ]
+        return RequestOutput(self.rid, self.prompt, self.prompt_ids, outs, finished)
+
+    def check_complete(self, done: bool) -> None:
+        """A stream must end with ``[DONE]`` and a finish reason for every sample."""
+        unfinished = [i for i in range(self.n) if self.reasons[i] is None]
+        if not done or unfinished:
+            raise StreamInterruptedError(
+                "the shared engine's stream ended before the request finished "
+                f"({'no [DONE]' if not done else f'samples {unfinished} have no finish_reason'}); "
+                f"{sum(len(v) for v in self.ids.values())} tokens had arrived"
+            )
 
 
 class SharedEngineError(GenerationError):
@@ -88,7 +126,7 @@ class SharedEngine:
 
     def _connection(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        return cls(self._parts.hostname, self._parts.port, timeout=self.connect_timeout)
+        return cls(cast(str, self._parts.hostname), self._parts.port, timeout=self.connect_timeout)
 
     def _request(self, method: str, path: str, body: dict | None = None):
         conn = self._connection()
@@ -169,14 +207,7 @@ class SharedEngine:
         return gen
 
     def _read(self, rid, gen, resp, prompt, prompt_ids, chat: bool, n: int) -> None:
-        texts: dict[int, str] = {i: "" for i in range(n)}
-        ids: dict[int, list[int]] = {i: [] for i in range(n)}
-        reasons: dict[int, str | None] = dict.fromkeys(range(n))
-
-        def output(finished: bool) -> RequestOutput:
-            outs = [CompletionOutput(i, texts[i], ids[i], finish_reason=reasons[i]) for i in range(n)]
-            return RequestOutput(rid, prompt, prompt_ids, outs, finished)
-
+        state = _StreamState(rid, prompt, prompt_ids, chat, n)
         try:
             done = False
             for event, data in _events(resp):
@@ -187,39 +218,30 @@ class SharedEngine:
                 if data == "[DONE]":
                     done = True
                     break
-                for c in json.loads(data).get("choices", []):
-                    i = c["index"]
-                    delta = (c["delta"].get("content") or "") if chat else c.get("text", "")
-                    texts[i] = texts.get(i, "") + delta
-                    ids[i] = ids.get(i, []) + list(c.get("token_ids") or [])
-                    if c.get("finish_reason"):
-                        reasons[i] = c["finish_reason"]
-                gen._deliver(output(False))
-            unfinished = [i for i in range(n) if reasons[i] is None]
-            if not done or unfinished:
-                raise StreamInterruptedError(
-                    "the shared engine's stream ended before the request finished "
-                    f"({'no [DONE]' if not done else f'samples {unfinished} have no finish_reason'}); "
-                    f"{sum(len(v) for v in ids.values())} tokens had arrived"
-                )
-            gen._deliver(output(True))
+                state.apply(json.loads(data))
+                gen._deliver(state.output(False))
+            state.check_complete(done)
+            gen._deliver(state.output(True))
         except Exception as e:
             if gen.done.is_set():  # cancelled: closing the socket under the reader is not an error
                 return
-            if isinstance(e, TimeoutError):
-                e = ReadTimeoutError(
-                    f"nothing arrived from the shared engine for {self.read_timeout:.0f} s (read_timeout); "
-                    "the server or its proxy is gone"
-                )
-            elif not isinstance(e, SharedEngineError):
-                e = StreamInterruptedError(f"the shared engine's stream broke: {e!r}")
-            gen._finish(e)
+            gen._finish(self._client_error(e))
         finally:
             with self._lock:
                 conn = self._conns.pop(rid, None)
                 self._gens.pop(rid, None)
             if conn is not None:
                 conn.close()
+
+    def _client_error(self, e: Exception) -> SharedEngineError:
+        if isinstance(e, TimeoutError):
+            return ReadTimeoutError(
+                f"nothing arrived from the shared engine for {self.read_timeout:.0f} s (read_timeout); "
+                "the server or its proxy is gone"
+            )
+        if isinstance(e, SharedEngineError):
+            return e
+        return StreamInterruptedError(f"the shared engine's stream broke: {e!r}")
 
     def abort(self, request_id: str) -> None:
         """Close the request's connection: the server aborts it and frees its blocks."""
@@ -234,10 +256,8 @@ class SharedEngine:
         if gen is not None:
             gen._finish()
         if conn is not None and conn.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             conn.close()
 
     def generate(
@@ -309,9 +329,10 @@ def _discover() -> tuple[str, str | None]:
         )
     try:
         from jupyter_server.serverapp import list_running_servers
+
+        servers = list(list_running_servers())
     except ImportError:
-        list_running_servers = None
-    servers = list(list_running_servers()) if list_running_servers else []
+        servers = []
     mine = [s for s in servers if s.get("pid") == os.getppid()] or (servers if len(servers) == 1 else [])
     if not mine:
         found = ", ".join(s.get("url", "?") for s in servers) or "none"

@@ -89,8 +89,10 @@ class CompletionsHandler(GenerationHandler):
                 lp = None
                 if want_logprobs:
                     key = (index, c.index)
-                    lp, offsets[key] = completion_logprobs(c.token_ids, c.logprobs or [], offsets.get(key, 0))
-                    lp = lp.model_dump()
+                    logprobs, offsets[key] = completion_logprobs(
+                        c.token_ids, c.logprobs or [], offsets.get(key, 0)
+                    )
+                    lp = logprobs.model_dump()
                 choice = {
                     "index": index * n + c.index, "text": c.text, "logprobs": lp,
                     "finish_reason": c.finish_reason, "token_ids": c.token_ids,

@@ -12,6 +12,7 @@ only awaits messages the supervisor's thread hands over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import tornado.iostream
 import tornado.web
@@ -28,6 +30,7 @@ from .admission import Admission
 from .config import ServeConfig
 from .errors import APIError, from_validation_error
 from .identity import Identity
+from .protocol import GenerationRequest
 from .supervisor import EngineSupervisor
 from .worker import ChoiceDelta, OutputDelta
 
@@ -160,10 +163,8 @@ class _Sink:
         self.loop, self.queue, self.index = loop, queue, index
 
     def _put(self, item) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
 
     def push(self, delta: OutputDelta) -> None:
         self._put((self.index, delta, None))
@@ -195,13 +196,20 @@ class GenerationHandler(BaseHandler):
         self.request_id = ""
         self.created = int(time.time())
 
-    async def begin(self, model: type[BaseModel]):
+    async def begin(self, model: type[GenerationRequest]) -> Any:
         """A generation request's start: who calls, its body, the user it is served as, its model."""
         await self.authenticate()
-        req = await self.parse(model)
+        req = cast(GenerationRequest, await self.parse(model))
         self.serve_as(req.user)
         self.check_model(req.model)
         return req
+
+    @property
+    def caller(self) -> str:
+        """Who the request is served as (set by :meth:`begin`)."""
+        if self.user is None:
+            raise RuntimeError("the request has no user yet: begin() sets it")
+        return self.user
 
     async def collect(self) -> dict[tuple[int, int], Choice] | None:
         """Every choice of every prompt, whole (None if the client went away meanwhile)."""
@@ -240,14 +248,14 @@ class GenerationHandler(BaseHandler):
     def _done(self, index: int) -> None:
         if self._rids.pop(index, None) is not None and self._held:
             self._held -= 1
-            self.state.admission.release(self.user, 1, 0 if index in self._started else 1)
+            self.state.admission.release(self.caller, 1, 0 if index in self._started else 1)
 
     def _abort_all(self) -> None:
         for index, rid in list(self._rids.items()):
             self.state.supervisor.abort(rid)
             self._done(index)
         if self._held:  # prompts counted that never reached the engine
-            self.state.admission.release(self.user, self._held, self._held)
+            self.state.admission.release(self.caller, self._held, self._held)
             self._held = 0
 
     def on_connection_close(self) -> None:
@@ -267,9 +275,12 @@ class GenerationHandler(BaseHandler):
         for ``keepalive_seconds``, so clients and proxies see the server alive."""
         interval = self.state.config.keepalive_seconds if keepalive else None
         pending = set(self._rids)
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("outputs() before submit_all()")
         while pending:
             try:
-                item = await asyncio.wait_for(self._queue.get(), interval)
+                item = await asyncio.wait_for(queue.get(), interval)
             except asyncio.TimeoutError:
                 await self.send_raw(": keep-alive\n\n")
                 continue
@@ -288,7 +299,7 @@ class GenerationHandler(BaseHandler):
                 raise APIError(f"the engine failed this request: {delta.error}", 500)
             if index not in self._started and any(c.token_ids for c in delta.choices):
                 self._started.add(index)
-                self.state.admission.started(self.user)
+                self.state.admission.started(self.caller)
             if delta.finished:
                 pending.discard(index)
                 self._done(index)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from pagedq.checks import Range
 
@@ -32,7 +34,7 @@ class Identity:
     ``user_for(principal, body_user)`` (the user the request is served as)."""
 
     #: users' fair-share weights known to this identity (for the engine's ``user_weights``)
-    weights: dict[str, float] = {}
+    weights: Mapping[str, float] = MappingProxyType({})
 
     async def authenticate(self, handler) -> str | None:
         raise NotImplementedError

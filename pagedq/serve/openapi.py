@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from pydantic.json_schema import models_json_schema
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from . import protocol as p
 from .config import ServeConfig
@@ -42,40 +45,49 @@ def _branches(prop: dict) -> list[dict]:
     return [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
 
 
+def _bound_token_ids(schema, vocab_size: int) -> None:
+    """Every integer schema with minimum 0 under a token-id property is a token id: < vocab_size."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer" and schema.get("minimum") == 0:
+            schema["maximum"] = vocab_size - 1
+        for v in schema.values():
+            _bound_token_ids(v, vocab_size)
+    elif isinstance(schema, list):
+        for v in schema:
+            _bound_token_ids(v, vocab_size)
+
+
+def _limit_branches(prop: dict, kind: str, key: str, value: int) -> None:
+    for b in _branches(prop):
+        if b.get("type") == kind:
+            b[key] = value
+
+
+def _declare_request_limits(
+    props: dict, config: ServeConfig, model: str | None, vocab_size: int | None
+) -> None:
+    for b in _branches(props["n"]):
+        b["maximum"] = config.max_n
+    for key in ("logprobs", "top_logprobs"):
+        _limit_branches(props.get(key, {}), "integer", "maximum", config.max_logprobs)
+    for key in ("stop", "stop_token_ids"):
+        _limit_branches(props[key], "array", "maxItems", config.max_stop)
+    if vocab_size:
+        for key in ("stop_token_ids", "prompt"):
+            if key in props:
+                _bound_token_ids(props[key], vocab_size)
+    for b in _branches(props["logit_bias"]):
+        b["propertyNames"] = {"pattern": "^[0-9]+$"}
+        b["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
+    if model is not None:
+        props["model"]["anyOf"] = [{"type": "string", "enum": [model]}, {"type": "null"}]
+
+
 def _declare_limits(schemas: dict, config: ServeConfig, model: str | None, vocab_size: int | None) -> None:
     """Write this server's limits into the request schemas, so that the document is the contract
     the server enforces (n, logprobs, stop conditions, prompts per request, token ids, model)."""
-
-    def walk(schema):  # every integer schema with minimum 0 under a token-id property is a token id
-        if isinstance(schema, dict):
-            if schema.get("type") == "integer" and schema.get("minimum") == 0 and vocab_size:
-                schema["maximum"] = vocab_size - 1
-            for v in schema.values():
-                walk(v)
-        elif isinstance(schema, list):
-            for v in schema:
-                walk(v)
-
     for name in ("CompletionRequest", "ChatCompletionRequest"):
-        props = schemas[name]["properties"]
-        for b in _branches(props["n"]):
-            b["maximum"] = config.max_n
-        for key in ("logprobs", "top_logprobs"):
-            for b in _branches(props.get(key, {})):
-                if b.get("type") == "integer":
-                    b["maximum"] = config.max_logprobs
-        for key in ("stop", "stop_token_ids"):
-            for b in _branches(props[key]):
-                if b.get("type") == "array":
-                    b["maxItems"] = config.max_stop
-        for key in ("stop_token_ids", "prompt"):
-            if key in props:
-                walk(props[key])
-        for b in _branches(props["logit_bias"]):
-            b["propertyNames"] = {"pattern": "^[0-9]+$"}
-            b["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
-        if model is not None:
-            props["model"]["anyOf"] = [{"type": "string", "enum": [model]}, {"type": "null"}]
+        _declare_request_limits(schemas[name]["properties"], config, model, vocab_size)
     prompt = schemas["CompletionRequest"]["properties"]["prompt"]
     for b in _branches(prompt):
         items = b.get("items", {})
@@ -88,7 +100,7 @@ def document(
 ) -> dict:
     """The document for an app serving ``model`` at ``prefix`` (paths are relative to
     ``servers[0].url``), with this server's limits declared."""
-    models = [
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (p.CompletionRequest, "validation"),
         (p.ChatCompletionRequest, "validation"),
         (p.CompletionResponse, "serialization"),
@@ -183,7 +195,7 @@ def document(
             }
         },
     }
-    doc = {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "pagedq",

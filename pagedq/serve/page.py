@@ -5,6 +5,7 @@ login is the face's own (the hub's OAuth, the Jupyter server's login page)."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 from .errors import APIError
@@ -34,12 +35,11 @@ class PageHandler(BaseHandler):
         rows = [("model", state.model_name), ("engine", status), ("engine restarts", str(sup.restarts))]
         if sup.last_error:
             rows.append(("last engine failure", sup.last_error))
-        stats, users = None, {}
+        stats: dict | None = None
+        users: dict = {}
         if sup.ready:
-            try:
+            with contextlib.suppress(APIError):
                 stats, users, _ = await sup.stats()
-            except APIError:
-                pass
         out = [f"<p>Signed in as <b>{html.escape(user)}</b>.</p>", _table("Engine", rows)]
         if stats is not None:
             used, total = stats["kv_blocks_in_use"], stats["num_kv_blocks"]

@@ -10,10 +10,13 @@ Unknown fields are ignored, as OpenAI and vLLM do; fields pagedq does not implem
 ``suffix``, tools, ``response_format``) are refused with a 400 that says so.
 """
 
+# mypy: disable-error-code="valid-type,misc"
+# (field types here are built by functions from the SamplingParams table, and the sampling
+# fields are a model created at import time: both are beyond a static checker)
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -107,7 +110,7 @@ def _sampling_fields() -> dict[str, Any]:
 _SamplingFields = create_model("_SamplingFields", __base__=_Strict, **_sampling_fields())
 
 
-class _GenerationRequest(_SamplingFields):
+class GenerationRequest(_SamplingFields):
     """Fields shared by completions and chat completions."""
 
     model: StrictStr | None = Field(None, description="the served model id (GET /v1/models)")
@@ -169,7 +172,7 @@ Prompt = Annotated[
 ]
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``."""
 
     prompt: Prompt
@@ -182,7 +185,7 @@ class CompletionRequest(_GenerationRequest):
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
-        return list(p)
+        return list(cast(list, p))
 
     def sampling_params(self) -> SamplingParams:
         self.refuse_unsupported()
@@ -216,7 +219,7 @@ class ChatMessage(_Strict):
         return msg
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -23,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import ServeConfig
 from .errors import APIError, bad_request, unavailable
@@ -64,7 +65,7 @@ class EngineSupervisor:
         self.last_error: str | None = None
         self.restarts = 0
         self.process: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._conn: Any = None  # the pipe to the engine process while it runs
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._sinks: dict[str, Sink] = {}
@@ -348,7 +349,6 @@ class EngineSupervisor:
                 conn = self._conn
             if conn is None:
                 continue  # no engine now: its requests were failed when it went away
-            try:
+            # on failure the reader sees the engine die and fails what was in flight
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 conn.send(msg)
-            except (BrokenPipeError, OSError, ValueError):
-                pass  # the reader sees the engine die and fails what was in flight

@@ -24,6 +24,7 @@ This module imports no torch at import time: the server imports its message type
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -110,91 +111,107 @@ def run(conn, model: str, engine_options: dict) -> None:
     except Exception as e:  # a bad model path or option: tell the server why, and stop
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    send_lock = threading.Lock()
-    trackers: dict[str, DeltaTracker] = {}  # the requests in the engine, by id
-    requests_lock = threading.Lock()
-    cancelled: dict[str, None] = {}  # aborted before their submit was processed
+    try:
+        _Worker(conn, llm).serve()
+    finally:
+        llm.close()  # stops the driver too
 
-    def send(msg) -> None:
-        with send_lock:
-            try:
-                conn.send(msg)
-            except (BrokenPipeError, OSError):  # the server is gone: the recv loop ends too
-                pass
 
-    def forward(outs) -> None:
+class _Worker:
+    """The engine side of the pipe: requests in (tokenized on a small pool, off the engine's
+    lock), per-step output deltas out (from the driver thread's listener)."""
+
+    def __init__(self, conn, llm):
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.trackers: dict[str, DeltaTracker] = {}  # the requests in the engine, by id
+        self.requests_lock = threading.Lock()
+        self.cancelled: dict[str, None] = {}  # aborted before their submit was processed
+        self.driver = llm.start_driver(listener=self.forward)
+        self.engine = llm.engine
+        self.tokenizer = llm.get_tokenizer()
+
+    def send(self, msg) -> None:
+        with self.send_lock, contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(msg)  # on failure the server is gone: the recv loop ends too
+
+    def forward(self, outs) -> None:
         deltas = []
         for out in outs:
-            tracker = trackers.get(out.request_id)
+            tracker = self.trackers.get(out.request_id)
             if tracker is None:  # aborted meanwhile
                 continue
             deltas.append(tracker.delta(out))
             if out.finished:
-                trackers.pop(out.request_id, None)
+                self.trackers.pop(out.request_id, None)
         if deltas:
-            send(("outputs", deltas))
+            self.send(("outputs", deltas))
 
-    driver = llm.start_driver(listener=forward)
-    engine = llm.engine
-    tokenizer = llm.get_tokenizer()
-
-    def submit(rid: str, prompt, params, user: str) -> None:
+    def submit(self, rid: str, prompt, params, user: str) -> None:
         from pagedq.llm import chat_prompt
 
         param = "prompt"
         try:
             if isinstance(prompt, Chat):
                 param = "messages"
-                prompt = chat_prompt(tokenizer, prompt.messages, prompt.add_generation_prompt)
-            text, ids = engine.validate_request(prompt, params)  # tokenizes, outside the lock
-            with requests_lock:
-                if rid in cancelled:  # the caller went away while its prompt was being prepared
-                    del cancelled[rid]
+                prompt = chat_prompt(self.tokenizer, prompt.messages, prompt.add_generation_prompt)
+            text, ids = self.engine.validate_request(prompt, params)  # tokenizes, outside the lock
+            with self.requests_lock:
+                if rid in self.cancelled:  # the caller went away while its prompt was being prepared
+                    del self.cancelled[rid]
                     return
-                trackers[rid] = DeltaTracker(params.stop_strings)
-                driver.add({"prompt": text, "prompt_token_ids": ids}, params, user=user, request_id=rid)
+                self.trackers[rid] = DeltaTracker(params.stop_strings)
+                prepared = {"prompt": text, "prompt_token_ids": ids}
+                self.driver.add(prepared, params, user=user, request_id=rid)
         except Exception as e:  # bad input (ValueError), or a template that refuses the messages
-            trackers.pop(rid, None)
+            self.trackers.pop(rid, None)
             if not isinstance(e, ValueError):
                 logger.warning("request %s refused: %s: %s", rid, type(e).__name__, e)
-            send(("rejected", rid, _message(e), param))
+            self.send(("rejected", rid, _message(e), param))
             return
-        send(("accepted", rid, len(ids)))
+        self.send(("accepted", rid, len(ids)))
 
-    info = EngineInfo(
-        os.path.basename(os.path.normpath(engine.config.model)),
-        engine.max_model_len,
-        engine.model_config.vocab_size,
-        os.getpid(),
-    )
-    send(("ready", info))
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pagedq-tokenize")
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):  # the server went away
-                break
-            kind = msg[0]
-            if kind == "close":
-                break
-            if kind == "submit":
-                pool.submit(submit, *msg[1:])
-            elif kind == "abort":
-                with requests_lock:
-                    if trackers.pop(msg[1], None) is not None:
-                        driver.abort(msg[1])
-                    else:  # not queued yet (or already finished): never queue it
-                        cancelled[msg[1]] = None
-                        while len(cancelled) > 10_000:
-                            cancelled.pop(next(iter(cancelled)))
-            elif kind == "stats":
-                with driver.lock:
-                    payload = (engine.stats(), engine.user_stats(), engine.latency)
-                    send(("stats", msg[1], payload))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        llm.close()  # stops the driver too
+    def abort(self, rid: str) -> None:
+        with self.requests_lock:
+            if self.trackers.pop(rid, None) is not None:
+                self.driver.abort(rid)
+            else:  # not queued yet (or already finished): never queue it
+                self.cancelled[rid] = None
+                while len(self.cancelled) > 10_000:
+                    self.cancelled.pop(next(iter(self.cancelled)))
+
+    def stats(self, ask_id) -> None:
+        with self.driver.lock:
+            payload = (self.engine.stats(), self.engine.user_stats(), self.engine.latency)
+            self.send(("stats", ask_id, payload))
+
+    def serve(self) -> None:
+        engine = self.engine
+        info = EngineInfo(
+            os.path.basename(os.path.normpath(engine.config.model)),
+            engine.max_model_len,
+            engine.model_config.vocab_size,
+            os.getpid(),
+        )
+        self.send(("ready", info))
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pagedq-tokenize")
+        try:
+            while True:
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):  # the server went away
+                    break
+                kind = msg[0]
+                if kind == "close":
+                    break
+                if kind == "submit":
+                    pool.submit(self.submit, *msg[1:])
+                elif kind == "abort":
+                    self.abort(msg[1])
+                elif kind == "stats":
+                    self.stats(msg[1])
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _message(e: Exception) -> str:

@@ -1,6 +1,6 @@
 """The canonical quantized weight that every format unpacks to, and the format interface.
 
-Canonical form (:class:`QuantWeight`): integer codes ``q[N, K]`` (output × input channels),
+Canonical form (:class:`QuantWeight`): integer codes ``q[N, K]`` (output x input channels),
 per-group ``scales[G, N]`` and ``zeros[G, N]`` (in code units), and ``g_idx[K]`` naming the
 group of every input channel. The real weight is ``(q - zeros[g_idx]) * scales[g_idx]``. Every
 execution path (``QuantLinear``) and every writer starts from this form, so a format
@@ -43,7 +43,8 @@ class QuantWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        n, k = self.q.shape
+        return int(n), int(k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The real weight ``[N, K]``: the reference every kernel is checked against."""
