@@ -1,7 +1,13 @@
-"""Attention and cache ops of pagedq: one entry point per op, implementations chosen by device.
+"""Attention, cache and weight-only GEMM ops of pagedq: one entry point per op, the
+implementation chosen by device (:mod:`.backend`, ``PAGEDQ_BACKEND=torch|triton``).
 
-Today every op runs the native PyTorch implementation (``kernels/attention.py``), which is the
-reference on every device and the CPU fast path.
+* ``attention.py``: the entry points and the PyTorch implementation, the reference on every
+  device and the fallback;
+* ``native.py`` + ``csrc/``: C kernels for CPUs (paged decode attention; the AVX-512 BF16
+  weight-only GEMM of ``pagedq.quant.linear.NativeQuantLinear``), built at first use;
+* ``triton_attention.py``, ``triton_gemm.py``: Triton kernels for GPUs (decode, prefill/extend
+  over the paged cache, KV write, block copy; W4A16/W8A16 GEMM), verified in Triton's
+  interpreter on CPUs.
 """
 
 from .attention import (

@@ -188,7 +188,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks from WORKLOAD.md, each beside its baseline")
+    b = sub.add_parser("bench", help="benchmarks from docs/benchmarks.md, each beside its baseline")
     b.add_argument("workload", choices=["throughput", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--dtype", default="bfloat16")

@@ -1,1 +1,1 @@
-"""Benchmarks: `pagedq bench ...` workloads from WORKLOAD.md, each beside its baseline."""
+"""Benchmarks: `pagedq bench ...` workloads from docs/benchmarks.md, each beside its baseline."""

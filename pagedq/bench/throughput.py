@@ -93,7 +93,7 @@ def run_hf_static(model, tokenizer, w: workloads.Workload, batch_size: int) -> R
 def run_vllm(
     python: str, model_dir: str, w: workloads.Workload, runs: int, dtype: str
 ) -> tuple[float, list[RunResult]]:
-    """Run the workload on vLLM's CPU build in its own virtual environment (see WORKLOAD.md)."""
+    """Run the workload on vLLM's CPU build in its own virtual environment (see docs/benchmarks.md)."""
     import json
     import os
     import subprocess

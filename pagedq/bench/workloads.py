@@ -1,4 +1,4 @@
-"""The workloads of ``WORKLOAD.md``, built the same way for every engine that runs them.
+"""The workloads of ``docs/benchmarks.md``, built the same way for every engine that runs them.
 
 Prompts are token ids cut deterministically from the tokenized text of Python's
 ``argparse.py``, each starting with BOS, so that pagedq and its peers see identical inputs.

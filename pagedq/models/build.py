@@ -1,6 +1,6 @@
 """Build the random-weight benchmark models and their tokenizer locally (nothing is downloaded).
 
-The models are those of ``WORKLOAD.md``: built with transformers from a config with seed 0 and
+The models are those of ``docs/benchmarks.md``: built with transformers from a config with seed 0 and
 saved as safetensors, with a byte-level BPE tokenizer trained with ``tokenizers`` on Python's
 standard-library sources. Tests, benchmarks and users all build them through here, and
 :func:`ensure_model` caches them so each is built once per machine.

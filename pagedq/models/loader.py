@@ -47,7 +47,7 @@ def safetensors_files(model_dir: str) -> list[str]:
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 yield name, f.get_tensor(name)
 
 
