@@ -1,9 +1,26 @@
 # Set-up installs the CPU build of torch first (pip finds 2.13.0 on this machine's disk), so
-# that installing pagedq never pulls a multi-GB CUDA build.
+# that installing pagedq never pulls a multi-GB CUDA build. `make test`, `make lint` and
+# `make demo` run the set-up only when something is missing (see `ready`).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+TYPECHECK := .cache/typecheck
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install setup demo test test-all test-fast lint bench
+
+# The set-up is done when: the dev tools import, pagedq imports from this checkout (its
+# kernels/ too, which an editable install of another checkout would shadow), the server
+# extension is enabled, and the browser and hub tests have what they need where the machine
+# can provide it (chromium where apt-get exists, the proxy where npm exists).
+define ready
+$(PYTHON) -c "import os, sys, torch, pytest, ruff, mypy, hypothesis, jupyterhub, playwright, pagedq.kernels as k; \
+sys.exit(0 if os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')) else 1)" 2>/dev/null \
+&& test -f "$$($(PYTHON) -c 'import sys; print(sys.prefix)')/etc/jupyter/jupyter_server_config.d/pagedq.json" \
+&& { command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; } \
+&& { ! command -v npm >/dev/null 2>&1 || test -x .cache/npm/node_modules/.bin/configurable-http-proxy; }
+endef
+
+setup:
+	@$(ready) || $(MAKE) --no-print-directory install
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -24,17 +41,30 @@ install:
 		echo "note: npm could not install configurable-http-proxy; the hub test will be skipped"; } || \
 		echo "note: npm not found; the hub test will be skipped"
 
-demo: install
+demo: setup
 	pagedq demo
 
-test: install
+# The default selection and the tests marked slow (servers, kernels, browsers, builds): what CI runs.
+test: setup
+	$(PYTHON) -m pytest -q -m "not load"
+
+# ... and the load runs of minutes (the full serve-load).
+test-all: setup
+	$(PYTHON) -m pytest -q -m "load or not load"
+
+# The quick loop: pytest's default selection (no slow marks), which still covers every feature.
+test-fast: setup
 	$(PYTHON) -m pytest -q
 
-test-all: install
-	$(PYTHON) -m pytest -q -m "slow or not slow"
+# ruff (rules in pyproject.toml), then mypy on pagedq/, kernels/ and quant/. kernels/ and quant/
+# install as pagedq.kernels and pagedq.quant, which mypy cannot follow through an editable
+# install: it checks a tree of links laid out as the installed package.
+lint: setup
+	ruff check .
+	ruff format --check .
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/pagedq && cp -rs "$(CURDIR)/pagedq/." $(TYPECHECK)/pagedq/ \
+		&& ln -s "$(CURDIR)/kernels" $(TYPECHECK)/pagedq/kernels && ln -s "$(CURDIR)/quant" $(TYPECHECK)/pagedq/quant
+	cd $(TYPECHECK) && $(PYTHON) -m mypy --config-file "$(CURDIR)/pyproject.toml" --cache-dir "$(CURDIR)/.cache/mypy" pagedq
 
-lint:
-	ruff check . && ruff format --check .
-
-bench: install
+bench: setup
 	pagedq bench throughput --model bench --runs 3

@@ -29,7 +29,6 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Unicode
 
-from pagedq.policies import policy_help
 from pagedq.serve.app import OPEN_HANDLERS, PAGE_HANDLERS, drain, make_state, routes
 from pagedq.serve.config import ServeConfig
 from pagedq.serve.errors import APIError
@@ -95,9 +94,9 @@ class PagedqExtension(ExtensionApp):
     model = Unicode("pagedq-tiny", config=True, help="model folder (or pagedq-tiny, the bundled model)")
     engine_options = Dict(
         config=True,
-        help="keyword arguments of pagedq.LLM, e.g. {'dtype': 'bfloat16', 'kv_cache_memory': '4GiB'}",
+        help="keyword arguments of pagedq.LLM (the fields of pagedq.EngineConfig), e.g. {'dtype': "
+        "'bfloat16', 'kv_cache_memory': '4GiB'}; scheduling_policy defaults to 'fair'",
     )
-    scheduling_policy = Unicode("fair", config=True, help=policy_help())
     preload = Bool(
         False, config=True, help="start the engine with the server instead of on the first request"
     )
@@ -119,7 +118,7 @@ class PagedqExtension(ExtensionApp):
             raise ValueError(
                 f"PagedqExtension.serve_options has unknown keys {unknown}; known: {sorted(known)}"
             )
-        options = {"scheduling_policy": self.scheduling_policy, **self.engine_options}
+        options = dict(self.engine_options)
         self.state = make_state(
             self.model, options, ServeConfig(**self.serve_options), ServerIdentity(getpass.getuser())
         )

@@ -182,7 +182,9 @@ def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="generate on the demo model and print text, throughput and KV statistics")
     d.add_argument("--model", default="pagedq-tiny")
     d.add_argument("--num-prompts", type=int, default=16)
-    d.add_argument("--max-tokens", type=int, default=64)
+    from pagedq.sampling_params import SamplingParams
+
+    add_arguments(d, SamplingParams, only=("max_tokens",), defaults={"max_tokens": 64})
     _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
@@ -191,12 +193,13 @@ def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks from docs/benchmarks.md, each beside its baseline")
     b.add_argument("workload", choices=["throughput", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
-    b.add_argument("--dtype", default="bfloat16")
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--num-requests", type=int, default=64)
-    b.add_argument("--block-size", type=int, default=16)
-    b.add_argument("--max-num-seqs", type=int, default=256)
-    b.add_argument("--kv-cache-memory", default=None)
+    from pagedq.config import EngineConfig
+
+    # the engine options a benchmark sets (bf16 by default: the figures of docs/benchmarks.md)
+    only = ("dtype", "block_size", "max_num_seqs", "kv_cache_memory")
+    add_arguments(b, EngineConfig, only=only, defaults={"dtype": "bfloat16"})
     b.add_argument("--hf-batch-size", type=int, default=32)
     b.add_argument(
         "--cases", default="parallel,beam,prefix", help="sharing: which workloads, comma-separated"

@@ -35,18 +35,17 @@ def _fields(cls) -> list[dataclasses.Field]:
 
 
 def _flag_type(cls, f: dataclasses.Field):
-    """The argparse type of a field: its metadata's ``type``, else the first of int / float /
-    str / bool / list[...] in its annotation; None when it has no command-line form (a dict)."""
+    """The argparse type of a field: its metadata's ``type``, else a ``list[...]`` in its
+    annotation (a repeatable flag), else the first of int / float / str / bool; None when it has
+    no command-line form (a dict)."""
     if "type" in f.metadata:
         return f.metadata["type"]
     hint = typing.get_type_hints(cls, localns={"torch": types.SimpleNamespace(dtype=str, device=str)})[f.name]
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for a in args:
+    for a in args:  # a list form wins: ``stop: str | list[str]`` is a repeatable flag
         if typing.get_origin(a) is list:
             return types.GenericAlias(list, (typing.get_args(a)[0],))
-        if a in (bool, int, float, str):
-            return a
-    return None
+    return next((a for a in args if a in (bool, int, float, str)), None)
 
 
 def add_arguments(

@@ -16,6 +16,34 @@ import contextlib
 
 from pagedq.models.build import build_model, build_tokenizer
 
+
+def _isolated_kernelspec() -> str:
+    """A ``python3`` kernelspec of the interpreter under test, in a temporary Jupyter path that
+    comes first for this process and every server, notebook and kernel it starts: a user-wide
+    ``python3`` kernelspec that points at another environment cannot hijack the tests."""
+    import atexit
+    import json
+    import shutil
+    import sys
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="pagedq-jupyter-path-")
+    atexit.register(shutil.rmtree, root, True)
+    spec_dir = os.path.join(root, "kernels", "python3")
+    os.makedirs(spec_dir)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (pagedq tests)",
+        "language": "python",
+    }
+    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+        json.dump(spec, f)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, os.environ.get("JUPYTER_PATH")) if p)
+    return root
+
+
+KERNELSPEC_PATH = _isolated_kernelspec()
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite"]
 # config fields every tiny model of an architecture gets unless a test overrides them: Granite
 # 3's multipliers (its attention multiplier is 1/head_dim), so that they are exercised

@@ -14,6 +14,10 @@ import pytest
 
 from .conftest import wait_for_jupyter
 
+# starts a browser and a JupyterLab server: part of `make test`, not of the quick default
+# selection
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 pytest.importorskip("jupyterlab", reason="the browser test needs jupyterlab (dev extra)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")

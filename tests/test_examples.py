@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# starts kernels (nbclient): part of `make test`, not of the quick default selection
+pytestmark = pytest.mark.slow
+
 nbclient = pytest.importorskip("nbclient", reason="the notebook tests need nbclient (dev extra)")
 nbformat = pytest.importorskip("nbformat")
 

@@ -121,6 +121,7 @@ def share_run(srv, spoof: bool, total: int = 2000) -> dict[str, int]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow  # starts pagedq serve
 def test_a_user_who_rewrites_the_body_user_cannot_take_anothers_share(keyed):
     """The engine sees two users whatever B writes into ``user``: A's share is the same as when B
     is honest, the per-user counters equal what each client received, and the labels B invents

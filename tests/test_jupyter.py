@@ -67,6 +67,7 @@ def _texts(msgs, kind):
     return [m["content"]["data"]["text/plain"] for m in msgs if m["msg_type"] == kind]
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_generate_streams_display_updates_and_stores_the_output(kernel, tiny_llama):
     msgs = kernel.run("%%generate --max-tokens 24 --temperature 0 -o out\ndef main(argv):\n    ")
     kinds = [m["msg_type"] for m in msgs if m["msg_type"] in ("display_data", "update_display_data")]
@@ -85,6 +86,7 @@ def test_generate_streams_display_updates_and_stores_the_output(kernel, tiny_lla
     assert text == ref[0].outputs[0].text
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_generate_help(kernel):
     kernel.run("%%generate?\n")
     pages = [
@@ -96,6 +98,7 @@ def test_generate_help(kernel):
     assert "{name}" in pages[0]
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_generate_interpolates_samples_side_by_side_and_chat(kernel):
     kernel.run("name = 'parser'")
     msgs = kernel.run(
@@ -110,6 +113,7 @@ def test_generate_interpolates_samples_side_by_side_and_chat(kernel):
     assert len(kernel.value("chat.prompt_token_ids")) > 3
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_interrupt_aborts_and_frees_every_block(kernel):
     seen = []
 
@@ -125,6 +129,7 @@ def test_interrupt_aborts_and_frees_every_block(kernel):
     assert len(kernel.value("again.outputs[0].token_ids")) == 5
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_background_generations_batch_together(kernel):
     msgs = kernel.run("%%generate --background --max-tokens 400 --temperature 0 -o b1\nimport os")
     assert "Generation" in str(
@@ -140,6 +145,7 @@ def test_background_generations_batch_together(kernel):
     assert kernel.value("session.llm.stats()['num_steps']") < 600
 
 
+@pytest.mark.slow  # starts a kernel (tests/test_magics.py: in process)
 def test_status_and_unload_load_cycles_keep_memory_bounded(kernel, tiny_llama):
     msgs = kernel.run("%pagedq status")
     html = next(m for m in msgs if m["msg_type"] == "execute_result")["content"]["data"]["text/html"]

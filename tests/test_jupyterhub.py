@@ -31,6 +31,10 @@ import pytest
 
 from .conftest import free_port
 
+# starts a real JupyterHub, its proxy and single-user servers: part of `make test`, not of the
+# quick default selection
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("jupyterhub", reason="the hub test needs jupyterhub (pip install 'pagedq[hub]')")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHP = os.path.join(ROOT, ".cache", "npm", "node_modules", ".bin", "configurable-http-proxy")
@@ -336,6 +340,7 @@ def test_a_person_logged_in_to_the_hub_opens_the_page(hub):
 
 WAIT_IN_BACKGROUND = """
 import pagedq, threading, time
+
 engine = pagedq.connect(read_timeout=20)
 gen = engine.submit("def f(", pagedq.SamplingParams(max_tokens=1500, ignore_eos=True))
 while gen.latest is None:

@@ -18,6 +18,10 @@ from pagedq import LLM, SamplingParams
 
 from .conftest import ServeProcess
 
+# starts a real `pagedq serve` (tests/test_serve_app.py is the quick version): part of
+# `make test`, not of the quick default selection
+pytestmark = pytest.mark.slow
+
 openai = pytest.importorskip("openai")
 
 KEY = "sk-test"

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_carries_subpackages(tmp_path):
     subprocess.run(
         [

@@ -17,6 +17,9 @@ CHECKS = (
     "response_schema_conformance,negative_data_rejection"
 )
 
+# starts a real `pagedq serve`: part of `make test`, not of the quick default selection
+pytestmark = pytest.mark.slow
+
 
 def test_the_api_conforms_to_its_openapi_document(tmp_path):
     st = shutil.which("schemathesis") or shutil.which("st")

@@ -34,6 +34,10 @@ from pagedq.serve.client import (
 
 from .conftest import AppThread, ServeProcess, child_pids, free_port, pid_alive
 
+# starts real `pagedq serve` processes and kills them: part of `make test`, not of the quick
+# default selection
+pytestmark = pytest.mark.slow
+
 KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol"}
 PROMPTS = {"alice": "def parse(args):\n    ", "bob": "class Config:\n", "carol": "for i in range("}
 

@@ -2,7 +2,7 @@
 a quarter hanging up mid-stream, malformed requests mixed in, the engine killed mid-round. Every
 request sent is accounted for (completed, client-aborted, rejected, failed by the kill), nothing
 hangs, and the KV pool and the admission counters are empty after each round. The default suite
-runs a short version; the full one (48 clients, 60 s, 5 rounds) is marked slow."""
+runs a short version; the full one (48 clients, 60 s, 5 rounds) is marked ``load`` (``make test-all``)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ def check(rounds) -> None:
         assert r.prompts_in_flight == 0
 
 
+@pytest.mark.slow  # starts pagedq serve
 def test_short_load_with_hangups_malformed_requests_and_an_engine_kill():
     check(serve_load.run(args(clients=12, seconds=6.0, rounds=2, malformed_per_second=2.0)))
 
 
-@pytest.mark.slow
+@pytest.mark.load  # about six minutes: `make test-all`, or `pagedq bench serve-load`
 def test_full_load_48_clients_3_users_60s_5_rounds():
     rounds = serve_load.run(args())
     check(rounds)

@@ -26,6 +26,9 @@ from pagedq import LLM, SamplingParams  # noqa: E402
 
 from .conftest import child_pids, engine_pids, free_port, pid_alive, wait_for_jupyter  # noqa: E402
 
+# starts a real Jupyter server: part of `make test`, not of the quick default selection
+pytestmark = pytest.mark.slow
+
 TOKEN = "pagedq-test-token"
 PROMPT = "def parse(args):\n    "
 

@@ -29,6 +29,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from pagedq.config import EngineConfig
+from pagedq.options import add_arguments as add_option_arguments
+from pagedq.sampling_params import SamplingParams
+
 OUTCOMES = ("completed", "client_aborted", "rejected", "failed_by_kill", "hung", "other")
 MALFORMED = [
     b'{"prompt": [1, "a"], "max_tokens": 2}',
@@ -260,7 +264,7 @@ def _settle(base: str, key: str, rnd: Round, server_pid: int, timeout: float = 1
 
 def run(args) -> list[Round]:
     """Start ``pagedq serve``, run ``args.rounds`` rounds, stop it; returns the rounds."""
-    rng = random.Random(args.seed)
+    rng = random.Random(args.client_seed)
     tmp = tempfile.mkdtemp(prefix="pagedq-serve-load-")
     keys = [f"load-key-{u}" for u in range(args.users)]
     with open(os.path.join(tmp, "keys.txt"), "w") as f:
@@ -348,9 +352,10 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--malformed-per-second", type=float, default=1.0, help="serve-load: malformed requests/s")
     p.add_argument("--no-kill", dest="kill", action="store_false", help="serve-load: do not kill the engine")
-    p.add_argument("--max-tokens", type=int, default=64, help="serve-load: most tokens per request")
-    p.add_argument("--max-model-len", type=int, default=512, help="serve-load: the server's max_model_len")
+    # a request's max_tokens is drawn from 8 to this; the server's max_model_len
+    add_option_arguments(p, SamplingParams, only=("max_tokens",), defaults={"max_tokens": 64})
+    add_option_arguments(p, EngineConfig, only=("max_model_len",), defaults={"max_model_len": 512})
     p.add_argument(
         "--request-timeout", type=float, default=60.0, help="serve-load: a request not ended by then hung"
     )
-    p.add_argument("--seed", type=int, default=0, help="serve-load: seed of the clients' choices")
+    p.add_argument("--client-seed", type=int, default=0, help="serve-load: seed of the clients' choices")
