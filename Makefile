@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TYPECHECK := .cache/typecheck
 
-.PHONY: install setup demo test test-all test-fast lint bench
+.PHONY: install setup demo test test-all test-fast lint bench gpu-check
 
 # The set-up is done when: the dev tools import, pagedq imports from this checkout (its
 # kernels/ too, which an editable install of another checkout would shadow), the server
@@ -68,3 +68,11 @@ lint: setup
 
 bench: setup
 	pagedq bench throughput --model bench --runs 3
+
+# The checks a first GPU must pass, in one run of under 8 minutes (pagedq/bench/gpu_check.py).
+# On the GPU machine pagedq goes over its own torch, Triton and transformers, with no network:
+# no dependency is installed and no build environment is fetched. Without a GPU it says what
+# it would do and exits 0.
+gpu-check:
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m pagedq.bench.gpu_check --out "$${OUT:-.cache}/gpu-check.txt"

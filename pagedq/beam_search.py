@@ -153,14 +153,7 @@ class BeamSearch:
                 )
                 for i, s in enumerate(req.seqs)
             ]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=list(req.prompt_token_ids),
-            outputs=outs,
-            finished=req.finished,
-            error=req.error,
-        )
+        return req.output(outs)
 
     def next_index(self) -> int:
         i, self._next_index = self._next_index, self._next_index + 1

@@ -88,15 +88,7 @@ class OutputProcessor:
             )
             for s in req.seqs
         ]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=list(req.prompt_token_ids),
-            outputs=outs,
-            finished=req.finished,
-            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-            error=req.error,
-        )
+        return req.output(outs)
 
     def observe_latency(self, req: Request, out: RequestOutput, now: float) -> None:
         produced = max((len(c.token_ids) for c in out.outputs), default=0)

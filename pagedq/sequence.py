@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import torch
 
-from .outputs import Logprob
+from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -114,6 +114,18 @@ class Request:
     first_token_time: float | None = None
     # why the engine failed this request (finish_reason "error" on its sequences)
     error: str | None = None
+
+    def output(self, completions: list[CompletionOutput]) -> RequestOutput:
+        """What the caller sees of this request now, with ``completions`` as its outputs."""
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=completions,
+            finished=self.finished,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            error=self.error,
+        )
 
     @property
     def finished(self) -> bool:
