@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 STEPS = {
     "triton": "Triton kernel tests compiled for the GPU (tests/test_triton_attention.py, test_triton_gemm.py)",
@@ -75,8 +76,10 @@ def check_exact(tmp: str) -> tuple[bool, str]:
     d = _tiny(tmp)
     tok = AutoTokenizer.from_pretrained(d)
     prompts = ["def main(argv):\n    ", "import os\nimport sys\n", "class Foo(object):"]
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    hf = hf.cuda().eval()  # not device_map=: that would need accelerate
+    # to CUDA with the module's own .cuda() (device_map= would need accelerate); transformers'
+    # decorated methods type-check as unbound
+    hf: Any = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    hf = hf.cuda().eval()
     hf.generation_config.eos_token_id = None  # EOS does not stop it, as ignore_eos below
     ref = []
     for p in prompts:
