@@ -223,7 +223,9 @@ def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="write a GPTQ / AWQ / RTN checkpoint of a dense model")
     q.add_argument("model", help="dense model folder, or a built-in random model name")
     q.add_argument("out_dir")
-    q.add_argument("--method", default="gptq", choices=["gptq", "awq", "rtn"])
+    # checked by quantize() against pagedq.quant.quantize.METHODS (importing it here would load
+    # torch into every command, `pagedq serve`'s server process included)
+    q.add_argument("--method", default="gptq", help="a quantizer of pagedq.quant.quantize.METHODS")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--sym", action="store_true", help="symmetric (GPTQ/RTN)")
