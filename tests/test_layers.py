@@ -47,8 +47,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("kernels", ["pagedq.kernels"]),
     ("models/quant", ["pagedq.models", "pagedq.quant"]),
     ("engine", _CORE),
-    ("serve and studies", ["pagedq.serve", "pagedq.quality"]),
-    ("jupyter and bench", ["pagedq.jupyter_ext", "pagedq.bench"]),
+    ("serve", ["pagedq.serve"]),
+    ("jupyter and tools", ["pagedq.jupyter_ext", "pagedq.bench", "pagedq.quality"]),
     ("entry points", ["pagedq", "pagedq.__main__", "pagedq.cli"]),
 ]
 
