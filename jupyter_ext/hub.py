@@ -80,13 +80,9 @@ class HubIdentity(Identity):
 
         try:
             model = await self.hub_auth.get_user(handler, sync=False)
-        except HTTPError as e:  # the hub is down or misconfigured: tell the log, not the caller
-            logger.error("asking JupyterHub who calls failed: %s", e.log_message or e)
-            raise APIError(
-                "the hub cannot tell who you are right now; retry later", 503, retry_after=5
-            ) from None
-        except Exception as e:
-            logger.error("asking JupyterHub who calls failed: %s: %s", type(e).__name__, e)
+        except Exception as e:  # the hub is down or misconfigured: tell the log, not the caller
+            detail = getattr(e, "log_message", None) or f"{type(e).__name__}: {e}"  # tornado's HTTPError
+            logger.error("asking JupyterHub who calls failed: %s", detail)
             raise APIError(
                 "the hub cannot tell who you are right now; retry later", 503, retry_after=5
             ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -42,8 +43,8 @@ def _sampling_params(a):
     from pagedq.sampling_params import BeamSearchParams, SamplingParams
 
     sp = collect(a, a._sampling)
-    if a.bs_beam_width is not None:
-        shared = ("max_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+    if a.bs_beam_width is not None:  # the sampling flags that beam search shares (max_tokens, ...)
+        shared = {f.name for f in dataclasses.fields(BeamSearchParams)} & sp.keys()
         return BeamSearchParams(**collect(a, a._beam), **{k: sp[k] for k in shared})
     return SamplingParams(**sp)
 

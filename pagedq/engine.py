@@ -429,7 +429,7 @@ class LLMEngine:
         try:
             plan = self._plan(step)
             return plan, self.runner.execute(step, plan.rows)
-        except Exception as e:
+        except Exception as e:  # any failure of the model step is isolated
             return self._isolate_fault(step, e)
 
     def _isolate_fault(
@@ -462,7 +462,7 @@ class LLMEngine:
             try:
                 last = attempt(rest)
                 good, to_test = rest, suspects
-            except Exception:
+            except Exception:  # the fault is not (only) in the new requests
                 pass
         for rid in to_test:
             try:
@@ -494,7 +494,7 @@ class LLMEngine:
         try:
             fn(*args)
             return True
-        except Exception as e:
+        except Exception as e:  # one request's failure must not stop the others
             self._fail_with(req, e, getattr(fn, "__name__", "the step"))
             return False
 

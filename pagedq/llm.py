@@ -96,7 +96,6 @@ class LLM:
 
         What perplexity and KL-divergence studies of quantized models need (``pagedq.quality.evaluate``).
         """
-
         prompts = _as_prompt_list(prompts)
         sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
         checked = self._validate_all(prompts, [sp] * len(prompts))

@@ -145,15 +145,10 @@ class ModelRunner:
             if p.block_table is not None:
                 p.block_table = p.block_table.to(dev)
         if prefills and self.backend == "triton":  # padded block tables of the chunks, for every layer
-            width = max(len(p.block_ids or ()) for p in prefills)
-            meta.prefill_tables = torch.tensor(
-                [(p.block_ids or []) + [0] * (width - len(p.block_ids or ())) for p in prefills],
-                dtype=torch.int32,
-                device=dev,
-            )
+            padded, _ = _pad_tables([p.block_ids or [] for p in prefills])
+            meta.prefill_tables = torch.tensor(padded, dtype=torch.int32, device=dev)
         if decode_lens:
-            max_blocks = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            padded, max_blocks = _pad_tables(decode_tables)
             meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(-1)
             meta.decode_max_blocks = max_blocks
             lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
@@ -181,3 +176,10 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+
+def _pad_tables(tables: list[list[int]]) -> tuple[list[list[int]], int]:
+    """Block tables padded with block 0 to the longest one (masked out by the context lengths),
+    and that width."""
+    width = max(len(t) for t in tables)
+    return [t + [0] * (width - len(t)) for t in tables], width

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 API_SHAPED = ("max_tokens", "logprobs", "prompt_logprobs", "logit_bias", "stop")
 
 
+@functools.cache
 def wire_fields() -> tuple[str, ...]:
     """The SamplingParams fields that go over HTTP as themselves (see :data:`API_SHAPED`)."""
     from .sampling_params import SamplingParams
@@ -34,18 +36,18 @@ def _fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
 
 
-def _flag_type(cls, f: dataclasses.Field):
-    """The argparse type of a field: its metadata's ``type``, else a ``list[...]`` in its
-    annotation (a repeatable flag), else the first of int / float / str / bool; None when it has
-    no command-line form (a dict)."""
+def _flag_type(hint, f: dataclasses.Field) -> tuple[type, bool] | None:
+    """(argparse type, repeatable) of a field: its metadata's ``type``, else the item type of a
+    ``list[...]`` in its annotation (a repeatable flag: ``stop: str | list[str]``), else the first
+    of int / float / str / bool; None when it has no command-line form (a dict)."""
     if "type" in f.metadata:
-        return f.metadata["type"]
-    hint = typing.get_type_hints(cls, localns={"torch": types.SimpleNamespace(dtype=str, device=str)})[f.name]
+        return f.metadata["type"], False
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for a in args:  # a list form wins: ``stop: str | list[str]`` is a repeatable flag
+    for a in args:
         if typing.get_origin(a) is list:
-            return types.GenericAlias(list, (typing.get_args(a)[0],))
-    return next((a for a in args if a in (bool, int, float, str)), None)
+            return typing.get_args(a)[0], True
+    scalar = next((a for a in args if a in (bool, int, float, str)), None)
+    return None if scalar is None else (scalar, False)
 
 
 def add_arguments(
@@ -64,20 +66,23 @@ def add_arguments(
     dashes); ``dest_prefix`` keeps two dataclasses' fields of one name apart (``seed``)."""
     defaults, rename = defaults or {}, rename or {}
     wanted = None if only is None else set(only)
+    # annotations are strings (``from __future__ import annotations``); torch's types need no torch
+    hints = typing.get_type_hints(cls, localns={"torch": types.SimpleNamespace(dtype=str, device=str)})
     added: dict[str, str] = {}
     for f in _fields(cls):
         if f.name in exclude or (wanted is not None and f.name not in wanted):
             continue
-        typ = _flag_type(cls, f)
-        if typ is None:
+        flag_type = _flag_type(hints[f.name], f)
+        if flag_type is None:
             continue
+        typ, repeatable = flag_type
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         kw: dict = {"dest": dest_prefix + f.name, "default": default, "help": f.metadata.get("help")}
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(typ) is list:
-            kw.update(action="append", type=typing.get_args(typ)[0], metavar=f.name.upper())
+        elif repeatable:
+            kw.update(action="append", type=typ, metavar=f.name.upper())
         else:
             kw.update(type=typ, metavar=f.name.upper())
         if kw["help"] and default is not None and default is not False and default != "":

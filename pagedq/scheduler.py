@@ -212,23 +212,19 @@ class Scheduler:
             item.seq.num_computed_tokens += item.num_new_tokens
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[tuple[Sequence, int]]) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, sampled: list[tuple[Sequence, int]]) -> None:
         """Commit step ``out`` once the model ran it: register the newly full blocks in the
         prefix cache, append each sampled token, and finish (freeing their blocks) the sequences
         that reached a stop token (after ``min_tokens``), ``max_tokens`` or ``max_model_len``.
-        Returns the sequences that finished. Stop *strings* need the text: the output processor
-        checks them."""
+        Stop *strings* need the text: the output processor checks them."""
         for item in out.scheduled:
             self.block_manager.cache_full_blocks(item.seq)
-        finished = []
         for seq, token in sampled:
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 seq.finish_reason, seq.stop_reason = reason
                 self.finish(seq)
-                finished.append(seq)
-        return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
         p = seq.params

@@ -18,7 +18,7 @@ import torch
 
 from pagedq.models.registry import model_class
 
-from .formats import FORMATS, QuantWeight
+from .formats import FORMATS, QuantWeight, WeightFormat
 from .gptq import gptq_quantize, hessian
 from .rtn import rtn
 
@@ -167,7 +167,7 @@ def quantize(
     fmt = FORMATS[METHODS[method]]
     extra = {} if method == "awq" else {"damp_percent": damp, "quantizer": f"pagedq-{method}"}
     qconfig = fmt.quantization_config(bits, group_size, sym, act_order, **extra)
-    _write(model_dir, out_dir, model, result, config, qconfig, src_dtype)
+    _write(model_dir, out_dir, model, result, config, fmt, qconfig, src_dtype)
     return result
 
 
@@ -203,7 +203,9 @@ def _awq_layer(model, ids, layer, prefix, bits, group_size, groups, result) -> N
                 result.weights[f"{prefix}.{group.parent}.{name}"] = qw
 
 
-def _write(model_dir, out_dir, model, result: QuantizeResult, config: dict, qconfig: dict, dtype) -> None:
+def _write(
+    model_dir, out_dir, model, result: QuantizeResult, config: dict, fmt: WeightFormat, qconfig: dict, dtype
+) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -224,7 +226,6 @@ def _write(model_dir, out_dir, model, result: QuantizeResult, config: dict, qcon
         if tied and name == "lm_head.weight":
             continue
         tensors[name] = t.to(dtype).contiguous()
-    fmt = FORMATS[qconfig["quant_method"]]
     qcfg = fmt.parse(qconfig)
     for module, qw in result.weights.items():
         packed = fmt.pack(qw, qcfg)

@@ -77,11 +77,12 @@ def load_model(
     """
     qcfg = _checkpoint_quantization(model_dir, cfg, quantization)
     model = _build(ARCHITECTURES[cfg.architecture], cfg, dtype, device, max_positions)
-    loaded, quantized = _fill(model, model_dir, qcfg)
+    fmt = FORMATS[qcfg.method] if qcfg is not None else None
+    loaded, quantized = _fill(model, model_dir, fmt)
     dense_params = [name for name, _ in model.named_parameters()]  # before quantized layers replace some
     replaced: set[str] = set()
-    if qcfg is not None:
-        replaced = _install_quantized(model, quantized, qcfg, FORMATS[qcfg.method], dtype, device)
+    if qcfg is not None and fmt is not None:
+        replaced = _install_quantized(model, quantized, qcfg, fmt, dtype, device)
     missing = sorted(_expected(model, dense_params, replaced) - loaded)
     if missing:
         raise ValueError(
@@ -99,10 +100,6 @@ def _checkpoint_quantization(
     """The checkpoint's own quantization (None if dense), refusing a second one on top."""
     if quantization is not None:
         check_on_load(quantization)
-    if cfg.raw.get("quantization_config") is None and not os.path.isfile(
-        os.path.join(model_dir, "quantize_config.json")
-    ):
-        return None
     qcfg = read_quant_config(model_dir, cfg.raw)
     if qcfg is None:
         return None
@@ -123,10 +120,10 @@ def _build(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_
         torch.set_default_dtype(previous)
 
 
-def _fill(model, model_dir: str, qcfg: QuantConfig | None) -> tuple[set[str], dict]:
+def _fill(model, model_dir: str, fmt: WeightFormat | None) -> tuple[set[str], dict]:
     """Copy the checkpoint's dense tensors into ``model`` (fused parts into their rows); return
-    what was filled and the tensors of quantized projections (module -> leaf -> tensor)."""
-    fmt = FORMATS[qcfg.method] if qcfg is not None else None
+    what was filled and the tensors of quantized projections (module -> leaf -> tensor) of a
+    checkpoint in format ``fmt`` (None: dense)."""
     params = dict(model.named_parameters())
     fused = _fused_targets(model)
     linears = tuple(fused) + tuple(g.linears[0] for g in model.linear_groups if g.fused is None)

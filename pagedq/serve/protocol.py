@@ -89,8 +89,9 @@ def _sampling_fields() -> dict[str, Any]:
     """The request fields that are SamplingParams fields under their own names
     (:func:`pagedq.options.wire_fields`): type, range, default and description from there."""
     out: dict[str, Any] = {}
+    wire = set(wire_fields())
     for f in dataclasses.fields(SamplingParams):
-        if f.name not in wire_fields():
+        if f.name not in wire:
             continue
         doc = f.metadata.get("help")
         if f.name in RANGES:
