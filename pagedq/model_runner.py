@@ -45,6 +45,8 @@ class ModelRunner:
 
         self.backend = backend(device)
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
+        if device.type == "cpu":  # weights laid out once for the CPU's GEMM (kernels/cpu_linear.py)
+            self.model.pack_weights()
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         self._kv_storage: torch.Tensor | None = None
         self._workspace: dict = {}
@@ -56,7 +58,7 @@ class ModelRunner:
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total
+        return total + self.model.packed_bytes()
 
     def block_bytes(self) -> int:
         cfg = self.model_config

@@ -321,7 +321,7 @@ def test_quantize_on_load_equals_its_dequantized_weights(model_factory, arch, me
         for (i, name), w in deq.items():
             layer = model.layers[i]
             mod = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
-            getattr(mod, name).weight.data.copy_(w)
+            getattr(mod, name).set_weight(w)
         ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     assert got == ref
     assert qbytes < dense_bytes

@@ -139,7 +139,7 @@ def check_quant(tmp: str) -> tuple[bool, str]:
                 for g in model.linear_groups:
                     names = [f"model.layers.{i}.{g.parent}.{p}" for p in g.linears]
                     w = torch.cat([res.weights[n].dequantize() for n in names])
-                    getattr(getattr(layer, g.parent), g.module).weight.data.copy_(w)
+                    getattr(getattr(layer, g.parent), g.module).set_weight(w)
             ref = [o.outputs[0].token_ids for o in twin.generate(prompts, greedy, use_tqdm=False)]
         same = got == ref
         notes.append(f"{method}: layers {kind}, greedy equal to the dequantized twin: {same}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedq.kernels import AttentionMetadata, paged_attention
+from pagedq.kernels import AttentionMetadata, cpu_linear, paged_attention
 
 from .config import ArchTraits, LinearGroup, ModelConfig
 
@@ -49,16 +49,45 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A plain dense layer; quantized formats replace it with a module of the same call shape."""
+    """A plain dense layer; quantized formats replace it with a module of the same call shape.
+
+    On a CPU the engine packs it once loaded (:meth:`pack`, :mod:`pagedq.kernels.cpu_linear`):
+    the plain weight is then dropped, and :meth:`set_weight` is how a weight is changed.
+    """
+
+    weight: nn.Parameter | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: cpu_linear.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> bool:
+        """Pack the weight for this CPU and drop the plain copy; False where nothing is packed."""
+        if self.weight is None or self.packed is not None:
+            return self.packed is not None
+        packed = cpu_linear.pack(self.weight, self.bias)
+        if packed is not None:
+            self.packed, self.weight, self.bias = packed, None, None
+        return packed is not None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Replace the weight ``[out, in]`` (repacked where the layer is packed)."""
+        if self.packed is None:
+            if self.weight is None:
+                raise RuntimeError("this layer holds no weight")
+            self.weight.data.copy_(weight)
+            return
+        old = self.packed
+        bias = None if old.bias is None else old.bias.to(old.dtype)
+        self.packed = cpu_linear.pack(weight.to(old.dtype), bias)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -186,6 +215,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.layer_class(cfg, windows[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.packed_lm_head: cpu_linear.PackedWeight | None = None  # tied embeddings, packed
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
 
     def forward(
@@ -204,8 +234,27 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self.packed_lm_head is not None:
+            return cpu_linear.linear(hidden, self.packed_lm_head)
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    def pack_weights(self) -> None:
+        """Pack every dense layer and the LM head for this CPU (:mod:`pagedq.kernels.cpu_linear`).
+
+        Tied embeddings stay as they are for the lookup; the LM head gets its own packed copy
+        (it is the largest GEMM of a decode step)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head is None:
+            self.packed_lm_head = cpu_linear.pack(self.embed_tokens.weight)
+
+    def packed_bytes(self) -> int:
+        """Bytes held in packed layouts (outside ``parameters()``)."""
+        total = sum(m.packed.nbytes for m in self.modules() if isinstance(m, Linear) and m.packed)
+        return total + (self.packed_lm_head.nbytes if self.packed_lm_head is not None else 0)
 
     def part_slices(self, group: LinearGroup) -> list[slice]:
         """The rows of ``group``'s fused parameter that each of its checkpoint linears fills."""
