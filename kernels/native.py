@@ -1,9 +1,10 @@
 """The native CPU path: small C kernels built on first use with the system C compiler.
 
-PyTorch's CPU attention (``scaled_dot_product_attention``) is tuned for long query blocks; a
-decode step has one query per sequence, and had to gather every sequence's blocks padded to
-the longest context first. The C kernel in ``csrc/paged_attention_cpu.c`` reads K/V in place
-from the blocks and only up to each sequence's own length.
+PyTorch's CPU attention (``scaled_dot_product_attention``) needs contiguous K/V: a paged cache
+had to be gathered per step, every sequence padded to the longest context. The C kernel in
+``csrc/paged_attention_cpu.c`` serves a whole step — decodes and prefill/extend chunks, float32
+or bf16 queries, a cache of the query's dtype, int8 codes with scales or fp8 bytes, sliding
+windows — reading K/V in place from the blocks and only up to each query's own position.
 
 ``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
 (``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
@@ -51,7 +52,8 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
-_FUNCS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+_FUNCS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
+_KV_KIND = {torch.int8: 1, torch.uint8: 2}  # else 0: the cache holds the query's dtype
 
 
 def _cache_dir() -> str:
@@ -104,7 +106,9 @@ def _build() -> ctypes.CDLL | None:
     for name in _FUNCS.values():
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+        fn.argtypes = (
+            [ctypes.c_void_p] * 10 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        )
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
     lib.woq_gemm_bf16.restype = None
@@ -136,43 +140,55 @@ def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (
         query.device.type == "cpu"
         and query.dtype in _FUNCS
-        and k_cache.dtype == query.dtype
+        and k_cache.dtype in (query.dtype, *_KV_KIND)
         and k_cache.is_contiguous()
         and library() is not None
     )
 
 
-def paged_decode(
+def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    query_lens: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``query`` [B, H, D] against each sequence's blocks; ``block_tables`` [B, max_blocks] int64."""
+    """The queries of a step against their sequences' blocks (``csrc/paged_attention_cpu.c``).
+
+    ``query`` [T, H, D]; ``block_tables`` [B, max_blocks] int64; ``query_start``,
+    ``query_lens`` [B] int64 (sequence b's rows of ``query``); ``context_lens`` [B] int64 (keys
+    in the cache, the new ones included); ``k_scale``/``v_scale``: the float16 scales of an int8
+    cache. Writes those rows of ``out`` (a new tensor by default) and leaves the others.
+    """
     lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see supports)")
+    kind = _KV_KIND.get(k_cache.dtype, 0)
+    if kind == 1 and (k_scale is None or v_scale is None):
+        raise ValueError("an int8 KV cache needs its scales")
     q = query.contiguous()
-    out = torch.empty_like(q)
-    b, h, d = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of the query's shape and dtype")
+    _, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    fn = getattr(lib, _FUNCS[q.dtype])
-    fn(
-        q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        block_tables.data_ptr(),
-        context_lens.data_ptr(),
-        out.data_ptr(),
-        b,
-        h,
-        kvh,
-        d,
-        bs,
-        block_tables.shape[1],
-        float(scale),
-        torch.get_num_threads(),
-    )
+    scales: tuple[int | None, int | None] = (None, None)
+    if kind == 1 and k_scale is not None and v_scale is not None:
+        scales = (k_scale.data_ptr(), v_scale.data_ptr())
+    getattr(lib, _FUNCS[q.dtype])(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *scales, block_tables.data_ptr(),
+        query_start.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
+        kind, context_lens.shape[0], h, kvh, d, bs, block_tables.shape[1],
+        float(scale), int(window), torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 

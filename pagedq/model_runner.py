@@ -44,6 +44,12 @@ class ModelRunner:
         from pagedq.kernels.backend import backend
 
         self.backend = backend(device)
+        from pagedq.kernels import native
+
+        # CPU steps attend through the native kernel (kernels/csrc/paged_attention_cpu.c)
+        self.native_attention = (
+            device.type == "cpu" and self.backend == "torch" and native.library() is not None
+        )
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
         if device.type == "cpu":  # weights laid out once for the CPU's GEMM (kernels/cpu_linear.py)
             self.model.pack_weights()
@@ -149,6 +155,16 @@ class ModelRunner:
         if prefills and self.backend == "triton":  # padded block tables of the chunks, for every layer
             padded, _ = _pad_tables([p.block_ids or [] for p in prefills])
             meta.prefill_tables = torch.tensor(padded, dtype=torch.int32, device=dev)
+        if self.native_attention:  # one kernel call per layer for every row that reads the cache
+            starts = _offsets([item.num_new_tokens for item in batch])
+            cached = [i for i, item in enumerate(batch) if item.num_new_tokens == 1 or item.start > 0]
+            padded, _ = _pad_tables([batch[i].block_table for i in cached]) if cached else ([[0]], 1)
+            meta.block_tables = torch.tensor(padded, dtype=torch.long)
+            meta.query_start = torch.tensor([starts[i] for i in cached], dtype=torch.long)
+            meta.query_lens = torch.tensor([batch[i].num_new_tokens for i in cached], dtype=torch.long)
+            meta.context_lens = torch.tensor(
+                [batch[i].start + batch[i].num_new_tokens for i in cached], dtype=torch.long
+            )
         if decode_lens:
             padded, max_blocks = _pad_tables(decode_tables)
             meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(-1)
@@ -178,6 +194,14 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    """``[0, c0, c0 + c1, ...]``: where each sequence's rows start in the packed batch, and the end."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
 
 
 def _pad_tables(tables: list[list[int]]) -> tuple[list[list[int]], int]:

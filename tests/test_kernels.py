@@ -1,11 +1,17 @@
-"""Attention kernels: the native CPU decode kernel against the torch reference, and the writes."""
+"""Attention kernels: the native CPU kernel against the torch reference, and the writes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from pagedq.kernels import AttentionMetadata, native
-from pagedq.kernels.attention import paged_attention_decode_torch, reshape_and_cache
+from pagedq.kernels.attention import (
+    dequantize_kv,
+    paged_attention_decode,
+    paged_attention_decode_torch,
+    quantize_kv,
+    reshape_and_cache,
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -43,16 +49,85 @@ needs_native = pytest.mark.skipif(
 )
 
 
+def _step_case(h, kvh, d, bs, dtype, cache_dtype, seed=0):
+    """A step of every kind of row: decodes (one of a one-token context, one ending on a block
+    boundary), chunks after a cached context, and whole fresh prompts; random block tables."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 1), (1, 3 * bs), (1, 2 * bs + 5), (1, 37), (5, 29), (bs + 3, 2 * bs + 7), (9, 9), (1, 2)]
+    nblocks = sum((ctx + bs - 1) // bs for _, ctx in shapes) + 2
+    k = torch.randn(nblocks, bs, kvh, d, generator=g)
+    v = torch.randn(nblocks, bs, kvh, d, generator=g)
+    kc, ks = quantize_kv(k.to(dtype), cache_dtype)
+    vc, vs = quantize_kv(v.to(dtype), cache_dtype)
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables, used = [], 0
+    for _, ctx in shapes:
+        nb = (ctx + bs - 1) // bs
+        tables.append(perm[used : used + nb])
+        used += nb
+    maxb = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (maxb - len(t)) for t in tables])
+    starts = torch.tensor([0, *[n for n, _ in shapes]]).cumsum(0)[:-1]
+    q = torch.randn(int(sum(n for n, _ in shapes)), h, d, generator=g).to(dtype)
+    return q, kc, vc, ks, vs, padded, starts, shapes
+
+
+def _reference(q, kc, vc, ks, vs, tables, starts, shapes, scale, window):
+    """Attention in float32 from the dequantized blocks, with an explicit causal/window mask."""
+    h, kvh = q.shape[1], kc.shape[2]
+    out = torch.zeros(q.shape)
+    for b, (n, ctx) in enumerate(shapes):
+        ids = tables[b, : (ctx + kc.shape[1] - 1) // kc.shape[1]]
+        k = dequantize_kv(kc[ids], None if ks is None else ks[ids], torch.float32).reshape(
+            -1, kvh, q.shape[2]
+        )[:ctx]
+        v = dequantize_kv(vc[ids], None if vs is None else vs[ids], torch.float32).reshape(
+            -1, kvh, q.shape[2]
+        )[:ctx]
+        k, v = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
+        rows = q[starts[b] : starts[b] + n].float()
+        qpos = torch.arange(ctx - n, ctx)[:, None]
+        kpos = torch.arange(ctx)[None, :]
+        mask = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
+        scores = torch.einsum("qhd,khd->hqk", rows, k) * scale
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[starts[b] : starts[b] + n] = torch.einsum("hqk,khd->qhd", p, v)
+    return out
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (4, 2, 64), (8, 2, 128), (6, 3, 80)])
+@pytest.mark.parametrize("cache", ["same", "int8", "fp8"])
+@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (8, 2, 128), (6, 3, 80)])
 @pytest.mark.parametrize("bs", [1, 16])
-def test_native_decode_matches_torch(dtype, h, kvh, d, bs):
-    q, kc, vc, tables, lens, meta = _decode_case(5, h, kvh, d, bs, dtype)
-    ref = paged_attention_decode_torch(q.float(), kc.float(), vc.float(), meta, d**-0.5)
-    got = native.paged_decode(q, kc, vc, tables, lens, d**-0.5)
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+@pytest.mark.parametrize("window", [0, 7])
+def test_native_attention_matches_the_reference_for_every_kind_of_row(dtype, cache, h, kvh, d, bs, window):
+    """Decodes, chunks after a cached context and fresh prompts in one call, for float32 and
+    bf16 queries over a cache of their dtype, int8 codes with scales, or fp8 bytes. Tolerance:
+    1e-5 in float32; bf16 outputs are rounded to bf16 (2^-8 relative) after float32 math."""
+    cache_dtype = {"same": dtype, "int8": torch.int8, "fp8": torch.uint8}[cache]
+    q, kc, vc, ks, vs, tables, starts, shapes = _step_case(h, kvh, d, bs, dtype, cache_dtype)
+    lens = torch.tensor([n for n, _ in shapes])
+    ctxs = torch.tensor([c for _, c in shapes])
+    out = torch.full_like(q, 7.0)
+    # every sequence but the last: its rows must be left as they were
+    native.paged_attention(
+        q, kc, vc, tables[:-1], starts[:-1], lens[:-1], ctxs[:-1], d**-0.5, ks, vs, window, out=out
+    )
+    ref = _reference(q, kc, vc, ks, vs, tables, starts, shapes, d**-0.5, window)
+    last = int(starts[-1])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out[:last].float(), ref[:last], atol=TOL[dtype], rtol=TOL[dtype])
+    assert bool((out[last:] == 7.0).all())
+
+
+@needs_native
+def test_native_decode_path_matches_torch():
+    """The decode entry point (``paged_attention_decode``) on the native kernel and on torch."""
+    q, kc, vc, _tables, _lens, meta = _decode_case(5, 8, 2, 64, 16, torch.float32)
+    ref = paged_attention_decode_torch(q, kc, vc, meta, 64**-0.5)
+    got = paged_attention_decode(q, kc, vc, meta, 64**-0.5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_reshape_and_cache_writes_slots():

@@ -1,21 +1,35 @@
-/* Paged decode attention for CPUs: one query token per sequence, K/V read in place from the
- * sequence's blocks (no gather, no padding to the longest context in the batch).
+/* Paged attention for CPUs: decode and prefill/extend in one kernel, K/V read in place from
+ * each sequence's blocks (no gather, no padding to the longest context of the batch).
  *
  * Layouts (row-major):
- *   q, out        [B, H, D]
- *   k/v cache     [num_blocks, BS, KVH, D]
- *   block_tables  [B, MAXB] int64, context_lens [B] int64 (keys visible to each query)
+ *   q, out        [T, H, D]         the step's packed query tokens, sequence after sequence
+ *   k/v cache     [num_blocks, BS, KVH, D] in the cache's storage type (kv_kind):
+ *                   KV_SAME  the query's type (float32 or bfloat16)
+ *                   KV_INT8  int8 codes, times one float16 scale per token and KV head
+ *                            (k/v_scale [num_blocks, BS, KVH])
+ *                   KV_FP8   float8 e4m3fn bytes
+ *   block_tables  [B, MAXB] int64; query_start, query_lens [B] int64 (sequence b's queries
+ *                 are the query_lens[b] rows from query_start[b]; rows of no sequence are
+ *                 left as they are); context_lens [B] int64 (keys in the cache for b, its new
+ *                 tokens included: query i of n sits at position context_len - n + i and sees
+ *                 the keys up to it, and with window > 0 only the last `window` of them).
  *
- * One task per sequence: each token's K (and V) row, all KV heads together, is contiguous in
- * its block, so a task streams whole rows and converts each once; the G = H / KVH query heads
- * of a KV head share its slice (GQA). Three passes per task: scores = q.K (fp32), softmax,
- * out = p.V (fp32 accumulation). Built by kernels/native.py with
- * -O3 -march=native -fopenmp; OpenMP resolves to the libgomp that torch already loaded.
+ * Work is split into tasks of (sequence, tile of up to QT query tokens), all heads together: a
+ * block's K and V rows are contiguous in memory across KV heads, so a task streams whole blocks
+ * (and prefetches the next one, which lies elsewhere), converts each to float32 once, and the
+ * G = H / KVH query heads of each KV head read their slice of it (GQA). The tasks are listed and sorted longest first before the
+ * parallel loop (a precomputed schedule: long prefills start first, decodes fill the gaps).
+ * Per task, blocks are visited in order with an online softmax (running max and sum per row),
+ * each row touching only the keys it sees (causal, window). Scratch is allocated once per
+ * thread per call, never per sequence.
+ * Accumulation is float32 throughout. Built by kernels/native.py with -O3 -march=native.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+enum { KV_SAME = 0, KV_INT8 = 1, KV_FP8 = 2 };
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = ((uint32_t)x) << 16;
@@ -32,78 +46,272 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-#define DEFINE_DECODE(NAME, T, LOAD, STORE)                                                          \
-void NAME(const T* q, const T* kc, const T* vc, const int64_t* block_tables,                         \
-          const int64_t* context_lens, T* out, int B, int H, int KVH, int D, int BS, int MAXB,        \
-          float scale, int nthreads) {                                                               \
-    const int G = H / KVH;                                                                           \
-    const int row = KVH * D; /* one token's K (or V) across KV heads: contiguous in a block */       \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                           \
-    for (int b = 0; b < B; b++) {                                                                    \
-        const int len = (int)context_lens[b];                                                        \
-        const int64_t* table = block_tables + (int64_t)b * MAXB;                                     \
-        const int nblk = (len + BS - 1) / BS;                                                        \
-        float* buf = (float*)malloc(sizeof(float) * ((size_t)2 * H * D + row + (size_t)H * len));    \
-        float* qf = buf;             /* [H][D], pre-scaled */                                        \
-        float* acc = qf + H * D;     /* [H][D] */                                                    \
-        float* xf = acc + H * D;     /* one token row, fp32 */                                       \
-        float* scores = xf + row;    /* [len][H] */                                                  \
-        for (int i = 0; i < H * D; i++) {                                                            \
-            qf[i] = LOAD(q[(int64_t)b * H * D + i]) * scale;                                         \
-            acc[i] = 0.f;                                                                            \
-        }                                                                                            \
-        float* sp = scores;                                                                          \
-        for (int i = 0; i < nblk; i++) {                                                             \
-            const T* kp = kc + table[i] * BS * (int64_t)row;                                         \
-            const int n = (i == nblk - 1) ? len - i * BS : BS;                                       \
-            for (int t = 0; t < n; t++, kp += row, sp += H) {                                        \
-                _Pragma("omp simd")                                                                  \
-                for (int x = 0; x < row; x++) xf[x] = LOAD(kp[x]);                                   \
-                for (int h = 0; h < H; h++) {                                                        \
-                    const float* qh = qf + h * D;                                                    \
-                    const float* kh = xf + (h / G) * D;                                              \
-                    float s = 0.f;                                                                   \
-                    _Pragma("omp simd reduction(+ : s)")                                             \
-                    for (int d = 0; d < D; d++) s += qh[d] * kh[d];                                  \
-                    sp[h] = s;                                                                       \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-        for (int h = 0; h < H; h++) {                                                                \
-            float m = -INFINITY, l = 0.f;                                                            \
-            for (int t = 0; t < len; t++) m = scores[t * H + h] > m ? scores[t * H + h] : m;         \
-            _Pragma("omp simd reduction(+ : l)")                                                     \
-            for (int t = 0; t < len; t++) {                                                          \
-                const float e = expf(scores[t * H + h] - m);                                         \
-                scores[t * H + h] = e;                                                               \
-                l += e;                                                                              \
-            }                                                                                        \
-            const float inv = l > 0.f ? 1.f / l : 0.f;                                               \
-            for (int t = 0; t < len; t++) scores[t * H + h] *= inv;                                  \
-        }                                                                                            \
-        sp = scores;                                                                                 \
-        for (int i = 0; i < nblk; i++) {                                                             \
-            const T* vp = vc + table[i] * BS * (int64_t)row;                                         \
-            const int n = (i == nblk - 1) ? len - i * BS : BS;                                       \
-            for (int t = 0; t < n; t++, vp += row, sp += H) {                                        \
-                _Pragma("omp simd")                                                                  \
-                for (int x = 0; x < row; x++) xf[x] = LOAD(vp[x]);                                   \
-                for (int h = 0; h < H; h++) {                                                        \
-                    const float p = sp[h];                                                           \
-                    const float* vh = xf + (h / G) * D;                                              \
-                    float* ah = acc + h * D;                                                         \
-                    _Pragma("omp simd")                                                              \
-                    for (int d = 0; d < D; d++) ah[d] += p * vh[d];                                  \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-        for (int i = 0; i < H * D; i++) out[(int64_t)b * H * D + i] = STORE(acc[i]);                 \
-        free(buf);                                                                                   \
-    }                                                                                                \
+static float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1fu) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal half: normalise */
+        exp = 113u;
+        while (!(man & 0x400u)) {
+            man <<= 1;
+            exp--;
+        }
+        u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
-#define LOAD_F32(x) (x)
-#define STORE_F32(x) (x)
+static float fp8_table[256];
 
-DEFINE_DECODE(paged_decode_f32, float, LOAD_F32, STORE_F32)
-DEFINE_DECODE(paged_decode_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+__attribute__((constructor)) static void fill_fp8_table(void) {
+    for (int i = 0; i < 256; i++) {
+        const int sign = i >> 7, exp = (i >> 3) & 15, man = i & 7;
+        float v;
+        if (exp == 15 && man == 7) v = NAN;
+        else if (exp == 0) v = ldexpf((float)man / 8.f, -6);
+        else v = ldexpf(1.f + (float)man / 8.f, exp - 7);
+        fp8_table[i] = sign ? -v : v;
+    }
+}
+
+/* exp(x) for x <= 0 (scores minus their running max), written so that the compiler vectorizes
+ * the loops that call it (glibc's vector expf is not declared without -ffinite-math-only):
+ * 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error < 2e-7). */
+static inline float exp_neg(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = __builtin_roundf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split in two */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+typedef struct {
+    int b, q0, nq;
+    int64_t cost;
+} Task;
+
+static int by_cost_desc(const void* a, const void* b) {
+    const int64_t x = ((const Task*)a)->cost, y = ((const Task*)b)->cost;
+    return (x < y) - (x > y);
+}
+
+/* One block's K or V rows [n][KVH * D] (contiguous in the block) as float32. */
+static inline void load_block(const void* cache, const uint16_t* scales, int64_t elem, int64_t srow, int n,
+                              int KVH, int D, int kind, int q_bf16, float* restrict dst) {
+    const int64_t count = (int64_t)n * KVH * D;
+    if (kind == KV_INT8) {
+        for (int64_t r = 0; r < (int64_t)n * KVH; r++) {
+            const int8_t* p = (const int8_t*)cache + elem + r * D;
+            const float sc = half_to_f32(scales[srow + r]);
+            float* o = dst + r * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) o[d] = (float)p[d] * sc;
+        }
+    } else if (kind == KV_FP8) {
+        const uint8_t* p = (const uint8_t*)cache + elem;
+        for (int64_t x = 0; x < count; x++) dst[x] = fp8_table[p[x]];
+    } else if (q_bf16) {
+        const uint16_t* p = (const uint16_t*)cache + elem;
+#pragma omp simd
+        for (int64_t x = 0; x < count; x++) dst[x] = bf16_to_f32(p[x]);
+    } else {
+        memcpy(dst, (const float*)cache + elem, sizeof(float) * (size_t)count);
+    }
+}
+
+static inline void prefetch_block(const void* cache, int64_t elem, int64_t bytes, int esize) {
+    const char* p = (const char*)cache + elem * esize;
+    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(p + x, 0, 1);
+}
+
+/* Query tokens per task: enough rows (QT * H) to reuse each converted K/V block, few enough
+ * that a long prefill still splits into many tasks. */
+static int tile_tokens(int H) { return H >= 64 ? 1 : 64 / H; }
+
+static void attend(const void* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+                   const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
+                   const int64_t* context_lens,
+                   void* out, int q_bf16, int kind, int B, int H, int KVH, int D, int BS, int MAXB,
+                   float scale, int window, int nthreads) {
+    const int G = H / KVH, QT = tile_tokens(H), R = H * QT;
+    int ntasks = 0;
+    for (int b = 0; b < B; b++) ntasks += (int)((query_lens[b] + QT - 1) / QT);
+    if (ntasks == 0) return;
+    Task* tasks = (Task*)malloc(sizeof(Task) * (size_t)ntasks);
+    int t = 0;
+    for (int b = 0; b < B; b++) {
+        const int n = (int)query_lens[b];
+        for (int q0 = 0; q0 < n; q0 += QT) {
+            const int nq = n - q0 < QT ? n - q0 : QT;
+            const int64_t last = context_lens[b] - n + q0 + nq; /* keys seen by the tile's last query */
+            const int64_t keys = window > 0 && last > window + nq ? window + nq : last;
+            tasks[t++] = (Task){b, q0, nq, keys * nq};
+        }
+    }
+    qsort(tasks, (size_t)ntasks, sizeof(Task), by_cost_desc);
+    const int row = KVH * D; /* elements per token row of a block */
+    const int64_t block_elems = (int64_t)BS * row;
+    const int esize = kind != KV_SAME ? 1 : (q_bf16 ? 2 : 4);
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = (float*)malloc(sizeof(float) * ((size_t)2 * R * D + (size_t)2 * R + (size_t)R * BS
+                                                     + (size_t)2 * BS * row));
+        float* qf = buf;          /* [R][D], pre-scaled; row r = query i * H + head h */
+        float* acc = qf + R * D;  /* [R][D] */
+        float* m = acc + R * D;   /* [R] running max */
+        float* l = m + R;         /* [R] running sum */
+        float* s = l + R;         /* [R][BS] scores, then probabilities */
+        float* kf = s + R * BS;   /* [BS][KVH][D] K of one block */
+        float* vf = kf + BS * row; /* [BS][KVH][D] V of one block */
+#pragma omp for schedule(dynamic, 1)
+        for (int ti = 0; ti < ntasks; ti++) {
+            const Task tk = tasks[ti];
+            const int n = (int)query_lens[tk.b];
+            const int64_t pos0 = context_lens[tk.b] - n + tk.q0; /* the tile's first query position */
+            const int rows = tk.nq * H;
+            const int64_t* table = block_tables + (int64_t)tk.b * MAXB;
+            const int64_t qoff = (query_start[tk.b] + tk.q0) * H * (int64_t)D;
+            if (q_bf16) {
+                const uint16_t* src = (const uint16_t*)q + qoff;
+                for (int x = 0; x < rows * D; x++) qf[x] = bf16_to_f32(src[x]) * scale;
+            } else {
+                const float* src = (const float*)q + qoff;
+                for (int x = 0; x < rows * D; x++) qf[x] = src[x] * scale;
+            }
+            for (int r = 0; r < rows; r++) {
+                m[r] = -INFINITY;
+                l[r] = 0.f;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)rows * D);
+            const int64_t hi = pos0 + tk.nq; /* keys [lo, hi) are seen by some query of the tile */
+            const int64_t lo = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
+            for (int64_t blk = lo / BS; blk * BS < hi; blk++) {
+                const int64_t k0 = blk * BS > lo ? blk * BS : lo;
+                const int64_t k1 = (blk + 1) * BS < hi ? (blk + 1) * BS : hi;
+                const int off0 = (int)(k0 - blk * BS), nk = (int)(k1 - k0);
+                const int64_t base = table[blk] * block_elems + (int64_t)off0 * row;
+                const int64_t sbase = (table[blk] * BS + off0) * KVH;
+                if ((blk + 1) * BS < hi) { /* the next block is elsewhere in memory: ask for it early */
+                    prefetch_block(kc, table[blk + 1] * block_elems, block_elems * esize, esize);
+                    prefetch_block(vc, table[blk + 1] * block_elems, block_elems * esize, esize);
+                }
+                load_block(kc, ks, base, sbase, nk, KVH, D, kind, q_bf16, kf);
+                load_block(vc, vs, base, sbase, nk, KVH, D, kind, q_bf16, vf);
+                for (int r = 0; r < rows; r++) {
+                    float* sr = s + r * BS;
+                    const float* qr = qf + r * D;
+                    const int64_t qpos = pos0 + r / H;
+                    const int kvh = (r % H) / G;
+                    /* keys of this block the row sees: [jlo, jhi) */
+                    const int64_t first = window > 0 ? qpos - window + 1 : 0;
+                    const int jlo = first > k0 ? (int)(first - k0) : 0;
+                    const int jhi = qpos + 1 < k1 ? (int)(qpos + 1 - k0) : nk;
+                    if (jlo >= jhi) { /* nothing of this block is visible to the row */
+                        for (int j = 0; j < nk; j++) sr[j] = 0.f;
+                        continue;
+                    }
+                    const float* kh = kf + kvh * D;
+                    int j = jlo;
+                    for (; j + 4 <= jhi; j += 4) { /* four keys at once: independent accumulators */
+                        const float *k0p = kh + (int64_t)j * row, *k1p = k0p + row, *k2p = k1p + row,
+                                    *k3p = k2p + row;
+                        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+                        for (int d = 0; d < D; d++) {
+                            const float qd = qr[d];
+                            d0 += qd * k0p[d];
+                            d1 += qd * k1p[d];
+                            d2 += qd * k2p[d];
+                            d3 += qd * k3p[d];
+                        }
+                        sr[j] = d0;
+                        sr[j + 1] = d1;
+                        sr[j + 2] = d2;
+                        sr[j + 3] = d3;
+                    }
+                    for (; j < jhi; j++) {
+                        const float* kj = kh + (int64_t)j * row;
+                        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                        for (int d = 0; d < D; d++) dot += qr[d] * kj[d];
+                        sr[j] = dot;
+                    }
+                    float mx = -INFINITY;
+                    for (j = jlo; j < jhi; j++) mx = sr[j] > mx ? sr[j] : mx;
+                    const float mnew = mx > m[r] ? mx : m[r];
+                    const float corr = expf(m[r] - mnew); /* exp(-inf) = 0 on the first block */
+                    float sum = 0.f;
+                    for (j = 0; j < jlo; j++) sr[j] = 0.f;
+#pragma omp simd reduction(+ : sum)
+                    for (j = jlo; j < jhi; j++) {
+                        const float p = exp_neg(sr[j] - mnew);
+                        sr[j] = p;
+                        sum += p;
+                    }
+                    for (j = jhi; j < nk; j++) sr[j] = 0.f;
+                    l[r] = l[r] * corr + sum;
+                    m[r] = mnew;
+                    float* ar = acc + r * D;
+                    if (corr != 1.f) {
+#pragma omp simd
+                        for (int d = 0; d < D; d++) ar[d] *= corr;
+                    }
+                    const float* vh = vf + kvh * D;
+                    for (j = jlo; j < jhi; j++) {
+                        const float p = sr[j];
+                        const float* vj = vh + (int64_t)j * row;
+#pragma omp simd
+                        for (int d = 0; d < D; d++) ar[d] += p * vj[d];
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+                const float* ar = acc + r * D;
+                const int64_t off = qoff + (int64_t)r * D;
+                if (q_bf16) {
+                    uint16_t* dst = (uint16_t*)out + off;
+                    for (int d = 0; d < D; d++) dst[d] = f32_to_bf16(ar[d] * inv);
+                } else {
+                    float* dst = (float*)out + off;
+                    for (int d = 0; d < D; d++) dst[d] = ar[d] * inv;
+                }
+            }
+        }
+        free(buf);
+    }
+    free(tasks);
+}
+
+void paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks,
+                         const uint16_t* vs, const int64_t* block_tables, const int64_t* query_start,
+                         const int64_t* query_lens, const int64_t* context_lens, float* out, int kind, int B, int H, int KVH, int D,
+                         int BS, int MAXB, float scale, int window, int nthreads) {
+    attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 0, kind, B, H, KVH, D, BS, MAXB,
+           scale, window, nthreads);
+}
+
+void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks,
+                          const uint16_t* vs, const int64_t* block_tables, const int64_t* query_start,
+                          const int64_t* query_lens, const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D,
+                          int BS, int MAXB, float scale, int window, int nthreads) {
+    attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 1, kind, B, H, KVH, D, BS, MAXB,
+           scale, window, nthreads);
+}

@@ -67,6 +67,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return cpu_linear.linear(x, self.packed)
+        if self.weight is None:
+            raise RuntimeError("this layer holds no weight")
         return F.linear(x, self.weight, self.bias)
 
     def pack(self) -> bool:
