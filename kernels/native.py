@@ -6,6 +6,9 @@ had to be gathered per step, every sequence padded to the longest context. The C
 or bf16 queries, a cache of the query's dtype, int8 codes with scales or fp8 bytes, sliding
 windows — reading K/V in place from the blocks and only up to each query's own position.
 
+``csrc/elementwise_cpu.c`` fuses a decoder layer's elementwise work (residual add + RMSNorm,
+SiLU * up), one pass each where torch runs several ops with a temporary each.
+
 ``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
 (``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
 convert the weight again every few rows and fall behind a bf16 GEMM from ~8 rows on.
@@ -34,7 +37,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SRCS = [os.path.join(_CSRC, name) for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c")]
+_SRCS = [
+    os.path.join(_CSRC, name) for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c")
+]
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -109,6 +114,13 @@ def _build() -> ctypes.CDLL | None:
         fn.argtypes = (
             [ctypes.c_void_p] * 10 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         )
+    for suffix in ("f32", "bf16"):
+        norm = getattr(lib, f"add_rms_norm_{suffix}")
+        norm.restype = None
+        norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
+        silu = getattr(lib, f"silu_mul_{suffix}")
+        silu.restype = None
+        silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
     lib.woq_gemm_bf16.restype = None
@@ -189,6 +201,59 @@ def paged_attention(
         kind, context_lens.shape[0], h, kvh, d, bs, block_tables.shape[1],
         float(scale), int(window), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def elementwise_supports(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether the fused elementwise kernels take ``x`` (and ``weight``, of the same dtype)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _SUFFIX
+        and x.is_contiguous()
+        and (weight is None or (weight.dtype == x.dtype and weight.is_contiguous()))
+        and library() is not None
+    )
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(res, weight * rms_norm(res))`` with ``res = x + delta`` (``x`` itself without a delta),
+    normalised over the last dimension as transformers' LlamaRMSNorm does."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see elementwise_supports)")
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    res = x
+    if delta is not None:
+        delta = delta.contiguous()
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(
+                f"delta must be like x {tuple(x.shape)} {x.dtype}, got {tuple(delta.shape)} {delta.dtype}"
+            )
+        res = torch.empty_like(x)
+    getattr(lib, f"add_rms_norm_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+        res.data_ptr(), out.data_ptr(), x.numel() // n, n, float(eps), torch.get_num_threads(),
+    )  # fmt: skip
+    return res, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of rows ``[gate | up]`` (``[..., 2 * I]`` -> ``[..., I]``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see elementwise_supports)")
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    rows = gate_up.numel() // (2 * inter) if inter else 0
+    getattr(lib, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(
+        gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
+    )
     return out
 
 

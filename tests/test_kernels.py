@@ -172,3 +172,34 @@ def test_loading_the_native_library_keeps_subnormal_floats():
         pytest.skip("no C compiler: the native library is not built here")
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) == 5e-324
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_fused_add_rms_norm_and_silu_mul_match_the_torch_ops(monkeypatch, dtype, rows):
+    """The fused kernels against the model's torch ops (the reference, PAGEDQ_CPU_KERNELS=torch):
+    the residual sum is one rounding, so it is exact; the normalised rows differ at most in the
+    order of the float32 sum of squares (1e-6 relative in float32, one bf16 step in bf16)."""
+    from pagedq.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    norm.weight.data = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    x = torch.randn(rows, 96, generator=g).to(dtype) * 3
+    delta = torch.randn(rows, 96, generator=g).to(dtype)
+    gate_up = torch.randn(rows, 2 * 80, generator=g).to(dtype) * 4
+    res, normed = norm.add_forward(x, delta)
+    plain = norm(x)
+    act = native.silu_mul(gate_up)
+    monkeypatch.setenv("PAGEDQ_CPU_KERNELS", "torch")
+    ref_res, ref_normed = norm.add_forward(x, delta)
+    ref_plain = norm(x)
+    gate, up = gate_up.split(80, dim=-1)
+    ref_act = torch.nn.functional.silu(gate) * up
+    assert torch.equal(res, ref_res)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 8e-3}
+    torch.testing.assert_close(normed, ref_normed, **tol)
+    torch.testing.assert_close(plain, ref_plain, **tol)
+    torch.testing.assert_close(act, ref_act, **tol)
+    assert normed.dtype == act.dtype == dtype

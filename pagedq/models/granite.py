@@ -27,8 +27,9 @@ class GraniteDecoderLayer(DecoderLayer):
 
     def forward(self, positions, x, kv_cache, meta, rope) -> torch.Tensor:
         m = self.residual_multiplier
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rope) * m
-        return x + self.mlp(self.post_attention_layernorm(x)) * m
+        h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rope) * m
+        x, normed = self.post_attention_layernorm.add_forward(x, h)
+        return x + self.mlp(normed) * m
 
 
 class GraniteForCausalLM(LlamaForCausalLM):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedq.kernels import AttentionMetadata, cpu_linear, paged_attention
+from pagedq.kernels import AttentionMetadata, cpu_linear, native, paged_attention
 
 from .config import ArchTraits, LinearGroup, ModelConfig
 
@@ -42,10 +42,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.elementwise_supports(x, self.weight):
+            return native.add_rms_norm(x, None, self.weight, self.eps)[1]
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, self(x + delta))``: the residual add and the norm in one pass on CPUs."""
+        if native.elementwise_supports(x, self.weight) and delta.is_contiguous():
+            return native.add_rms_norm(x, delta, self.weight, self.eps)
+        res = x + delta
+        return res, self(res)
 
 
 class Linear(nn.Module):
@@ -184,7 +193,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if native.elementwise_supports(gate_up):
+            return self.down_proj(native.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -197,8 +209,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, kv_cache, meta, rope) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rope)
+        x, normed = self.post_attention_layernorm.add_forward(x, h)
+        return x + self.mlp(normed)
 
 
 class LlamaForCausalLM(nn.Module):
