@@ -230,6 +230,17 @@ class BlockManager:
             seq.num_cached_blocks = full
             seq.cache_parent_cid = parent
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``): only when no sequence holds
+        a block, so no running sequence loses a block it shares; False (nothing done) otherwise.
+        Benchmarks call it between runs of the same prompts, which would otherwise hit the cache."""
+        if any(self.ref_counts):
+            return False
+        self.cached.clear()
+        self.block_key = [None] * len(self.block_key)
+        self.block_cid = [-1] * len(self.block_cid)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Drop every block reference of ``seq`` (finished, aborted or preempted).
 

@@ -169,6 +169,11 @@ class EngineDriver:
             self._wake.notify_all()
         return rid
 
+    def reset_prefix_cache(self) -> bool:
+        """The engine's, under the engine lock (between steps)."""
+        with self.lock:
+            return self.engine.reset_prefix_cache()
+
     def abort(self, request_id: str) -> RequestOutput | None:
         with self.lock:
             out = self.engine.abort(request_id)

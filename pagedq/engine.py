@@ -662,6 +662,10 @@ class LLMEngine:
             self._peak_blocks = used
             self._waste_at_peak = (slots - tokens) / slots if slots else 0.0
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache when no request holds blocks; False (nothing done) otherwise."""
+        return self.block_manager.reset_prefix_cache()
+
     def stats(self) -> dict:
         """Counters and gauges of the KV pool and of the work done since start-up.
 

@@ -125,6 +125,11 @@ class LLM:
         prompts = [chat_prompt(tok, conv, add_generation_prompt, chat_template) for conv in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache (between benchmark runs of the same prompts, say); only when no
+        request is running: returns False, doing nothing, otherwise."""
+        return self._loop.reset_prefix_cache()
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -172,6 +177,9 @@ class InlineLoop:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
 
     def generate(
         self, prompts: list[dict], params: list[ParamsType], user: str | None = None, use_tqdm: bool = False

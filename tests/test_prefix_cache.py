@@ -85,3 +85,31 @@ def test_chunked_prefill_and_preemption_with_cache(tiny_llama):
     assert outs == refs
     assert s["prefix_cache_hits"] > 0
     assert s["num_preemptions"] > 0
+
+
+def test_reset_prefix_cache_forgets_cached_blocks_only_when_nothing_runs(tiny_llama):
+    """A second run of the same prompts hits the cache; after a reset it does not (benchmarks
+    reset between runs). While a request holds blocks the reset refuses and changes nothing."""
+    from pagedq import LLM, SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(1, 50))}
+    with LLM(tiny_llama, dtype="float32", block_size=4) as llm:
+        first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        hits = llm.stats()["prefix_cache_hits"]
+        llm.generate([prompt], sp, use_tqdm=False)
+        assert llm.stats()["prefix_cache_hits"] > hits
+        assert llm.stats()["prefix_cached_blocks"] > 0
+        assert llm.reset_prefix_cache()
+        assert llm.stats()["prefix_cached_blocks"] == 0
+        hits = llm.stats()["prefix_cache_hits"]
+        again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert llm.stats()["prefix_cache_hits"] == hits
+        assert again == first
+        engine = llm.engine
+        engine.add_request(prompt, sp)
+        engine.step()
+        cached = engine.block_manager.num_cached_blocks
+        assert not llm.reset_prefix_cache()
+        assert engine.block_manager.num_cached_blocks == cached
+        engine.block_manager.check()

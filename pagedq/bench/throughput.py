@@ -47,6 +47,10 @@ class RunResult:
 def run_pagedq(llm: LLM, w: workloads.Workload) -> RunResult:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
     prompts = [{"prompt_token_ids": p} for p in w.prompts]
+    # every run starts cold: a repeated run of the same prompts would be served from the
+    # prefix cache the previous run filled (the peer does the same)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("requests are still running: the prefix cache cannot be reset")
     before = llm.stats()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
