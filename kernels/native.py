@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
         return None
-    src = b"".join(_read(p) for p in _SRCS)
+    src = b"".join(_read(p) for p in [*_SRCS, os.path.join(_CSRC, "cpu_math.h")])
     flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
     key = hashlib.sha256(src + flags + _cpu_id().encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")

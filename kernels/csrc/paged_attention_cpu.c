@@ -29,22 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_math.h"
+
 enum { KV_SAME = 0, KV_INT8 = 1, KV_FP8 = 2 };
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 static float half_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -79,26 +66,6 @@ __attribute__((constructor)) static void fill_fp8_table(void) {
         else v = ldexpf(1.f + (float)man / 8.f, exp - 7);
         fp8_table[i] = sign ? -v : v;
     }
-}
-
-/* exp(x) for x <= 0 (scores minus their running max), written so that the compiler vectorizes
- * the loops that call it (glibc's vector expf is not declared without -ffinite-math-only):
- * 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error < 2e-7). */
-static inline float exp_neg(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = __builtin_roundf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split in two */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
 }
 
 typedef struct {
@@ -261,7 +228,7 @@ static void attend(const void* q, const void* kc, const void* vc, const uint16_t
                     for (j = 0; j < jlo; j++) sr[j] = 0.f;
 #pragma omp simd reduction(+ : sum)
                     for (j = jlo; j < jhi; j++) {
-                        const float p = exp_neg(sr[j] - mnew);
+                        const float p = exp_approx(sr[j] - mnew);
                         sr[j] = p;
                         sum += p;
                     }

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import servers, workloads
-from .serve_load import sse_lines
+from .serve_load import post_completion, sse_lines
 
 METRICS = ("ttft", "tpot", "itl")
 
@@ -97,19 +97,8 @@ async def _request(port: int, body: bytes, timing: Timing, want: int, timeout: f
 
 
 async def _stream(port: int, body: bytes, timing: Timing, want: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer, status, headers = await post_completion(port, body)
     try:
-        writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        status = int((await reader.readline()).split()[1])
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            k, _, v = line.decode().partition(":")
-            headers[k.strip().lower()] = v.strip()
         if status != 200:
             timing.error = f"HTTP {status}: {(await reader.read()).decode(errors='replace')[:200]}"
             return

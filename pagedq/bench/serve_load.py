@@ -98,13 +98,15 @@ def rss_mib(pid: int) -> float:
         return 0.0
 
 
-async def stream_request(port: int, body: bytes, key: str, hangup_after: int | None) -> tuple[str, int, str]:
-    """One request over a fresh connection; returns (outcome, tokens received, detail)."""
+async def post_completion(port: int, body: bytes, key: str | None = None):
+    """POST ``body`` to ``/v1/completions`` on a fresh connection (``Connection: close``);
+    returns (reader, writer, status, headers) with the body left to read."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
     try:
         writer.write(
             b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + f"{auth}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
         await writer.drain()
@@ -113,6 +115,16 @@ async def stream_request(port: int, body: bytes, key: str, hangup_after: int | N
         while (line := await reader.readline()) not in (b"\r\n", b""):
             k, _, v = line.decode().partition(":")
             headers[k.strip().lower()] = v.strip()
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, status, headers
+
+
+async def stream_request(port: int, body: bytes, key: str, hangup_after: int | None) -> tuple[str, int, str]:
+    """One request over a fresh connection; returns (outcome, tokens received, detail)."""
+    reader, writer, status, headers = await post_completion(port, body, key)
+    try:
         if status != 200:
             detail = (await reader.read()).decode(errors="replace")[:200]
             retry = headers.get("retry-after", "")
