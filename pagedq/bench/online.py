@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import servers, workloads
-from .serve_load import post_completion, sse_lines
+from .serve_load import post_completion, sse_events
 
 METRICS = ("ttft", "tpot", "itl")
 
@@ -102,20 +102,15 @@ async def _stream(port: int, body: bytes, timing: Timing, want: int) -> None:
         if status != 200:
             timing.error = f"HTTP {status}: {(await reader.read()).decode(errors='replace')[:200]}"
             return
-        last, done, usage, event = None, False, None, None
-        async for line in sse_lines(reader, headers):
-            if line.startswith("event:"):
-                event = line[6:].strip()
-                continue
-            if not line.startswith("data: "):
-                continue
+        last, done, usage = None, False, None
+        async for event, data in sse_events(reader, headers):
             if event == "error":
-                timing.error = f"error event: {line[6:200]}"
+                timing.error = f"error event: {data[:200]}"
                 return
-            if line == "data: [DONE]":
+            if data == "[DONE]":
                 done = True
                 break
-            chunk = json.loads(line[6:])
+            chunk = json.loads(data)
             usage = chunk.get("usage") or usage
             if not chunk.get("choices"):
                 continue

@@ -138,14 +138,8 @@ async def stream_request(port: int, body: bytes, key: str, hangup_after: int | N
 
 async def _read_stream(reader, headers: dict, hangup_after: int | None) -> tuple[str, int, str]:
     """Read an SSE stream to its end (or hang up after ``hangup_after`` tokens)."""
-    tokens, done, event, reasons = 0, False, None, 0
-    async for line in sse_lines(reader, headers):
-        if line.startswith("event:"):
-            event = line[6:].strip()
-            continue
-        if not line.startswith("data: "):
-            continue
-        data = line[6:]
+    tokens, done, reasons = 0, False, 0
+    async for event, data in sse_events(reader, headers):
         if event == "error":
             if "engine process" in data or "shutting down" in data:
                 return "failed_by_kill", tokens, ""
@@ -161,6 +155,16 @@ async def _read_stream(reader, headers: dict, hangup_after: int | None) -> tuple
     if done and reasons == 1:
         return "completed", tokens, ""
     return "other", tokens, f"stream ended: [DONE] {done}, finish reasons {reasons}"
+
+
+async def sse_events(reader: asyncio.StreamReader, headers: dict):
+    """``(event name or None, data)`` of each ``data:`` line of a server-sent event stream."""
+    event = None
+    async for line in sse_lines(reader, headers):
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data: "):
+            yield event, line[6:]
 
 
 async def sse_lines(reader: asyncio.StreamReader, headers: dict):
