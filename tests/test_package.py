@@ -41,12 +41,16 @@ def test_wheel_carries_subpackages(tmp_path):
     (conf,) = [n for n in names if n.endswith("data/etc/jupyter/jupyter_server_config.d/pagedq.json")]
     enabled = json.loads(zipfile.ZipFile(tmp_path / wheel).read(conf))["ServerApp"]["jpserver_extensions"]
     assert enabled == {"pagedq.jupyter_ext": True}
-    assert "pagedq/kernels/csrc/woq_gemm_cpu.c" in names
+    for src in ("woq_gemm_cpu.c", "paged_attention_cpu.c", "elementwise_cpu.c", "cpu_math.h"):
+        assert f"pagedq/kernels/csrc/{src}" in names, src
     code = (
-        "import pagedq, pagedq.kernels, pagedq.quant, pagedq.jupyter_ext, pagedq.models;"
+        "import shutil, pagedq, pagedq.kernels, pagedq.quant, pagedq.jupyter_ext, pagedq.models;"
+        "from pagedq.kernels import native;"
+        "assert native.library() is not None or shutil.which('cc') is None, 'the native kernels did not build';"
         "print(pagedq.kernels.__file__, pagedq.quant.__file__, pagedq.jupyter_ext.__file__)"
     )
-    env = dict(os.environ, PYTHONPATH=str(site))
+    # the native kernels build from the wheel's sources, into a cache of their own
+    env = dict(os.environ, PYTHONPATH=str(site), PAGEDQ_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for path in out.stdout.split():
