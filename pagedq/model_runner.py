@@ -10,11 +10,12 @@ decodes the block ids to gather and the context mask — built once per step, sh
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 
-from pagedq.kernels import AttentionMetadata, PrefillChunk, copy_blocks
+from pagedq.kernels import AttentionMetadata, PrefillChunk, copy_blocks, native
 
 from .models import ModelConfig, load_model
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -44,8 +45,6 @@ class ModelRunner:
         from pagedq.kernels.backend import backend
 
         self.backend = backend(device)
-        from pagedq.kernels import native
-
         # CPU steps attend through the native kernel (kernels/csrc/paged_attention_cpu.c)
         self.native_attention = (
             device.type == "cpu" and self.backend == "torch" and native.library() is not None
@@ -156,7 +155,7 @@ class ModelRunner:
             padded, _ = _pad_tables([p.block_ids or [] for p in prefills])
             meta.prefill_tables = torch.tensor(padded, dtype=torch.int32, device=dev)
         if self.native_attention:  # one kernel call per layer for every row that reads the cache
-            starts = _offsets([item.num_new_tokens for item in batch])
+            starts = list(itertools.accumulate((item.num_new_tokens for item in batch), initial=0))
             cached = [i for i, item in enumerate(batch) if item.num_new_tokens == 1 or item.start > 0]
             padded, _ = _pad_tables([batch[i].block_table for i in cached]) if cached else ([[0]], 1)
             meta.block_tables = torch.tensor(padded, dtype=torch.long)
@@ -194,14 +193,6 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
-
-
-def _offsets(counts: list[int]) -> list[int]:
-    """``[0, c0, c0 + c1, ...]``: where each sequence's rows start in the packed batch, and the end."""
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
 
 
 def _pad_tables(tables: list[list[int]]) -> tuple[list[list[int]], int]:

@@ -82,12 +82,11 @@ class Linear(nn.Module):
 
     def pack(self) -> bool:
         """Pack the weight for this CPU and drop the plain copy; False where nothing is packed."""
-        if self.weight is None or self.packed is not None:
-            return self.packed is not None
-        packed = cpu_linear.pack(self.weight, self.bias)
-        if packed is not None:
-            self.packed, self.weight, self.bias = packed, None, None
-        return packed is not None
+        if self.packed is None and self.weight is not None:
+            packed = cpu_linear.pack(self.weight, self.bias)
+            if packed is not None:
+                self.packed, self.weight, self.bias = packed, None, None
+        return self.packed is not None
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Replace the weight ``[out, in]`` (repacked where the layer is packed)."""
