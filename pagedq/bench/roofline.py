@@ -104,6 +104,14 @@ def workload_floor(cfg: ModelConfig, w: Workload, machine: Machine) -> Floor:
     return Floor(prefill, decode_flops, decode_bytes, seconds, w.num_output_tokens)
 
 
+def decode_floor_tps(cfg: ModelConfig, prompt_len: int, tokens: int, machine: Machine) -> float:
+    """Batch-1 decode tokens/s of the ideal engine: ``tokens`` steps after a ``prompt_len``-token
+    prefill, each step the longer of its FLOPs at the peak and its bytes (weights and KV) read."""
+    w = Workload("decode", [[0] * prompt_len], [tokens + 1])
+    floor = workload_floor(cfg, w, machine)
+    return tokens / (floor.seconds - floor.prefill_flops / machine.gemm_flops)
+
+
 def describe(machine: Machine, floor: Floor, measured_tps: float | None = None) -> str:
     lines = [
         f"roofline: GEMM peak {machine.gemm_flops / 1e9:.0f} GFLOP/s ({str(machine.dtype).replace('torch.', '')}), "

@@ -1,7 +1,8 @@
-"""Servers that serving benchmarks start and stop: ``pagedq serve`` and vLLM's OpenAI server.
+"""The peers' processes: servers that serving benchmarks start and stop (``pagedq serve``, vLLM's
+OpenAI server), and offline peer scripts run in another virtual environment (:func:`peer_result`).
 
-Each runs as a child process on loopback with its log in a file; :func:`Server.stop` ends it
-(SIGTERM, then SIGKILL after a grace period), so a benchmark never leaves one behind.
+Each server runs as a child process on loopback with its log in a file; :func:`Server.stop` ends
+it (SIGTERM, then SIGKILL after a grace period), so a benchmark never leaves one behind.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def start_pagedq(model: str, args: list[str], log_path: str, timeout: float = 30
     )
     server = Server("pagedq serve", proc, port, log)
     return _wait(server, lambda: "pagedq: serving" in server.log_tail(10**9), timeout)
+
+
+def peer_result(cmd: list[str], name: str, env: dict[str, str] | None = None) -> dict:
+    """Run a peer script (``vllm_peer.py``, ``llama_cpp_peer.py``) to its end and return the JSON
+    of its ``PAGEDQ_PEER_RESULT`` line; a failed run raises with the end of its standard error."""
+    import json
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PAGEDQ_PEER_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line.split(" ", 1)[1])
 
 
 def vllm_env(python: str) -> dict[str, str]:

@@ -97,34 +97,24 @@ def run_hf_static(model, tokenizer, w: workloads.Workload, batch_size: int) -> R
 
 
 def run_vllm(
-    python: str, model_dir: str, w: workloads.Workload, runs: int, dtype: str
-) -> tuple[float, list[RunResult]]:
-    """Run the workload on vLLM's CPU build in its own virtual environment (see docs/benchmarks.md)."""
+    python: str, model_dir: str, w: workloads.Workload, runs: int, dtype: str, mode: str = "throughput"
+) -> dict:
+    """Run the workload on vLLM's CPU build in its own virtual environment (see docs/benchmarks.md):
+    ``vllm_peer.py``'s result, with ``startup`` and the ``seconds`` of each run (``mode="decode"``:
+    batch-1 decode, ``first`` holding each run's prefill)."""
     import json
     import os
-    import subprocess
     import tempfile
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
-    from .servers import vllm_env
+    from .servers import peer_result, vllm_env
 
-    env = vllm_env(python)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"prompts": w.prompts, "output_lens": w.output_lens}, f)
+        json.dump({"prompts": w.prompts, "output_lens": w.output_lens, "mode": mode}, f)
     try:
-        proc = subprocess.run(
-            [python, script, f.name, model_dir, str(runs), dtype], env=env, capture_output=True, text=True
-        )
+        return peer_result([python, script, f.name, model_dir, str(runs), dtype], "vLLM", vllm_env(python))
     finally:
         os.unlink(f.name)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PAGEDQ_PEER_RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"the vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads(line.split(" ", 1)[1])
-    out = [
-        RunResult("vllm", s, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts)) for s in res["seconds"]
-    ]
-    return res["startup"], out
 
 
 def main(args) -> None:
@@ -169,7 +159,12 @@ def main(args) -> None:
     peer: list[RunResult] = []
     if args.vllm_python:
         print(f"vLLM ({args.vllm_python}): starting, then {args.runs} runs in one process ...", flush=True)
-        startup_v, peer = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype)
+        res = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype)
+        startup_v = res["startup"]
+        peer = [
+            RunResult("vllm", s, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts))
+            for s in res["seconds"]
+        ]
         print(
             f"vLLM start-up: {startup_v:.1f} s; runs: "
             + ", ".join(f"{r.output_tps:.1f}" for r in peer)

@@ -26,6 +26,27 @@ def main() -> None:
     startup = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w["output_lens"]]
+    if w.get("mode") == "decode":
+        # batch-1 decode, timed as pagedq's: ``n + 1`` tokens minus the first (the prefill),
+        # after one warm-up request
+        def timed(n: int) -> float:
+            llm.reset_prefix_cache()
+            sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            t0 = time.perf_counter()
+            out = llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            if len(out[0].outputs[0].token_ids) != n:
+                raise SystemExit(f"vLLM produced {len(out[0].outputs[0].token_ids)} tokens, asked for {n}")
+            return dt
+
+        n = w["output_lens"][0]
+        timed(2)
+        first, seconds = [], []
+        for _ in range(runs):
+            first.append(timed(1))
+            seconds.append(timed(n + 1) - first[-1])
+        print("PAGEDQ_PEER_RESULT " + json.dumps({"startup": startup, "seconds": seconds, "first": first}))
+        return
     seconds = []
     for _ in range(runs):
         llm.reset_prefix_cache()  # every run starts cold, as pagedq's do
