@@ -267,17 +267,20 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int = 0,
+    cached: bool = False,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Shapes: ``[num_tokens, heads, head_dim]``.
 
     ``k_scale`` / ``v_scale``: the per-token scales of an int8 cache (None otherwise);
-    ``window``: the layer's sliding window (0: full causal attention).
+    ``window``: the layer's sliding window (0: full causal attention); ``cached``: K/V are
+    already in the cache (``native.rope_cache`` wrote them with the rotation).
     """
     if meta.backend == "triton":
         return _paged_attention_triton(
             query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale, window
         )
-    reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    if not cached:
+        reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     if meta.block_tables is not None and native.supports(query, k_cache):
         return _paged_attention_native(
             query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale, window

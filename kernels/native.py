@@ -9,6 +9,9 @@ windows — reading K/V in place from the blocks and only up to each query's own
 ``csrc/elementwise_cpu.c`` fuses a decoder layer's elementwise work (residual add + RMSNorm,
 SiLU * up), one pass each where torch runs several ops with a temporary each.
 
+``csrc/gemv_cpu.c`` multiplies a few rows (batch-1 decode) by a plain float32 or bf16 weight,
+streaming it once at the memory's speed (``gemv``; used by :mod:`.cpu_linear` below a few rows).
+
 ``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
 (``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
 convert the weight again every few rows and fall behind a bf16 GEMM from ~8 rows on.
@@ -38,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRCS = [
-    os.path.join(_CSRC, name) for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c")
+    os.path.join(_CSRC, name)
+    for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c", "gemv_cpu.c")
 ]
 _FLAGS = [
     "-O3",
@@ -118,9 +122,24 @@ def _build() -> ctypes.CDLL | None:
         norm = getattr(lib, f"add_rms_norm_{suffix}")
         norm.restype = None
         norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
+        rope = getattr(lib, f"rope_cache_{suffix}")
+        rope.restype = None
+        rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
         silu = getattr(lib, f"silu_mul_{suffix}")
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
+    lib.gemv.restype = None
+    lib.gemv.argtypes = (
+        [ctypes.c_void_p]
+        + [ctypes.c_int] * 3
+        + [ctypes.c_void_p]
+        + [ctypes.c_int] * 2
+        + [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+    )
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
     lib.woq_gemm_bf16.restype = None
@@ -255,6 +274,78 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
     )
     return out
+
+
+def rope_cache(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """Rotate the Q and K heads of ``qkv`` [T, (H + 2 KVH) * D] in place (rotate-half rope, the
+    ``cos``/``sin`` tables [positions, D] of the model's dtype) and write K and V to their cache
+    slots (``k_cache``/``v_cache`` [..., KVH, D] of that dtype, contiguous)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see rope_cache_supports)")
+    t = qkv.shape[0]
+    d = cos.shape[-1]
+    getattr(lib, f"rope_cache_{_SUFFIX[qkv.dtype]}")(
+        qkv.data_ptr(), t, num_heads, num_kv_heads, d, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def rope_cache_supports(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether :func:`rope_cache` serves this layer: CPU, float32 or bf16 throughout (a cache of
+    the model's dtype: int8/fp8 caches quantize through torch), contiguous, built."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype in _SUFFIX
+        and qkv.is_contiguous()
+        and cos.dtype == qkv.dtype
+        and k_cache.dtype == qkv.dtype
+        and k_cache.is_contiguous()
+        and library() is not None
+    )
+
+
+def gemv_supports(weight: torch.Tensor) -> bool:
+    """Whether :func:`gemv` can multiply by ``weight`` here (a CPU float32 or bf16 matrix, built)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.dim() == 2
+        and library() is not None
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [m, k] @ weight[n, k].T + bias`` for a few rows, in ``x``'s dtype with float32
+    accumulation; ``weight`` float32 or bf16 read as it is, ``bias`` float32 or None."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see gemv_supports)")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
+        raise ValueError(f"gemv: x must be a 2-D float32 or bf16 CPU tensor, got {x.dtype} {tuple(x.shape)}")
+    x, weight = x.contiguous(), weight.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"gemv: x has {k} features, the weight {weight.shape[1]}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError("gemv: bias must be a contiguous float32 vector of the output size")
+    y = x.new_empty(m, n)
+    lib.gemv(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+        n, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
 
 
 def woq_supported() -> bool:

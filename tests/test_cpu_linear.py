@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pagedq.kernels import cpu_linear
+from pagedq.kernels import cpu_linear, native
 
 from pagedq.models.llama import Linear
 
@@ -17,10 +17,12 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 @pytest.mark.parametrize("mode", ["auto", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [0, 1, 5, 64, 300])
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 8, 9, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias):
+@pytest.mark.parametrize("gemv_rows", ["8", "0"])
+def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gemv_rows):
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", mode)
+    monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", gemv_rows)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(200, 96, generator=g).to(dtype)
     b = torch.randn(200, generator=g).to(dtype) if bias else None
@@ -33,6 +35,10 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias):
         else torch.float32
     )
     assert packed.compute_dtype == expect
+    # the few-row kernel reads the plain weight where the weight is packed as float32
+    few = expect == torch.float32 and gemv_rows != "0" and native.library() is not None
+    assert (packed.plain is not None) == few
+    assert packed.gemv_rows == (8 if few else 0)
     got = cpu_linear.linear(x, packed)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
     assert got.dtype == dtype
@@ -42,6 +48,38 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias):
     # leading dimensions are kept
     x3 = x.reshape(1, rows, 96)
     assert cpu_linear.linear(x3, packed).shape == (1, rows, 200)
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native CPU kernels cannot be built here")
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemv_equals_the_float32_product_for_few_rows_and_odd_shapes(w_dtype, x_dtype):
+    """Rows 1-5 (pairs and a lone row), outputs not a multiple of the 4-row tile, inputs not a
+    multiple of the 8-wide vector; the output in x's dtype. Tolerance: float32 summation order
+    (1e-5 relative); bf16 outputs one rounding (2^-8 relative)."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 7, 5), (2, 960, 576), (3, 13, 17), (5, 4, 8), (4, 1, 1031)]:
+        w = torch.randn(n, k, generator=g).to(w_dtype)
+        x = torch.randn(m, k, generator=g).to(x_dtype)
+        b = torch.randn(n, generator=g)
+        for bias in (None, b):
+            got = native.gemv(x, w, bias)
+            ref = x.float() @ w.float().T + (0 if bias is None else bias)
+            assert got.dtype == x_dtype
+            if x_dtype == torch.float32:
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+            else:
+                torch.testing.assert_close(got, ref.to(torch.bfloat16), atol=1e-2, rtol=8e-3)
+    with pytest.raises(ValueError, match="gemv: x has 3 features, the weight 4"):
+        native.gemv(torch.ones(1, 3), torch.ones(2, 4))
+
+
+def test_a_bad_gemv_rows_setting_names_what_is_allowed(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", "-1")
+    with pytest.raises(
+        ValueError, match=r"PAGEDQ_CPU_GEMV_ROWS must be a whole number of rows >= 0 \(0: off\); got '-1'"
+    ):
+        cpu_linear.pack(torch.randn(8, 8))
 
 
 def test_torch_mode_packs_nothing_and_a_bad_mode_names_the_choices(monkeypatch):
@@ -71,15 +109,17 @@ def test_a_packed_layer_drops_its_plain_weight_and_set_weight_repacks():
     torch.testing.assert_close(layer(x), F.linear(x, new, bias), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["auto", "torch"])
-def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkeypatch, mode):
-    """Greedy tokens in float32 with and without packing are the same; packed bytes are counted
-    and replace the plain ones (a tied LM head would add its own packed copy)."""
+@pytest.mark.parametrize(("mode", "gemv_rows"), [("auto", "8"), ("auto", "0"), ("torch", "8")])
+def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkeypatch, mode, gemv_rows):
+    """Greedy tokens in float32 with and without packing, with and without the few-row kernel,
+    are the same; packed bytes are counted and replace the plain ones, which stay (and count)
+    only where the few-row kernel reads them (a tied LM head reads the embeddings)."""
     from pagedq import LLM, SamplingParams
 
     from .conftest import PROMPTS
 
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", mode)
+    monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", gemv_rows)
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(tiny_llama, dtype="float32") as llm:
         model = llm.engine.runner.model
@@ -99,5 +139,7 @@ def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkey
     else:
         assert all(packed)
         assert weight_bytes == plain + model.packed_bytes()
+        kept = sum(m.packed.plain.numel() * 4 for m in layers if m.packed.plain is not None)
+        assert (kept > 0) == (gemv_rows != "0" and native.library() is not None)
         if model.lm_head is not None:  # untied: every packed weight replaced its plain copy
-            assert weight_bytes == ref_bytes
+            assert weight_bytes == ref_bytes + kept

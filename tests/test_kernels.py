@@ -203,3 +203,37 @@ def test_fused_add_rms_norm_and_silu_mul_match_the_torch_ops(monkeypatch, dtype,
     torch.testing.assert_close(plain, ref_plain, **tol)
     torch.testing.assert_close(act, ref_act, **tol)
     assert normed.dtype == act.dtype == dtype
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 2, 64), (6, 3, 80)])
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_rope_cache_is_the_torch_rotation_and_cache_write_to_the_last_bit(dtype, h, kvh, d, tokens):
+    """The fused rope + KV write against the model's rotation (``RotaryEmbedding``) and
+    ``reshape_and_cache``: bit-exact in float32 and bf16 (the same roundings, no fused
+    multiply-adds); Q and K rotated in place in the fused QKV rows, V untouched; cache slots not
+    written stay as they were."""
+    from pagedq.models.llama import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(tokens)
+    rope = RotaryEmbedding(d, 1024, 1e4, {}, dtype)
+    qkv = torch.randn(tokens, (h + 2 * kvh) * d, generator=g).to(dtype)
+    positions = torch.randint(0, 1024, (tokens,), generator=g)
+    slots = torch.randperm(2 * tokens + 3, generator=g)[:tokens]
+    k_cache = torch.randn(2 * tokens + 3, kvh, d, generator=g).to(dtype)
+    v_cache = torch.randn(2 * tokens + 3, kvh, d, generator=g).to(dtype)
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    ref_q, ref_k = rope(positions, q.reshape(tokens, h, d), k.reshape(tokens, kvh, d))
+    ref_v = v.clone()
+    reshape_and_cache(ref_k, v.reshape(tokens, kvh, d), ref_k_cache, ref_v_cache, slots)
+    assert native.rope_cache_supports(qkv, rope.cos, k_cache)
+    native.rope_cache(qkv, h, kvh, positions, rope.cos, rope.sin, slots, k_cache, v_cache)
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    assert torch.equal(q.reshape(tokens, h, d), ref_q)
+    assert torch.equal(k.reshape(tokens, kvh, d), ref_k)
+    assert torch.equal(v, ref_v)
+    assert torch.equal(k_cache, ref_k_cache)
+    assert torch.equal(v_cache, ref_v_cache)
+    assert not native.rope_cache_supports(qkv, rope.cos, k_cache.to(torch.int8))

@@ -100,3 +100,54 @@ void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int inter, int n
         }
     }
 }
+
+/* rope_cache: rotary embeddings applied in place to the Q and K heads of a step's fused QKV
+ * output, and the rotated K with V written to their cache slots -- one pass where torch runs
+ * ~15 ops (a table lookup, cat, neg, two multiplies and an add per tensor, two index_copy).
+ *
+ * qkv [T][(H + 2 KVH) D] (Q heads, K heads, V heads); cos/sin [positions][D] in the model's
+ * dtype; caches [slots][KVH][D] of the model's dtype. Rotation is transformers' rotate-half:
+ * x * cos + rotate_half(x) * sin, rounded where torch rounds (each product and the sum) and
+ * without fused multiply-adds, so the result is torch's to the last bit. */
+#define ROPE_ATTR __attribute__((optimize("fp-contract=off")))
+
+ROPE_ATTR static void rotate_f32(float* x, const float* c, const float* s, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        const float pa = a * c[i], pb = b * c[i + half];
+        const float qa = -b * s[i], qb = a * s[i + half];
+        x[i] = pa + qa;
+        x[i + half] = pb + qb;
+    }
+}
+
+ROPE_ATTR static void rotate_bf16(uint16_t* x, const uint16_t* c, const uint16_t* s, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = bf16_to_f32(x[i]), b = bf16_to_f32(x[i + half]);
+        const float pa = round_bf16(a * bf16_to_f32(c[i])), pb = round_bf16(b * bf16_to_f32(c[i + half]));
+        const float qa = round_bf16(-b * bf16_to_f32(s[i])), qb = round_bf16(a * bf16_to_f32(s[i + half]));
+        x[i] = f32_to_bf16(pa + qa);
+        x[i + half] = f32_to_bf16(pb + qb);
+    }
+}
+
+#define ROPE_CACHE(SUFFIX, T_)                                                                                  \
+    void rope_cache_##SUFFIX(T_* qkv, int T, int H, int KVH, int D, const int64_t* pos, const T_* cos_t,        \
+                             const T_* sin_t, const int64_t* slots, T_* k_cache, T_* v_cache, int nthreads) {   \
+        const int64_t row = (int64_t)(H + 2 * KVH) * D;                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)T * row >= PARALLEL_MIN)") \
+        for (int t = 0; t < T; t++) {                                                                           \
+            T_* r = qkv + t * row;                                                                              \
+            const T_* c = cos_t + pos[t] * D;                                                                   \
+            const T_* s = sin_t + pos[t] * D;                                                                   \
+            for (int h = 0; h < H + KVH; h++) rotate_##SUFFIX(r + (int64_t)h * D, c, s, D);                     \
+            const int64_t kv = (int64_t)KVH * D;                                                                \
+            memcpy(k_cache + slots[t] * kv, r + (int64_t)H * D, sizeof(T_) * (size_t)kv);                       \
+            memcpy(v_cache + slots[t] * kv, r + (int64_t)(H + KVH) * D, sizeof(T_) * (size_t)kv);               \
+        }                                                                                                       \
+    }
+
+ROPE_CACHE(f32, float)
+ROPE_CACHE(bf16, uint16_t)

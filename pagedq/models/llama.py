@@ -170,16 +170,31 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        # on CPUs one native pass rotates Q and K in place and writes K/V to the cache (a cache
+        # of the model's dtype, no per-head norm before the rotation)
+        cached = (
+            meta.backend == "torch"
+            and self.q_norm is None
+            and len(kv_cache) == 2
+            and native.rope_cache_supports(qkv, rope.cos, kv_cache[0])
+        )
+        if cached:
+            native.rope_cache(
+                qkv, self.num_heads, self.num_kv_heads, positions, rope.cos, rope.sin,
+                meta.slot_mapping, kv_cache[0], kv_cache[1],
+            )  # fmt: skip
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        if not cached:
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(positions, q, k)
         k_scale, v_scale = kv_cache[2:] if len(kv_cache) == 4 else (None, None)
         out = paged_attention(
-            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, k_scale, v_scale, window=self.window
+            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, k_scale, v_scale, self.window, cached
         )
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -263,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
         if self.lm_head is None:
-            self.packed_lm_head = cpu_linear.pack(self.embed_tokens.weight)
+            self.packed_lm_head = cpu_linear.pack(self.embed_tokens.weight, shared=True)
 
     def packed_bytes(self) -> int:
         """Bytes held in packed layouts (outside ``parameters()``)."""
