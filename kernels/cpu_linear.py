@@ -44,6 +44,9 @@ from . import native
 
 MODES = ("auto", "fp32", "torch")
 GEMV_ROWS = 8
+# Bumped by every pack(): whoever keeps raw pointers to packed or plain weights (the native
+# decoder stack) rebuilds them when it changes.
+generation = 0
 
 
 def rows_bucket(m: int) -> int:
@@ -132,6 +135,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = 
     cdt = compute_dtype(weight.dtype)
     if cdt is None:
         return None
+    global generation
+    generation += 1
     w = weight.detach().to(cdt).contiguous()
     packed = torch.ops.mkldnn._reorder_linear_weight(w, _BATCH_HINT)
     b = None if bias is None else bias.detach().to(cdt).contiguous()

@@ -12,6 +12,10 @@ SiLU * up), one pass each where torch runs several ops with a temporary each.
 ``csrc/gemv_cpu.c`` multiplies a few rows (batch-1 decode) by a plain float32 or bf16 weight,
 streaming it once at the memory's speed (``gemv``; used by :mod:`.cpu_linear` below a few rows).
 
+``csrc/decoder_cpu.c`` runs all decoder layers of a few-row step (batch-1 decode) in one call,
+the kernels above in the order and with the roundings of the model's Python code
+(``decoder_layers``; ``LlamaForCausalLM.forward`` decides when).
+
 ``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
 (``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
 convert the weight again every few rows and fall behind a bf16 GEMM from ~8 rows on.
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRCS = [
     os.path.join(_CSRC, name)
-    for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c", "gemv_cpu.c")
+    for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c", "gemv_cpu.c", "decoder_cpu.c")
 ]
 _FLAGS = [
     "-O3",
@@ -140,6 +144,10 @@ def _build() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
     )
+    lib.decoder_layers.restype = None
+    lib.decoder_layers.argtypes = [
+        ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
+    ]  # fmt: skip
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
     lib.woq_gemm_bf16.restype = None
@@ -152,6 +160,39 @@ def _build() -> ctypes.CDLL | None:
     )
     lib.woq_gemm_bf16.argtypes = woq_args
     return lib
+
+
+class LayerPtrs(ctypes.Structure):
+    """One decoder layer's tensors for ``decoder_layers`` (``LayerPtrs`` of csrc/decoder_cpu.c)."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "k_cache", "v_cache")
+    ] + [("w_bf16", ctypes.c_int64), ("window", ctypes.c_int64)]
+
+
+class StepArgs(ctypes.Structure):
+    """One step's shapes and attention metadata (``StepArgs`` of csrc/decoder_cpu.c)."""
+
+    _fields_ = (
+        [(n, ctypes.c_int64) for n in ("m", "hidden", "inter", "H", "KVH", "D", "BS", "B", "MAXB", "nthreads")]
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        + [
+            (n, ctypes.c_void_p)
+            for n in (
+                "positions", "slots", "block_tables", "query_start", "query_lens", "context_lens", "cos_t", "sin_t",
+            )
+        ]  # fmt: skip
+    )
+
+
+def decoder_layers(layers: ctypes.Array, x: torch.Tensor, args: StepArgs) -> None:
+    """Run ``layers`` (an array of :class:`LayerPtrs`) over the residual stream ``x`` [m, hidden]
+    in place (``csrc/decoder_cpu.c``); ``args`` holds the step's pointers, kept alive by the caller."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available")
+    lib.decoder_layers(layers, len(layers), x.data_ptr(), int(x.dtype == torch.bfloat16), ctypes.byref(args))
 
 
 def library() -> ctypes.CDLL | None:

@@ -281,3 +281,22 @@ def test_the_gguf_conversion_writes_every_tensor_in_the_asked_dtype(tiny_llama, 
     assert "blk.1.ffn_down.weight" in names
     assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
     assert gguf_for(str(model), "float32", None) == path  # converted once
+
+
+def test_a_peer_that_fails_is_reported_and_the_others_still_are(tiny_llama, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pagedq.cli import main
+
+    _fake_module(tmp_path, "vllm", "raise RuntimeError('this CPU is not supported')\n")
+    _fake_module(tmp_path, "llama_cpp", FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_text("gguf")
+    args = ["bench", "decode", "--model", tiny_llama, "--runs", "1", "--decode-tokens", "4", "--no-baseline"]
+    main([*args, "--vllm-python", sys.executable, "--llama-cpp-python", sys.executable, "--gguf", str(gguf)])
+    out = capsys.readouterr().out
+    assert "vllm-cpu FAILED, no figure: the vLLM run failed (exit 1)" in out
+    assert "this CPU is not supported" in out
+    rows = {ln.split()[0] for ln in out.splitlines() if ln.startswith(("pagedq ", "vllm", "llama"))}
+    assert rows == {"pagedq", "llama.cpp"}, out

@@ -96,3 +96,15 @@ def test_bench_online_runs_against_pagedq_serve(tiny_llama):
     assert "pagedq   rate    20/s: 6/6 completed" in out.stdout
     assert "pagedq   rate   inf/s: 6/6 completed" in out.stdout
     assert "ttft p50" in out.stdout
+
+
+def test_the_servers_fit_the_workloads_longest_request():
+    """serve-load's default max_model_len (512) would refuse the 512-token prompts and cut
+    outputs short: the online servers get at least the longest prompt + output, and 2048."""
+    from pagedq.bench.workloads import Workload
+
+    w = Workload("online", [[1] * 512, [1] * 16], [256, 32])
+    assert online.serve_max_model_len(512, w) == 2048
+    assert online.serve_max_model_len(4096, w) == 4096
+    long = Workload("online", [[1] * 3000], [100])
+    assert online.serve_max_model_len(512, long) == 3100

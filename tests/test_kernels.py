@@ -237,3 +237,43 @@ def test_rope_cache_is_the_torch_rotation_and_cache_write_to_the_last_bit(dtype,
     assert torch.equal(k_cache, ref_k_cache)
     assert torch.equal(v_cache, ref_v_cache)
     assert not native.rope_cache_supports(qkv, rope.cos, k_cache.to(torch.int8))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6}), ("granite", {}), ("qwen3", {})],
+)
+def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
+    model_factory, monkeypatch, dtype, arch, overrides
+):
+    """Few-row decode steps run all layers in one native call (``native.decoder_layers``): the
+    same kernels in the same order, so greedy tokens and their log-probabilities are those of the
+    per-layer Python path to the last bit, one sequence and four at once (QKV bias, a sliding
+    window). Granite's scaled layers and Qwen3's per-head norms are not what the C code does:
+    they keep the Python path."""
+    from pagedq import LLM, SamplingParams
+    from pagedq.models.llama import LlamaForCausalLM
+
+    from .conftest import PROMPTS
+
+    model = model_factory(arch, **overrides)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    calls = []
+    stack = native.decoder_layers
+    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+
+    def run():
+        with LLM(model, dtype=dtype) as llm:
+            outs = [llm.generate(PROMPTS[:1], sp, use_tqdm=False), llm.generate(PROMPTS[:4], sp, use_tqdm=False)]
+        return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
+
+    fast = run()
+    if arch in ("granite", "qwen3"):
+        assert calls == []
+    else:
+        assert sorted(set(calls)) == [1, 4]  # every decode step, never a prompt
+        assert len(calls) == 2 * 11
+    monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
+    assert run() == fast

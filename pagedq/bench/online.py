@@ -228,6 +228,14 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
+def serve_max_model_len(asked: int, w: workloads.Workload) -> int:
+    """The servers' ``max_model_len``: what was asked, raised to what the workload's longest
+    request needs (prompt + output, up to 768 tokens) and to docs/benchmarks.md's 2048 for vLLM
+    (serve-load's default of 512 would cut the workload's long requests)."""
+    need = max(len(p) + n for p, n in zip(w.prompts, w.output_lens))
+    return max(asked, need, 2048)
+
+
 def main(args) -> None:
     from transformers import AutoTokenizer
 
@@ -244,21 +252,15 @@ def main(args) -> None:
         f"model {model_dir} ({args.dtype}), workload 'online': {len(w.prompts)} requests, "
         f"{w.num_prompt_tokens} prompt + {w.num_output_tokens} output tokens, Poisson arrivals at {rates} req/s"
     )
-    engine_args = [
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        str(args.max_model_len),
-        "--served-model-name",
-        name,
-    ]
+    max_len = serve_max_model_len(args.max_model_len, w)
+    engine_args = ["--dtype", args.dtype, "--max-model-len", str(max_len), "--served-model-name", name]
     server = servers.start_pagedq(model_dir, engine_args, os.path.join(tmp, "pagedq.log"))
     results = run_engine(server, "pagedq", name, w, rates, args)
     if args.vllm_python:
         print(f"starting vLLM ({args.vllm_python}) ...", flush=True)
         t0 = time.perf_counter()
         server = servers.start_vllm(
-            args.vllm_python, model_dir, name, args.dtype, args.max_model_len, os.path.join(tmp, "vllm.log")
+            args.vllm_python, model_dir, name, args.dtype, max_len, os.path.join(tmp, "vllm.log")
         )
         print(f"vLLM ready after {time.perf_counter() - t0:.0f} s", flush=True)
         results += run_engine(server, "vllm", name, w, rates, args)

@@ -15,6 +15,7 @@ together) and returns hidden states; logits are computed only for the rows that 
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -246,6 +247,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # tied embeddings, packed
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self._stack: tuple[tuple, ctypes.Array] | None = None  # the native decoder stack's pointers
+        self._stack_rows = 0
 
     def forward(
         self,
@@ -255,9 +258,87 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, meta, self.rope)
+        if not self._native_stack(x, positions, kv_caches, meta):
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(positions, x, kv_cache, meta, self.rope)
         return self.norm(x)
+
+    def _native_stack(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, ...]],
+        meta: AttentionMetadata,
+    ) -> bool:
+        """Run every decoder layer in one native call (``native.decoder_layers``) where a step
+        has few rows and this layer stack is exactly what the C code does: plain Llama layers
+        whose dense weights cpu_linear keeps plain for few-row calls, a cache of the model's
+        dtype, and every row attending through the native kernel (no fresh prompt). Updates
+        ``x`` in place; False (nothing done) elsewhere. The tokens are the Python path's."""
+        if (
+            meta.backend != "torch"
+            or meta.block_tables is None
+            or any(c.block_table is None for c in meta.prefills)
+            or not x.is_contiguous()
+            or kv_caches[0][0].dtype != x.dtype
+            or len(kv_caches[0]) != 2
+        ):
+            return False
+        layers = self._stack_pointers(kv_caches, x.dtype)
+        if layers is None or x.shape[0] > self._stack_rows:
+            return False
+        cfg, attn = self.config, self.layers[0].self_attn
+        k0 = kv_caches[0][0]
+        assert meta.query_start is not None and meta.query_lens is not None and meta.context_lens is not None
+        step = (positions, meta.slot_mapping, meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens)
+        if not all(t.dtype == torch.int64 and t.is_contiguous() for t in step):
+            return False
+        args = native.StepArgs(
+            x.shape[0], cfg.hidden_size, cfg.intermediate_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            k0.shape[1], meta.context_lens.shape[0], meta.block_tables.shape[1], torch.get_num_threads(),
+            self.norm.eps, attn.scale, *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
+        )  # fmt: skip
+        native.decoder_layers(layers, x, args)
+        return True
+
+    def _stack_pointers(self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> ctypes.Array | None:
+        """The layers' pointer table for ``native.decoder_layers``, built once per set of packed
+        weights and caches; None where the stack does not qualify."""
+        key = (cpu_linear.generation, kv_caches[0][0].data_ptr(), len(kv_caches), dtype)
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        self._stack = (key, None)  # type: ignore[assignment]
+        if native.library() is None or self.config.qk_norm or self.rope.cos.dtype != dtype:
+            return None
+        rows, table = [], []
+        for layer, (kc, vc) in zip(self.layers, kv_caches):
+            if type(layer) is not DecoderLayer:
+                return None
+            a, mlp = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            packed = [lin.packed if isinstance(lin, Linear) else None for lin in linears]
+            if any(p is None or p.plain is None or p.dtype != dtype for p in packed):
+                return None
+            plain = [p.plain for p in packed]  # type: ignore[union-attr]
+            if len({w.dtype for w in plain}) != 1 or any(p.bias is not None for p in packed[1:]):  # type: ignore[union-attr]
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
+                return None
+            bias = packed[0].bias  # type: ignore[union-attr]
+            rows.append(min(p.gemv_rows for p in packed))  # type: ignore[union-attr]
+            table.append(
+                native.LayerPtrs(
+                    norms[0].data_ptr(), norms[1].data_ptr(), plain[0].data_ptr(),
+                    None if bias is None else bias.data_ptr(), plain[1].data_ptr(), plain[2].data_ptr(),
+                    plain[3].data_ptr(), kc.data_ptr(), vc.data_ptr(), int(plain[0].dtype == torch.bfloat16),
+                    a.window,
+                )  # fmt: skip
+            )
+        self._stack_rows = min(rows)
+        arr = (native.LayerPtrs * len(table))(*table)
+        self._stack = (key, arr)
+        return arr
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

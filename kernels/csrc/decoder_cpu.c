@@ -1,0 +1,144 @@
+/* The decoder layers of a Llama-style model for a step of a few rows (batch-1 decode), in one
+ * call from Python.
+ *
+ * At one row every piece of a layer is small (the dense products stream their weights in
+ * ~0.5 ms, attention, norms and rope take microseconds) and the Python around them -- module
+ * calls, views, checks, a dozen ctypes calls -- cost ~0.3 ms per layer, a third of a `bench`
+ * decode step. Here the same kernels run in the same order with the same roundings as
+ * pagedq/models/llama.py's DecoderLayer.forward on the native path:
+ *
+ *   normed = rms_norm(x) * ln1                    add_rms_norm (no delta)
+ *   qkv    = normed @ Wqkv^T (+ bias)             gemv
+ *   rope + K/V into the cache                     rope_cache
+ *   attn   = paged attention of the Q heads       paged_attention
+ *   x, normed = x + attn @ Wo^T, rms_norm(..)*ln2 gemv, add_rms_norm
+ *   x      = x + down(silu(gate) * up)            gemv, silu_mul, gemv, one rounded add
+ *
+ * so the tokens are those of the Python path. Weights are the plain [out][in] tensors that
+ * kernels/cpu_linear.py keeps for few-row calls; the cache holds the model's dtype. Scratch is
+ * allocated once per call. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_math.h"
+
+void gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
+          int nthreads);
+void add_rms_norm_f32(const float* x, const float* delta, const float* w, float* res, float* out, int rows, int n,
+                      float eps, int nthreads);
+void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t* w, uint16_t* res, uint16_t* out,
+                       int rows, int n, float eps, int nthreads);
+void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads);
+void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int inter, int nthreads);
+void rope_cache_f32(float* qkv, int T, int H, int KVH, int D, const int64_t* pos, const float* cos_t,
+                    const float* sin_t, const int64_t* slots, float* k_cache, float* v_cache, int nthreads);
+void rope_cache_bf16(uint16_t* qkv, int T, int H, int KVH, int D, const int64_t* pos, const uint16_t* cos_t,
+                     const uint16_t* sin_t, const int64_t* slots, uint16_t* k_cache, uint16_t* v_cache, int nthreads);
+void paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+                         const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
+                         const int64_t* context_lens, float* out, int kind, int B, int H, int KVH, int D, int BS,
+                         int MAXB, float scale, int window, int nthreads);
+void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+                          const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
+                          const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D, int BS,
+                          int MAXB, float scale, int window, int nthreads);
+
+/* One layer's tensors (the field order is DecoderLayerPtrs' in kernels/native.py). */
+typedef struct {
+    const void* ln1;
+    const void* ln2;
+    const void* w_qkv;
+    const float* b_qkv; /* or NULL */
+    const void* w_o;
+    const void* w_gate_up;
+    const void* w_down;
+    void* k_cache;
+    void* v_cache;
+    int64_t w_bf16; /* the plain weights are bf16 (else float32) */
+    int64_t window;
+} LayerPtrs;
+
+/* One step's shapes and attention metadata (StepArgs in kernels/native.py). */
+typedef struct {
+    int64_t m, hidden, inter, H, KVH, D, BS, B, MAXB, nthreads;
+    float eps, scale;
+    const int64_t* positions;
+    const int64_t* slots;
+    const int64_t* block_tables;
+    const int64_t* query_start;
+    const int64_t* query_lens;
+    const int64_t* context_lens;
+    const void* cos_t;
+    const void* sin_t;
+} StepArgs;
+
+/* x: [m][hidden] residual stream in the model's dtype (x_bf16), updated in place through all
+ * `L` layers. */
+void decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const StepArgs* a) {
+    const int m = (int)a->m, hid = (int)a->hidden, inter = (int)a->inter, H = (int)a->H, KVH = (int)a->KVH;
+    const int D = (int)a->D, nt = (int)a->nthreads;
+    const int qsz = H * D, qkv_n = (H + 2 * KVH) * D;
+    const size_t es = x_bf16 ? 2 : 4;
+    const size_t elems = (size_t)m * ((size_t)hid * 3 + (size_t)qkv_n + (size_t)qsz * 2 + (size_t)inter * 3);
+    char* scratch = (char*)malloc(es * elems);
+    if (!scratch) return;
+    char* normed = scratch;
+    char* qkv = normed + es * (size_t)m * hid;
+    char* q = qkv + es * (size_t)m * qkv_n;
+    char* attn = q + es * (size_t)m * qsz;
+    char* h = attn + es * (size_t)m * qsz;
+    char* gu = h + es * (size_t)m * hid;
+    char* act = gu + es * (size_t)m * 2 * inter;
+    char* down = act + es * (size_t)m * inter;
+    for (int l = 0; l < L; l++) {
+        const LayerPtrs* p = &layers[l];
+        const int wb = (int)p->w_bf16;
+        if (x_bf16)
+            add_rms_norm_bf16((const uint16_t*)x, NULL, (const uint16_t*)p->ln1, NULL, (uint16_t*)normed, m, hid,
+                              a->eps, nt);
+        else
+            add_rms_norm_f32((const float*)x, NULL, (const float*)p->ln1, NULL, (float*)normed, m, hid, a->eps, nt);
+        gemv(normed, x_bf16, m, hid, p->w_qkv, wb, qkv_n, p->b_qkv, qkv, nt);
+        if (x_bf16)
+            rope_cache_bf16((uint16_t*)qkv, m, H, KVH, D, a->positions, (const uint16_t*)a->cos_t,
+                            (const uint16_t*)a->sin_t, a->slots, (uint16_t*)p->k_cache, (uint16_t*)p->v_cache, nt);
+        else
+            rope_cache_f32((float*)qkv, m, H, KVH, D, a->positions, (const float*)a->cos_t, (const float*)a->sin_t,
+                           a->slots, (float*)p->k_cache, (float*)p->v_cache, nt);
+        for (int r = 0; r < m; r++) /* the Q heads of each row, contiguous for the attention */
+            memcpy(q + es * (size_t)r * qsz, qkv + es * (size_t)r * qkv_n, es * (size_t)qsz);
+        if (x_bf16)
+            paged_attention_bf16((const uint16_t*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
+                                 a->query_start, a->query_lens, a->context_lens, (uint16_t*)attn, 0, (int)a->B, H,
+                                 KVH, D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
+        else
+            paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
+                                a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
+                                D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
+        gemv(attn, x_bf16, m, qsz, p->w_o, wb, hid, NULL, h, nt);
+        if (x_bf16)
+            add_rms_norm_bf16((const uint16_t*)x, (const uint16_t*)h, (const uint16_t*)p->ln2, (uint16_t*)x,
+                              (uint16_t*)normed, m, hid, a->eps, nt);
+        else
+            add_rms_norm_f32((const float*)x, (const float*)h, (const float*)p->ln2, (float*)x, (float*)normed, m,
+                             hid, a->eps, nt);
+        gemv(normed, x_bf16, m, hid, p->w_gate_up, wb, 2 * inter, NULL, gu, nt);
+        if (x_bf16)
+            silu_mul_bf16((const uint16_t*)gu, (uint16_t*)act, m, inter, nt);
+        else
+            silu_mul_f32((const float*)gu, (float*)act, m, inter, nt);
+        gemv(act, x_bf16, m, inter, p->w_down, wb, hid, NULL, down, nt);
+        const int64_t n = (int64_t)m * hid;
+        if (x_bf16) {
+            uint16_t* xs = (uint16_t*)x;
+            const uint16_t* ds = (const uint16_t*)down;
+            for (int64_t i = 0; i < n; i++) xs[i] = f32_to_bf16(bf16_to_f32(xs[i]) + bf16_to_f32(ds[i]));
+        } else {
+            float* xs = (float*)x;
+            const float* ds = (const float*)down;
+            for (int64_t i = 0; i < n; i++) xs[i] += ds[i];
+        }
+    }
+    free(scratch);
+}
