@@ -20,9 +20,10 @@
 #endif
 
 #define TILE_N 4
-/* The tile's rows are contiguous: while it is read as four streams, the same number of bytes two
- * tiles ahead is prefetched as one (a row of a small model is only 1-3 KB, too short for the
- * hardware prefetcher to ramp up on each; on `bench`'s LM head this took 12.5 to 17.6 GB/s). */
+/* The tile's rows are contiguous: while it is read as four streams, the same number of bytes
+ * ~18 KB ahead (two float32 tiles, four bf16 ones at K = 576) is prefetched as one (a row of a
+ * small model is only 1-3 KB, too short for the hardware prefetcher to ramp up on each; on
+ * `bench`'s LM head this took 12.5 to 17.6 GB/s, and bf16's whole step 25 to 22 ms). */
 #define PREFETCH_NEXT(base, off)                                         \
     {                                                                    \
         _mm_prefetch((base) + (off), _MM_HINT_T0);                       \
@@ -59,7 +60,7 @@ static void tile(const float* x, int rows, int k, const void* w, int bf16, int n
         const float* x1 = x + (rows > 1 ? k : 0); /* a second row, or the first again (discarded) */
         if (bf16) {
             const uint16_t* w0 = (const uint16_t*)w + (int64_t)n0 * k;
-            const char* next = (const char*)(w0 + 2 * TILE_N * (int64_t)k); /* two tiles ahead, prefetched */
+            const char* next = (const char*)(w0 + 4 * TILE_N * (int64_t)k); /* four tiles ahead: the bytes of two float32 tiles */
             for (; kk + 8 <= k; kk += 8) {
                 PREFETCH_NEXT(next, kk * 2 * TILE_N)
                 const __m256 xa = load8(x + kk), xb = load8(x1 + kk);
