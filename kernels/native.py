@@ -46,7 +46,13 @@ logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SRCS = [
     os.path.join(_CSRC, name)
-    for name in ("paged_attention_cpu.c", "woq_gemm_cpu.c", "elementwise_cpu.c", "gemv_cpu.c", "decoder_cpu.c")
+    for name in (
+        "paged_attention_cpu.c",
+        "woq_gemm_cpu.c",
+        "elementwise_cpu.c",
+        "gemv_cpu.c",
+        "decoder_cpu.c",
+    )
 ]
 _FLAGS = [
     "-O3",
@@ -171,18 +177,26 @@ class LayerPtrs(ctypes.Structure):
     ] + [("w_bf16", ctypes.c_int64), ("window", ctypes.c_int64)]
 
 
+_STEP_INTS = ("m", "hidden", "inter", "H", "KVH", "D", "BS", "B", "MAXB", "nthreads")
+_STEP_PTRS = (
+    "positions",
+    "slots",
+    "block_tables",
+    "query_start",
+    "query_lens",
+    "context_lens",
+    "cos_t",
+    "sin_t",
+)
+
+
 class StepArgs(ctypes.Structure):
     """One step's shapes and attention metadata (``StepArgs`` of csrc/decoder_cpu.c)."""
 
     _fields_ = (
-        [(n, ctypes.c_int64) for n in ("m", "hidden", "inter", "H", "KVH", "D", "BS", "B", "MAXB", "nthreads")]
+        [(n, ctypes.c_int64) for n in _STEP_INTS]
         + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
-        + [
-            (n, ctypes.c_void_p)
-            for n in (
-                "positions", "slots", "block_tables", "query_start", "query_lens", "context_lens", "cos_t", "sin_t",
-            )
-        ]  # fmt: skip
+        + [(n, ctypes.c_void_p) for n in _STEP_PTRS]
     )
 
 

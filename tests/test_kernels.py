@@ -266,7 +266,10 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
 
     def run():
         with LLM(model, dtype=dtype) as llm:
-            outs = [llm.generate(PROMPTS[:1], sp, use_tqdm=False), llm.generate(PROMPTS[:4], sp, use_tqdm=False)]
+            outs = [
+                llm.generate(PROMPTS[:1], sp, use_tqdm=False),
+                llm.generate(PROMPTS[:4], sp, use_tqdm=False),
+            ]
         return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
 
     fast = run()

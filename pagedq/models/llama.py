@@ -249,6 +249,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self._stack: tuple[tuple, ctypes.Array] | None = None  # the native decoder stack's pointers
         self._stack_rows = 0
+        self._stack_attn: Attention | None = None  # a layer's attention: the heads and scale
 
     def forward(
         self,
@@ -287,21 +288,24 @@ class LlamaForCausalLM(nn.Module):
         layers = self._stack_pointers(kv_caches, x.dtype)
         if layers is None or x.shape[0] > self._stack_rows:
             return False
-        cfg, attn = self.config, self.layers[0].self_attn
-        k0 = kv_caches[0][0]
-        assert meta.query_start is not None and meta.query_lens is not None and meta.context_lens is not None
-        step = (positions, meta.slot_mapping, meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens)
+        cfg, attn = self.config, self._stack_attn
+        bt, qs, ql, cl = meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens
+        if attn is None or qs is None or ql is None or cl is None:
+            return False
+        step = (positions, meta.slot_mapping, bt, qs, ql, cl)
         if not all(t.dtype == torch.int64 and t.is_contiguous() for t in step):
             return False
         args = native.StepArgs(
             x.shape[0], cfg.hidden_size, cfg.intermediate_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-            k0.shape[1], meta.context_lens.shape[0], meta.block_tables.shape[1], torch.get_num_threads(),
-            self.norm.eps, attn.scale, *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
+            kv_caches[0][0].shape[1], cl.shape[0], bt.shape[1], torch.get_num_threads(), self.norm.eps, attn.scale,
+            *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
         )  # fmt: skip
         native.decoder_layers(layers, x, args)
         return True
 
-    def _stack_pointers(self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> ctypes.Array | None:
+    def _stack_pointers(
+        self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype
+    ) -> ctypes.Array | None:
         """The layers' pointer table for ``native.decoder_layers``, built once per set of packed
         weights and caches; None where the stack does not qualify."""
         key = (cpu_linear.generation, kv_caches[0][0].data_ptr(), len(kv_caches), dtype)
@@ -315,26 +319,27 @@ class LlamaForCausalLM(nn.Module):
             if type(layer) is not DecoderLayer:
                 return None
             a, mlp = layer.self_attn, layer.mlp
-            linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            packed = [lin.packed if isinstance(lin, Linear) else None for lin in linears]
-            if any(p is None or p.plain is None or p.dtype != dtype for p in packed):
-                return None
-            plain = [p.plain for p in packed]  # type: ignore[union-attr]
-            if len({w.dtype for w in plain}) != 1 or any(p.bias is not None for p in packed[1:]):  # type: ignore[union-attr]
+            packed: list[cpu_linear.PackedWeight] = []
+            for lin in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                p = lin.packed if isinstance(lin, Linear) else None
+                if p is None or p.plain is None or p.dtype != dtype or (packed and p.bias is not None):
+                    return None  # no plain weight, or a bias the C code does not add (only QKV's)
+                packed.append(p)
+            plain = [p.plain for p in packed if p.plain is not None]
+            if len({w.dtype for w in plain}) != 1:
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
                 return None
-            bias = packed[0].bias  # type: ignore[union-attr]
-            rows.append(min(p.gemv_rows for p in packed))  # type: ignore[union-attr]
-            table.append(
-                native.LayerPtrs(
-                    norms[0].data_ptr(), norms[1].data_ptr(), plain[0].data_ptr(),
-                    None if bias is None else bias.data_ptr(), plain[1].data_ptr(), plain[2].data_ptr(),
-                    plain[3].data_ptr(), kc.data_ptr(), vc.data_ptr(), int(plain[0].dtype == torch.bfloat16),
-                    a.window,
-                )  # fmt: skip
-            )
+            bias = packed[0].bias
+            rows.append(min(p.gemv_rows for p in packed))
+            ptrs = native.LayerPtrs(
+                norms[0].data_ptr(), norms[1].data_ptr(), plain[0].data_ptr(),
+                None if bias is None else bias.data_ptr(), plain[1].data_ptr(), plain[2].data_ptr(),
+                plain[3].data_ptr(), kc.data_ptr(), vc.data_ptr(), int(plain[0].dtype == torch.bfloat16), a.window,
+            )  # fmt: skip
+            table.append(ptrs)
+            self._stack_attn = a
         self._stack_rows = min(rows)
         arr = (native.LayerPtrs * len(table))(*table)
         self._stack = (key, arr)
