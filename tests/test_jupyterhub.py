@@ -342,7 +342,9 @@ WAIT_IN_BACKGROUND = """
 import pagedq, threading, time
 
 engine = pagedq.connect(read_timeout=20)
-gen = engine.submit("def f(", pagedq.SamplingParams(max_tokens=1500, ignore_eos=True))
+# 16 samples of 508 tokens: ~7 s of work here, far beyond the 2 s grace (one sample of
+# pagedq-tiny now finishes in ~1 s, inside the grace, which is a legitimate finish)
+gen = engine.submit("def f(", pagedq.SamplingParams(max_tokens=1500, ignore_eos=True, n=16))
 while gen.latest is None:
     time.sleep(0.05)
 outcome = {}

@@ -21,7 +21,7 @@
 
 #define TILE_N 4
 /* The tile's rows are contiguous: while it is read as four streams, the same number of bytes
- * ~18 KB ahead (two float32 tiles, four bf16 ones at K = 576) is prefetched as one (a row of a
+ * ~18 KB ahead (two float32 tiles, four bf16 ones) is prefetched as one (a row of a
  * small model is only 1-3 KB, too short for the hardware prefetcher to ramp up on each; on
  * `bench`'s LM head this took 12.5 to 17.6 GB/s, and bf16's whole step 25 to 22 ms). */
 #define PREFETCH_NEXT(base, off)                                         \
@@ -48,6 +48,26 @@ static inline float weight_at(const void* w, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
 }
 
+#ifdef __AVX2__
+/* one k-loop for either weight type: LOAD widens 8 weights of type WT to float32; the prefetch
+ * runs ~18 KB (8 * TILE_N * k bytes) ahead, whatever the weight's size */
+#define TILE_LOOP(WT, LOAD)                                                                        \
+    {                                                                                              \
+        const WT* w0 = (const WT*)w + (int64_t)n0 * k;                                             \
+        const char* next = (const char*)w0 + 8 * TILE_N * (int64_t)k;                              \
+        for (; kk + 8 <= k; kk += 8) {                                                             \
+            PREFETCH_NEXT(next, kk * (int64_t)sizeof(WT) * TILE_N)                                 \
+            const __m256 xa = load8(x + kk), xb = load8(x1 + kk);                                  \
+            const __m256 b0 = LOAD(w0 + kk), b1 = LOAD(w0 + k + kk);                               \
+            const __m256 b2 = LOAD(w0 + 2 * (int64_t)k + kk), b3 = LOAD(w0 + 3 * (int64_t)k + kk); \
+            a00 = _mm256_fmadd_ps(b0, xa, a00), a01 = _mm256_fmadd_ps(b1, xa, a01);               \
+            a02 = _mm256_fmadd_ps(b2, xa, a02), a03 = _mm256_fmadd_ps(b3, xa, a03);               \
+            a10 = _mm256_fmadd_ps(b0, xb, a10), a11 = _mm256_fmadd_ps(b1, xb, a11);               \
+            a12 = _mm256_fmadd_ps(b2, xb, a12), a13 = _mm256_fmadd_ps(b3, xb, a13);               \
+        }                                                                                          \
+    }
+#endif
+
 /* acc[r][j] = dot(x row r0 + r, w row n0 + j) for r < rows (1 or 2), j < cols (1..4) */
 static void tile(const float* x, int rows, int k, const void* w, int bf16, int n0, int cols, float acc[2][TILE_N]) {
     int kk = 0;
@@ -58,33 +78,10 @@ static void tile(const float* x, int rows, int k, const void* w, int bf16, int n
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
         __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
         const float* x1 = x + (rows > 1 ? k : 0); /* a second row, or the first again (discarded) */
-        if (bf16) {
-            const uint16_t* w0 = (const uint16_t*)w + (int64_t)n0 * k;
-            const char* next = (const char*)(w0 + 4 * TILE_N * (int64_t)k); /* four tiles ahead: the bytes of two float32 tiles */
-            for (; kk + 8 <= k; kk += 8) {
-                PREFETCH_NEXT(next, kk * 2 * TILE_N)
-                const __m256 xa = load8(x + kk), xb = load8(x1 + kk);
-                const __m256 b0 = load8_bf16(w0 + kk), b1 = load8_bf16(w0 + k + kk);
-                const __m256 b2 = load8_bf16(w0 + 2 * (int64_t)k + kk), b3 = load8_bf16(w0 + 3 * (int64_t)k + kk);
-                a00 = _mm256_fmadd_ps(b0, xa, a00), a01 = _mm256_fmadd_ps(b1, xa, a01);
-                a02 = _mm256_fmadd_ps(b2, xa, a02), a03 = _mm256_fmadd_ps(b3, xa, a03);
-                a10 = _mm256_fmadd_ps(b0, xb, a10), a11 = _mm256_fmadd_ps(b1, xb, a11);
-                a12 = _mm256_fmadd_ps(b2, xb, a12), a13 = _mm256_fmadd_ps(b3, xb, a13);
-            }
-        } else {
-            const float* w0 = (const float*)w + (int64_t)n0 * k;
-            const char* next = (const char*)(w0 + 2 * TILE_N * (int64_t)k);
-            for (; kk + 8 <= k; kk += 8) {
-                PREFETCH_NEXT(next, kk * 4 * TILE_N)
-                const __m256 xa = load8(x + kk), xb = load8(x1 + kk);
-                const __m256 b0 = load8(w0 + kk), b1 = load8(w0 + k + kk);
-                const __m256 b2 = load8(w0 + 2 * (int64_t)k + kk), b3 = load8(w0 + 3 * (int64_t)k + kk);
-                a00 = _mm256_fmadd_ps(b0, xa, a00), a01 = _mm256_fmadd_ps(b1, xa, a01);
-                a02 = _mm256_fmadd_ps(b2, xa, a02), a03 = _mm256_fmadd_ps(b3, xa, a03);
-                a10 = _mm256_fmadd_ps(b0, xb, a10), a11 = _mm256_fmadd_ps(b1, xb, a11);
-                a12 = _mm256_fmadd_ps(b2, xb, a12), a13 = _mm256_fmadd_ps(b3, xb, a13);
-            }
-        }
+        if (bf16)
+            TILE_LOOP(uint16_t, load8_bf16)
+        else
+            TILE_LOOP(float, load8)
         acc[0][0] = hsum8(a00), acc[0][1] = hsum8(a01), acc[0][2] = hsum8(a02), acc[0][3] = hsum8(a03);
         acc[1][0] = hsum8(a10), acc[1][1] = hsum8(a11), acc[1][2] = hsum8(a12), acc[1][3] = hsum8(a13);
     }

@@ -172,4 +172,4 @@ def report(speeds: dict[str, list[float]]) -> None:
     print(f"{'engine':<18}{'tok/s':>9}{'pagedq /':>10}   runs")
     for name, runs in speeds.items():
         med = statistics.median(runs)
-        print(f"{name:<18}{med:>9.1f}{ours / med:>9.2f}x   " + " / ".join(f"{s:.1f}" for s in runs))
+        print(f"{name:<18}{med:>9.1f} {ours / med:>8.2f}x   " + " / ".join(f"{s:.1f}" for s in runs))
