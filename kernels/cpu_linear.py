@@ -142,11 +142,13 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = 
     b = None if bias is None else bias.detach().to(cdt).contiguous()
     out_f, in_f = w.shape
     nbytes = w.numel() * w.element_size()
-    plain, rows = None, 0
-    if cdt == torch.float32 and gemv_rows() > 0 and native.gemv_supports(weight):
-        plain, rows = weight.detach().contiguous(), gemv_rows()
+    plain, rows = None, gemv_rows()
+    if cdt == torch.float32 and rows > 0 and native.gemv_supports(weight):
+        plain = weight.detach().contiguous()
         nbytes += 0 if shared else plain.numel() * plain.element_size()
-    return PackedWeight(packed, b, out_f, in_f, weight.dtype, cdt, nbytes, plain, rows)
+    return PackedWeight(
+        packed, b, out_f, in_f, weight.dtype, cdt, nbytes, plain, rows if plain is not None else 0
+    )
 
 
 def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:

@@ -138,7 +138,7 @@ def _build() -> ctypes.CDLL | None:
         silu = getattr(lib, f"silu_mul_{suffix}")
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
-    lib.gemv.restype = None
+    lib.gemv.restype = ctypes.c_int
     lib.gemv.argtypes = (
         [ctypes.c_void_p]
         + [ctypes.c_int] * 3
@@ -150,7 +150,7 @@ def _build() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
     )
-    lib.decoder_layers.restype = None
+    lib.decoder_layers.restype = ctypes.c_int
     lib.decoder_layers.argtypes = [
         ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
     ]  # fmt: skip
@@ -206,7 +206,10 @@ def decoder_layers(layers: ctypes.Array, x: torch.Tensor, args: StepArgs) -> Non
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available")
-    lib.decoder_layers(layers, len(layers), x.data_ptr(), int(x.dtype == torch.bfloat16), ctypes.byref(args))
+    if lib.decoder_layers(
+        layers, len(layers), x.data_ptr(), int(x.dtype == torch.bfloat16), ctypes.byref(args)
+    ):
+        raise MemoryError("decoder_layers: no memory for the step's scratch")
 
 
 def library() -> ctypes.CDLL | None:
@@ -396,10 +399,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("gemv: bias must be a contiguous float32 vector of the output size")
     y = x.new_empty(m, n)
-    lib.gemv(
+    status = lib.gemv(
         x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
         n, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    if status:
+        raise MemoryError(f"gemv: no memory to widen a {m} x {k} input")
     return y
 
 

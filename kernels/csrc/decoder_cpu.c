@@ -23,8 +23,8 @@
 
 #include "cpu_math.h"
 
-void gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
-          int nthreads);
+int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
+         int nthreads);
 void add_rms_norm_f32(const float* x, const float* delta, const float* w, float* res, float* out, int rows, int n,
                       float eps, int nthreads);
 void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t* w, uint16_t* res, uint16_t* out,
@@ -44,7 +44,7 @@ void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, con
                           const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D, int BS,
                           int MAXB, float scale, int window, int nthreads);
 
-/* One layer's tensors (the field order is DecoderLayerPtrs' in kernels/native.py). */
+/* One layer's tensors (the field order is LayerPtrs' in kernels/native.py). */
 typedef struct {
     const void* ln1;
     const void* ln2;
@@ -74,15 +74,15 @@ typedef struct {
 } StepArgs;
 
 /* x: [m][hidden] residual stream in the model's dtype (x_bf16), updated in place through all
- * `L` layers. */
-void decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const StepArgs* a) {
+ * `L` layers. Returns 0, or -1 (x untouched) when the scratch cannot be allocated. */
+int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const StepArgs* a) {
     const int m = (int)a->m, hid = (int)a->hidden, inter = (int)a->inter, H = (int)a->H, KVH = (int)a->KVH;
     const int D = (int)a->D, nt = (int)a->nthreads;
     const int qsz = H * D, qkv_n = (H + 2 * KVH) * D;
     const size_t es = x_bf16 ? 2 : 4;
     const size_t elems = (size_t)m * ((size_t)hid * 3 + (size_t)qkv_n + (size_t)qsz * 2 + (size_t)inter * 3);
     char* scratch = (char*)malloc(es * elems);
-    if (!scratch) return;
+    if (!scratch) return -1;
     char* normed = scratch;
     char* qkv = normed + es * (size_t)m * hid;
     char* q = qkv + es * (size_t)m * qkv_n;
@@ -141,4 +141,5 @@ void decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const S
         }
     }
     free(scratch);
+    return 0;
 }

@@ -98,11 +98,12 @@ static void tile(const float* x, int rows, int k, const void* w, int bf16, int n
 }
 
 /* x: [m][k] float32 (x_bf16 = 0) or bf16; w: [n][k] float32 (w_bf16 = 0) or bf16; bias: [n]
- * float32 or NULL; y: [m][n] in x's dtype. */
-void gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
-          int nthreads) {
+ * float32 or NULL; y: [m][n] in x's dtype. Returns 0, or -1 (y unwritten) when the widened
+ * input cannot be allocated. */
+int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
+         int nthreads) {
     float* xf = (float*)malloc(sizeof(float) * (size_t)m * (size_t)k);
-    if (!xf) return;
+    if (!xf) return -1;
     for (int64_t i = 0; i < (int64_t)m * k; i++)
         xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
     const int tiles = (n + TILE_N - 1) / TILE_N;
@@ -125,4 +126,5 @@ void gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, in
         }
     }
     free(xf);
+    return 0;
 }

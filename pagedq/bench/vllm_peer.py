@@ -25,7 +25,6 @@ def main() -> None:
     llm = LLM(model=model, dtype=dtype, max_model_len=2048, seed=0)
     startup = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w["output_lens"]]
     if w.get("mode") == "decode":
         # batch-1 decode, timed as pagedq's: ``n + 1`` tokens minus the first (the prefill),
         # after one warm-up request
@@ -47,6 +46,7 @@ def main() -> None:
             seconds.append(timed(n + 1) - first[-1])
         print("PAGEDQ_PEER_RESULT " + json.dumps({"startup": startup, "seconds": seconds, "first": first}))
         return
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w["output_lens"]]
     seconds = []
     for _ in range(runs):
         llm.reset_prefix_cache()  # every run starts cold, as pagedq's do

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(normed)
 
 
+@dataclass
+class NativeStack:
+    """The pointer table ``native.decoder_layers`` runs, and what it was built for: ``key``
+    (packing generation, cache address, layer count, dtype); ``layers`` None where the model
+    does not qualify; ``rows``, the most rows a step may have; ``attn``, a layer's attention
+    (heads, head size, scale)."""
+
+    key: tuple
+    layers: ctypes.Array | None = None
+    rows: int = 0
+    attn: Attention | None = None
+
+
 class LlamaForCausalLM(nn.Module):
     # What the registry, the loader and the quantizers read (a subclass overrides what differs):
     hf_model_type = "llama"  # transformers' model_type (and its Config / ForCausalLM classes)
@@ -247,9 +261,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # tied embeddings, packed
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self._stack: tuple[tuple, ctypes.Array] | None = None  # the native decoder stack's pointers
-        self._stack_rows = 0
-        self._stack_attn: Attention | None = None  # a layer's attention: the heads and scale
+        self._stack: NativeStack | None = None  # the native decoder stack's pointers, once built
 
     def forward(
         self,
@@ -285,12 +297,12 @@ class LlamaForCausalLM(nn.Module):
             or len(kv_caches[0]) != 2
         ):
             return False
-        layers = self._stack_pointers(kv_caches, x.dtype)
-        if layers is None or x.shape[0] > self._stack_rows:
+        stack = self._stack_pointers(kv_caches, x.dtype)
+        if stack.layers is None or stack.attn is None or x.shape[0] > stack.rows:
             return False
-        cfg, attn = self.config, self._stack_attn
+        cfg, attn = self.config, stack.attn
         bt, qs, ql, cl = meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens
-        if attn is None or qs is None or ql is None or cl is None:
+        if qs is None or ql is None or cl is None:
             return False
         step = (positions, meta.slot_mapping, bt, qs, ql, cl)
         if not all(t.dtype == torch.int64 and t.is_contiguous() for t in step):
@@ -300,37 +312,40 @@ class LlamaForCausalLM(nn.Module):
             kv_caches[0][0].shape[1], cl.shape[0], bt.shape[1], torch.get_num_threads(), self.norm.eps, attn.scale,
             *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
         )  # fmt: skip
-        native.decoder_layers(layers, x, args)
+        native.decoder_layers(stack.layers, x, args)
         return True
 
-    def _stack_pointers(
-        self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype
-    ) -> ctypes.Array | None:
+    def _stack_pointers(self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> NativeStack:
         """The layers' pointer table for ``native.decoder_layers``, built once per set of packed
-        weights and caches; None where the stack does not qualify."""
+        weights and caches (``layers`` None where the stack does not qualify)."""
         key = (cpu_linear.generation, kv_caches[0][0].data_ptr(), len(kv_caches), dtype)
-        if self._stack is not None and self._stack[0] == key:
-            return self._stack[1]
-        self._stack = (key, None)  # type: ignore[assignment]
+        if self._stack is None or self._stack.key != key:
+            self._stack = self._build_stack(kv_caches, dtype, key)
+        return self._stack
+
+    def _build_stack(
+        self, kv_caches: list[tuple[torch.Tensor, ...]], dtype: torch.dtype, key: tuple
+    ) -> NativeStack:
+        refused = NativeStack(key)
         if native.library() is None or self.config.qk_norm or self.rope.cos.dtype != dtype:
-            return None
+            return refused
         rows, table = [], []
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             if type(layer) is not DecoderLayer:
-                return None
+                return refused
             a, mlp = layer.self_attn, layer.mlp
             packed: list[cpu_linear.PackedWeight] = []
             for lin in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 p = lin.packed if isinstance(lin, Linear) else None
                 if p is None or p.plain is None or p.dtype != dtype or (packed and p.bias is not None):
-                    return None  # no plain weight, or a bias the C code does not add (only QKV's)
+                    return refused  # no plain weight, or a bias the C code does not add (only QKV's)
                 packed.append(p)
             plain = [p.plain for p in packed if p.plain is not None]
             if len({w.dtype for w in plain}) != 1:
-                return None
+                return refused
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
-                return None
+                return refused
             bias = packed[0].bias
             rows.append(min(p.gemv_rows for p in packed))
             ptrs = native.LayerPtrs(
@@ -339,11 +354,7 @@ class LlamaForCausalLM(nn.Module):
                 plain[3].data_ptr(), kc.data_ptr(), vc.data_ptr(), int(plain[0].dtype == torch.bfloat16), a.window,
             )  # fmt: skip
             table.append(ptrs)
-            self._stack_attn = a
-        self._stack_rows = min(rows)
-        arr = (native.LayerPtrs * len(table))(*table)
-        self._stack = (key, arr)
-        return arr
+        return NativeStack(key, (native.LayerPtrs * len(table))(*table), min(rows), a)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
