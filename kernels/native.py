@@ -16,9 +16,10 @@ streaming it once at the memory's speed (``gemv``; used by :mod:`.cpu_linear` be
 the kernels above in the order and with the roundings of the model's Python code
 (``decoder_layers``; ``LlamaForCausalLM.forward`` decides when).
 
-``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16
-(``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``): torch's weight-only kernels
-convert the weight again every few rows and fall behind a bf16 GEMM from ~8 rows on.
+``csrc/woq_gemm_cpu.c`` multiplies bf16 activations by int8/int4 weight codes with AVX-512 BF16,
+or in float32 with AVX2 + FMA (``woq_gemm``; ``NativeQuantLinear`` in ``pagedq.quant.linear``):
+torch's weight-only kernels convert the weight again every few rows and fall behind a bf16 GEMM
+from ~8 rows on.
 
 The library is compiled once per source version and CPU (``-march=native``) into
 ``$PAGEDQ_CACHE/native`` and loaded with ctypes (which releases the GIL during the call).
@@ -156,7 +157,7 @@ def _build() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
-    lib.woq_gemm_bf16.restype = None
+    lib.woq_gemm_bf16.restype = ctypes.c_int
     woq_args: list[Any] = (
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         + [ctypes.c_void_p] * 2
@@ -168,13 +169,26 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
-class LayerPtrs(ctypes.Structure):
-    """One decoder layer's tensors for ``decoder_layers`` (``LayerPtrs`` of csrc/decoder_cpu.c)."""
+class QuantPtrs(ctypes.Structure):
+    """A projection held as int8/int4 codes for ``decoder_layers`` (``QuantPtrs`` of
+    csrc/decoder_cpu.c): ``woq_gemm``'s tensors, the act-order ``perm`` (int64) and a bf16 bias."""
 
-    _fields_ = [
-        (name, ctypes.c_void_p)
-        for name in ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "k_cache", "v_cache")
-    ] + [("w_bf16", ctypes.c_int64), ("window", ctypes.c_int64)]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("codes", "scales", "zeros", "perm", "bias")] + [
+        (name, ctypes.c_int64) for name in ("bits", "group", "kc", "np")
+    ]
+
+
+_LAYER_FIELDS: Any = [
+    (name, ctypes.c_void_p)
+    for name in ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "k_cache", "v_cache")
+] + [("w_bf16", ctypes.c_int64), ("window", ctypes.c_int64), ("q", ctypes.c_void_p * 4)]
+
+
+class LayerPtrs(ctypes.Structure):
+    """One decoder layer's tensors for ``decoder_layers`` (``LayerPtrs`` of csrc/decoder_cpu.c);
+    ``q``: pointers to the :class:`QuantPtrs` of qkv, o, gate_up, down where those are quantized."""
+
+    _fields_ = _LAYER_FIELDS
 
 
 _STEP_INTS = ("m", "hidden", "inter", "H", "KVH", "D", "BS", "B", "MAXB", "nthreads")
@@ -409,7 +423,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def woq_supported() -> bool:
-    """Whether the weight-only-quantized GEMM can run here (built, and the CPU has AVX-512 BF16)."""
+    """Whether the weight-only-quantized GEMM can run here (built, and the CPU has AVX-512 BF16 or
+    AVX2 + FMA)."""
     lib = library()
     return lib is not None and bool(lib.woq_available())
 
@@ -432,8 +447,10 @@ def woq_gemm(
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see woq_supported)")
-    lib.woq_gemm_bf16(
+    status = lib.woq_gemm_bf16(
         x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), zeros.data_ptr(), group, kc,
         y.data_ptr(), out_features, scales.shape[1], torch.get_num_threads(),
     )  # fmt: skip
+    if status:
+        raise MemoryError(f"woq_gemm: no memory for the scratch of a {m} x {k} input")
     return y

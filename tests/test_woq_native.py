@@ -142,3 +142,51 @@ def test_quantized_model_in_bf16_follows_its_dequantized_twin(
         assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     for g, r in zip(got, ref):
         assert (g - r).abs().max() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("arch", "fmt", "bits", "group", "sym", "act_order"),
+    [c for c in MODEL_CASES if c[0] != "granite"],
+)
+def test_the_native_stack_runs_quantized_layers_with_the_python_paths_tokens(
+    model_factory, tmp_path, monkeypatch, arch, fmt, bits, group, sym, act_order
+):
+    """Batch-1 decode of a bf16 model with int8/int4 projections runs every layer in one native
+    call (``native.decoder_layers`` with ``QuantPtrs``): the act-order permutation, Qwen2's QKV
+    bias (added after the rounded product, as the module adds it) and the group epilogue are
+    those of ``NativeQuantLinear``, so tokens and log-probabilities equal the Python path's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pagedq.models.llama import LlamaForCausalLM
+
+    src = str(tmp_path / "src")  # transformers initialises biases to zero: give them values
+    shutil.copytree(model_factory(arch), src)
+    tensors = load_file(f"{src}/model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for name, t in tensors.items():
+        if name.endswith(".bias"):
+            tensors[name] = (torch.randn(t.shape, generator=g) * 0.5).to(t.dtype)
+    save_file(tensors, f"{src}/model.safetensors", metadata={"format": "pt"})
+    qdir = str(tmp_path / "q")
+    write_quantized(src, qdir, str(tmp_path / "d"), fmt, bits, group, sym, act_order)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    calls = []
+    stack = native.decoder_layers
+    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+
+    def run():
+        with LLM(qdir, dtype="bfloat16") as llm:
+            assert isinstance(llm.engine.runner.model.layers[0].self_attn.qkv_proj, NativeQuantLinear)
+            outs = [
+                llm.generate(PROMPTS[:1], sp, use_tqdm=False),
+                llm.generate(PROMPTS[:3], sp, use_tqdm=False),
+            ]
+        return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
+
+    fast = run()
+    assert sorted(set(calls)) == [1, 3]  # every decode step, never a prompt
+    assert len(calls) == 2 * 9
+    monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
+    assert run() == fast

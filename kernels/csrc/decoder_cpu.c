@@ -15,7 +15,8 @@
  *   x      = x + down(silu(gate) * up)            gemv, silu_mul, gemv, one rounded add
  *
  * so the tokens are those of the Python path. Weights are the plain [out][in] tensors that
- * kernels/cpu_linear.py keeps for few-row calls; the cache holds the model's dtype. Scratch is
+ * kernels/cpu_linear.py keeps for few-row calls, or (bf16 models) the int8/int4 codes of
+ * NativeQuantLinear run by woq_gemm_bf16; the cache holds the model's dtype. Scratch is
  * allocated once per call. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,6 +45,21 @@ void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, con
                           const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D, int BS,
                           int MAXB, float scale, int window, int nthreads);
 
+int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
+                  const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads);
+
+/* A projection held as weight-only-quantized codes (NativeQuantLinear; QuantPtrs in
+ * kernels/native.py): woq_gemm_bf16's arguments, the act-order permutation of the input
+ * channels (or NULL) and a bf16 bias added after the product is rounded, as the module adds it. */
+typedef struct {
+    const void* codes;
+    const float* scales;
+    const uint8_t* zeros;
+    const int64_t* perm;
+    const uint16_t* bias;
+    int64_t bits, group, kc, np;
+} QuantPtrs;
+
 /* One layer's tensors (the field order is LayerPtrs' in kernels/native.py). */
 typedef struct {
     const void* ln1;
@@ -57,6 +73,7 @@ typedef struct {
     void* v_cache;
     int64_t w_bf16; /* the plain weights are bf16 (else float32) */
     int64_t window;
+    const QuantPtrs* q[4]; /* qkv, o, gate_up, down held quantized (bf16 models), else NULL */
 } LayerPtrs;
 
 /* One step's shapes and attention metadata (StepArgs in kernels/native.py). */
@@ -73,16 +90,46 @@ typedef struct {
     const void* sin_t;
 } StepArgs;
 
+/* y [m][n] = x [m][k] @ W^T (+ bias) for a plain weight w or quantized codes q; tmp holds
+ * m * k elements (the permuted input). Returns gemv's / woq_gemm_bf16's status. */
+static int dense(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, const QuantPtrs* q, int n,
+                 const float* bias, void* y, uint16_t* tmp, int nt) {
+    if (!q) return gemv(x, x_bf16, m, k, w, w_bf16, n, bias, y, nt);
+    const uint16_t* xin = (const uint16_t*)x;
+    if (q->perm) {
+        for (int r = 0; r < m; r++)
+            for (int i = 0; i < k; i++) tmp[(size_t)r * k + i] = xin[(size_t)r * k + q->perm[i]];
+        xin = tmp;
+    }
+    uint16_t* out = (uint16_t*)y;
+    if (woq_gemm_bf16(xin, m, k, q->codes, (int)q->bits, q->scales, q->zeros, (int)q->group, (int)q->kc, out, n,
+                      (int)q->np, nt))
+        return -1;
+    if (q->bias)
+        for (int r = 0; r < m; r++)
+            for (int i = 0; i < n; i++)
+                out[(size_t)r * n + i] = f32_to_bf16(bf16_to_f32(out[(size_t)r * n + i]) + bf16_to_f32(q->bias[i]));
+    return 0;
+}
+
 /* x: [m][hidden] residual stream in the model's dtype (x_bf16), updated in place through all
- * `L` layers. Returns 0, or -1 (x untouched) when the scratch cannot be allocated. */
+ * `L` layers. Returns 0, or -1 when scratch memory could not be allocated (x is then not the
+ * step's result: the caller raises). */
 int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const StepArgs* a) {
     const int m = (int)a->m, hid = (int)a->hidden, inter = (int)a->inter, H = (int)a->H, KVH = (int)a->KVH;
     const int D = (int)a->D, nt = (int)a->nthreads;
     const int qsz = H * D, qkv_n = (H + 2 * KVH) * D;
     const size_t es = x_bf16 ? 2 : 4;
     const size_t elems = (size_t)m * ((size_t)hid * 3 + (size_t)qkv_n + (size_t)qsz * 2 + (size_t)inter * 3);
+    const size_t widest = (size_t)(hid > inter ? (hid > qsz ? hid : qsz) : (inter > qsz ? inter : qsz));
+    uint16_t* tmp = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)m * widest);
     char* scratch = (char*)malloc(es * elems);
-    if (!scratch) return -1;
+    int status = 0;
+    if (!scratch || !tmp) {
+        free(scratch);
+        free(tmp);
+        return -1;
+    }
     char* normed = scratch;
     char* qkv = normed + es * (size_t)m * hid;
     char* q = qkv + es * (size_t)m * qkv_n;
@@ -91,7 +138,7 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
     char* gu = h + es * (size_t)m * hid;
     char* act = gu + es * (size_t)m * 2 * inter;
     char* down = act + es * (size_t)m * inter;
-    for (int l = 0; l < L; l++) {
+    for (int l = 0; l < L && !status; l++) {
         const LayerPtrs* p = &layers[l];
         const int wb = (int)p->w_bf16;
         if (x_bf16)
@@ -99,7 +146,7 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
                               a->eps, nt);
         else
             add_rms_norm_f32((const float*)x, NULL, (const float*)p->ln1, NULL, (float*)normed, m, hid, a->eps, nt);
-        gemv(normed, x_bf16, m, hid, p->w_qkv, wb, qkv_n, p->b_qkv, qkv, nt);
+        status |= dense(normed, x_bf16, m, hid, p->w_qkv, wb, p->q[0], qkv_n, p->b_qkv, qkv, tmp, nt);
         if (x_bf16)
             rope_cache_bf16((uint16_t*)qkv, m, H, KVH, D, a->positions, (const uint16_t*)a->cos_t,
                             (const uint16_t*)a->sin_t, a->slots, (uint16_t*)p->k_cache, (uint16_t*)p->v_cache, nt);
@@ -116,19 +163,19 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
             paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                 a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
                                 D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
-        gemv(attn, x_bf16, m, qsz, p->w_o, wb, hid, NULL, h, nt);
+        status |= dense(attn, x_bf16, m, qsz, p->w_o, wb, p->q[1], hid, NULL, h, tmp, nt);
         if (x_bf16)
             add_rms_norm_bf16((const uint16_t*)x, (const uint16_t*)h, (const uint16_t*)p->ln2, (uint16_t*)x,
                               (uint16_t*)normed, m, hid, a->eps, nt);
         else
             add_rms_norm_f32((const float*)x, (const float*)h, (const float*)p->ln2, (float*)x, (float*)normed, m,
                              hid, a->eps, nt);
-        gemv(normed, x_bf16, m, hid, p->w_gate_up, wb, 2 * inter, NULL, gu, nt);
+        status |= dense(normed, x_bf16, m, hid, p->w_gate_up, wb, p->q[2], 2 * inter, NULL, gu, tmp, nt);
         if (x_bf16)
             silu_mul_bf16((const uint16_t*)gu, (uint16_t*)act, m, inter, nt);
         else
             silu_mul_f32((const float*)gu, (float*)act, m, inter, nt);
-        gemv(act, x_bf16, m, inter, p->w_down, wb, hid, NULL, down, nt);
+        status |= dense(act, x_bf16, m, inter, p->w_down, wb, p->q[3], hid, NULL, down, tmp, nt);
         const int64_t n = (int64_t)m * hid;
         if (x_bf16) {
             uint16_t* xs = (uint16_t*)x;
@@ -141,5 +188,6 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
         }
     }
     free(scratch);
-    return 0;
+    free(tmp);
+    return status ? -1 : 0;
 }

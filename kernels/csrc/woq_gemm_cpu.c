@@ -1,5 +1,6 @@
-/* Weight-only-quantized GEMM for CPUs with AVX-512 BF16: y[M, N] = x[M, K] (bf16) @ W^T, where
- * W is held as 8- or 4-bit codes with a scale (and zero) per output channel and group of K.
+/* Weight-only-quantized GEMM for CPUs with AVX-512 BF16 (or AVX2 + FMA, further below):
+ * y[M, N] = x[M, K] (bf16) @ W^T, where W is held as 8- or 4-bit codes with a scale (and zero)
+ * per output channel and group of K. Returns 0, or -1 (y unwritten) without memory for scratch.
  *
  * Why it exists: torch's CPU kernels for int8/int4 weights (_weight_int8pack_mm,
  * _weight_int4pack_mm_for_cpu) convert the weight again for every few rows, so their cost
@@ -28,6 +29,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_math.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -138,13 +141,14 @@ static inline __attribute__((always_inline)) void tile_direct(
     }
 
 /* x [M, K] bf16; y [M, N] bf16 (N <= Np, the first N channels are written) */
-void woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
-                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
+int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
+                  const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     const int G = K / group, panels = Np / NB;
     const float off = bits == 8 ? -128.0f : 128.0f;
     const size_t panel_bytes = (size_t)K * NB * bits / 8;
     /* per-row sums of x over each group (the zero-point term) */
     float* xs = (float*)malloc(sizeof(float) * (size_t)M * G);
+    if (!xs) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int r = 0; r < M; r++) {
         for (int g = 0; g < G; g++) {
@@ -169,7 +173,12 @@ void woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits,
      * read consecutive bytes (rows K apart would all fall in one L1 set) */
     const int tiles = (M + MR - 1) / MR, base = M / tiles, extra = M % tiles;
 #define TILE_START(t) ((t) * base + ((t) < extra ? (t) : extra))
-    int32_t* xp = (int32_t*)aligned_alloc(64, sizeof(int32_t) * (size_t)tiles * MR * (K / 2));
+    int32_t* xp = (int32_t*)aligned_alloc(64, sizeof(int32_t) * ((size_t)tiles * MR * (K / 2) + 16));
+    if (!xp) {
+        free(xs);
+        return -1;
+    }
+    int failed = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int tl = 0; tl < tiles; tl++) {
         int32_t* d = xp + (size_t)tl * MR * (K / 2);
@@ -189,8 +198,13 @@ void woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits,
     {
         float* C = (float*)aligned_alloc(64, sizeof(float) * (size_t)M * NB);
         uint16_t* buf = direct ? NULL : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)kc * NB);
+        const int ok = C && (direct || buf);
 #pragma omp for schedule(static)
         for (int pn = 0; pn < panels; pn++) {
+            if (!ok) {
+                failed = 1; /* every thread still runs the loop (a worksharing construct) */
+                continue;
+            }
             const uint8_t* pc = (const uint8_t*)codes + (size_t)pn * panel_bytes;
             memset(C, 0, sizeof(float) * (size_t)M * NB);
             for (int k0 = 0; k0 < K; k0 += kc) {
@@ -240,14 +254,219 @@ void woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits,
     }
     free(xs);
     free(xp);
+    return failed ? -1 : 0;
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA (no bf16 dot product): the same layouts, blocking and group epilogue in float32.
+ * A __m256 holds 4 channels x the 2 k of a pair, as the codes lie ([c0k0, c0k1, c1k0, ...]);
+ * x is broadcast as its pair ([x0, x1] four times), so each lane accumulates one channel's even
+ * or odd k and the two are added once per call. Codes become float32 exactly (c = q - 128 for
+ * int8, u for 4-bit), so as in the AVX-512 kernel only the fp32 sums and the final bf16
+ * rounding differ from x @ W^T in float64.
+ *
+ * Blocking: a unit is NV * 4 channels of a panel (NV __m256 per row); threads split the units.
+ * Per K block the first row tile converts the codes in registers (and, where more tiles follow,
+ * stores them as float32 in buf, read back as FMA memory operands by the rest); tiles of up to
+ * MR = 3 rows x 16 channels keep 12 accumulators, 3 broadcasts and a spare register. One row
+ * (batch-1 decode) runs 32-channel units: 8 accumulators hide the FMA latency. */
+#include <immintrin.h>
+
+#define NB 64
+#define MR 3
+#define PREFETCH 1024 /* bytes ahead in the codes stream */
+
+int woq_available(void) { return 1; }
+
+/* the 8 lanes of channels c..c+3 x a K pair, as float32, from the codes' row p (int8: the
+ * pair's 128 bytes; 4-bit: the 128 bytes of a K quad, whose low nibbles hold its first pair
+ * (half 0) and high nibbles its second) */
+static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const uint8_t* p, const int half, const int c) {
+    if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 2 * c))));
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 2 * c)));
+    w = half ? _mm256_srli_epi32(w, 4) : _mm256_and_si256(w, _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(w);
+}
+
+/* C[r][lanes] += acc[r] * s - xs[r] * zs  over the unit's NV vectors (s, zs: lane-expanded) */
+static inline __attribute__((always_inline)) void epilogue2(
+    const int mr, const int nv, __m256 acc[MR][8], float* C, const int ldc, const float* s, const float* zs,
+    const float* xs, const int xs_ld) {
+#pragma GCC unroll 3
+    for (int r = 0; r < mr; r++) {
+        const __m256 xr = _mm256_set1_ps(xs[(size_t)r * xs_ld]);
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) {
+            float* c = C + (size_t)r * ldc + j * 8;
+            const __m256 v = _mm256_fmadd_ps(acc[r][j], _mm256_loadu_ps(s + j * 8), _mm256_loadu_ps(c));
+            _mm256_storeu_ps(c, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + j * 8), v));
+        }
+    }
+}
+
+enum { CONVERT = 0, CONVERT_SAVE = 1, FROM_BUF = 2 };
+
+/* a tile of mr rows x the unit's nv vectors over one K block. mode: B converted from the codes
+ * (c0: the unit's first channel in the panel), also saved to buf for the block's other tiles,
+ * or read from buf. Every argument that shapes the loop is a constant at each call site, so
+ * each variant compiles to straight-line code over registers. */
+static inline __attribute__((always_inline)) void tile2(
+    const int mr, const int nv, const int bits, const int mode, const double* xt, const int k0,
+    const uint8_t* codes, const int c0, const int kc, float* buf, float* C, const int ldc, const float* s,
+    const float* zs, const float* xs, const int xs_ld) {
+    __m256 acc[MR][8];
+#pragma GCC unroll 3
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) acc[r][j] = _mm256_setzero_ps();
+    const int per_row = bits == 8 ? 1 : 2; /* K pairs per 128-byte row of codes */
+    for (int row = 0; row < kc / 2 / per_row; row++) {
+        const uint8_t* p = codes + (size_t)row * 2 * NB;
+        if (mode != FROM_BUF) _mm_prefetch((const char*)p + PREFETCH + 2 * c0, _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int h = 0; h < per_row; h++) {
+            const int kp = row * per_row + h;
+            __m256 x[MR];
+#pragma GCC unroll 3
+            for (int r = 0; r < mr; r++)
+                x[r] = _mm256_castpd_ps(_mm256_broadcast_sd(xt + (size_t)(k0 / 2 + kp) * MR + r));
+            float* bk = buf + (size_t)kp * nv * 8;
+#pragma GCC unroll 8
+            for (int j = 0; j < nv; j++) {
+                __m256 b;
+                if (mode == FROM_BUF) {
+                    b = _mm256_load_ps(bk + j * 8);
+                } else {
+                    b = cvt8(bits, p, h, c0 + 4 * j);
+                    if (mode == CONVERT_SAVE) _mm256_store_ps(bk + j * 8, b);
+                }
+#pragma GCC unroll 3
+                for (int r = 0; r < mr; r++) acc[r][j] = _mm256_fmadd_ps(b, x[r], acc[r][j]);
+            }
+        }
+    }
+    epilogue2(mr, nv, acc, C, ldc, s, zs, xs, xs_ld);
+}
+
+int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
+                  const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
+    const int G = K / group, panels = Np / NB;
+    const float off = bits == 8 ? -128.0f : 0.0f; /* code value = q + off */
+    const size_t panel_bytes = (size_t)K * NB * bits / 8;
+    const int nv = M == 1 ? 8 : 4, unit_ch = nv * 4, per_panel = NB / unit_ch, units = panels * per_panel;
+    const int tiles = (M + MR - 1) / MR, base = M / tiles, extra = M % tiles;
+#define TILE_START2(t) ((t) * base + ((t) < extra ? (t) : extra))
+    float* xs = (float*)malloc(sizeof(float) * (size_t)M * G);
+    /* x widened and packed pair by pair per row tile: xp[tile][kp][MR] pairs of float32 */
+    double* xp = (double*)aligned_alloc(64, sizeof(double) * ((size_t)tiles * MR * (K / 2) + 8));
+    int failed = !xs || !xp;
+    if (failed) {
+        free(xs);
+        free(xp);
+        return -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int r = 0; r < M; r++)
+        for (int g = 0; g < G; g++) {
+            float t = 0.f;
+            for (int k = 0; k < group; k++) t += bf16_to_f32(x[(size_t)r * K + (size_t)g * group + k]);
+            xs[(size_t)r * G + g] = t;
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int tl = 0; tl < tiles; tl++) {
+        float* d = (float*)(xp + (size_t)tl * MR * (K / 2));
+        const int start = TILE_START2(tl), rows = base + (tl < extra);
+        for (int kp = 0; kp < K / 2; kp++)
+            for (int r = 0; r < MR; r++) {
+                float* o = d + ((size_t)kp * MR + r) * 2;
+                if (r < rows) {
+                    o[0] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp]);
+                    o[1] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp + 1]);
+                } else {
+                    o[0] = o[1] = 0.f;
+                }
+            }
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int ldc = unit_ch * 2;
+        float* C = (float*)aligned_alloc(64, sizeof(float) * ((size_t)M * ldc + 16));
+        float* buf = tiles > 1 ? (float*)aligned_alloc(64, sizeof(float) * ((size_t)kc / 2 * nv * 8 + 16)) : NULL;
+        float sdup[64], zsdup[64]; /* the unit's scales and zero terms, lane-expanded */
+        const int ok = C && (tiles == 1 || buf);
+#pragma omp for schedule(static)
+        for (int u = 0; u < units; u++) {
+            if (!ok) {
+                failed = 1; /* every thread still runs the loop (a worksharing construct) */
+                continue;
+            }
+            const int pn = u / per_panel, c0 = (u % per_panel) * unit_ch;
+            const uint8_t* pc = (const uint8_t*)codes + (size_t)pn * panel_bytes;
+            memset(C, 0, sizeof(float) * (size_t)M * ldc);
+            for (int k0 = 0; k0 < K; k0 += kc) {
+                const int g = k0 / group, first = k0 % group == 0;
+                const float* s = scales + (size_t)g * Np + (size_t)pn * NB + c0;
+                const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB + c0;
+                for (int c = 0; c < unit_ch; c++) {
+                    sdup[2 * c] = sdup[2 * c + 1] = s[c];
+                    zsdup[2 * c] = first ? ((float)z[c] + off) * s[c] : 0.f;
+                    zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
+                }
+                const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
+                for (int tl = 0; tl < tiles; tl++) {
+                    const int m0 = TILE_START2(tl), mr = base + (tl < extra);
+                    const double* xt = xp + (size_t)tl * MR * (K / 2);
+                    float* Ct = C + (size_t)m0 * ldc;
+                    const float* xst = xs + (size_t)m0 * G + g;
+#define TILE2(R, V, B, MODE) tile2(R, V, B, MODE, xt, k0, blk, c0, kc, buf, Ct, ldc, sdup, zsdup, xst, G)
+#define TILES(B)                                                         \
+    if (nv == 8)                                                         \
+        TILE2(1, 8, B, CONVERT);                                         \
+    else if (tl == 0 && tiles == 1) {                                    \
+        if (mr == 1) TILE2(1, 4, B, CONVERT);                            \
+        else if (mr == 2) TILE2(2, 4, B, CONVERT);                       \
+        else TILE2(3, 4, B, CONVERT);                                    \
+    } else if (tl == 0) {                                                \
+        if (mr == 1) TILE2(1, 4, B, CONVERT_SAVE);                       \
+        else if (mr == 2) TILE2(2, 4, B, CONVERT_SAVE);                  \
+        else TILE2(3, 4, B, CONVERT_SAVE);                               \
+    } else {                                                             \
+        if (mr == 1) TILE2(1, 4, B, FROM_BUF);                           \
+        else if (mr == 2) TILE2(2, 4, B, FROM_BUF);                      \
+        else TILE2(3, 4, B, FROM_BUF);                                   \
+    }
+                    if (bits == 8) {
+                        TILES(8)
+                    } else {
+                        TILES(4)
+                    }
+#undef TILES
+#undef TILE2
+                }
+            }
+            /* the even- and odd-k sums of each channel added, rounded to bf16; real channels only */
+            const int n0 = pn * NB + c0;
+            const int nc = N - n0 < unit_ch ? (N - n0 > 0 ? N - n0 : 0) : unit_ch;
+            for (int r = 0; r < M; r++) {
+                const float* cr = C + (size_t)r * ldc;
+                for (int c = 0; c < nc; c++) y[(size_t)r * N + n0 + c] = f32_to_bf16(cr[2 * c] + cr[2 * c + 1]);
+            }
+        }
+        free(C);
+        free(buf);
+    }
+    free(xs);
+    free(xp);
+    return failed ? -1 : 0;
 }
 
 #else
 int woq_available(void) { return 0; }
-void woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
-                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
+int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
+                  const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     (void)x; (void)M; (void)K; (void)codes; (void)bits; (void)scales; (void)zeros; (void)group;
     (void)kc; (void)y; (void)N; (void)Np; (void)nthreads;
     abort(); /* never called: woq_available() is checked first */
+    return -1;
 }
 #endif

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +230,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(normed)
 
 
+# The most rows of a step whose int8/int4 projections the native stack runs (woq_gemm converts
+# the codes in registers up to 3 rows, through an L1 buffer beyond; the stack's Python savings
+# matter at batch-1 decode).
+STACK_QUANT_ROWS = 8
+
+
 @dataclass
 class NativeStack:
     """The pointer table ``native.decoder_layers`` runs, and what it was built for: ``key``
@@ -241,6 +247,7 @@ class NativeStack:
     layers: ctypes.Array | None = None
     rows: int = 0
     attn: Attention | None = None
+    quant: list = field(default_factory=list)  # the QuantPtrs that ``layers`` points to, kept alive
 
 
 class LlamaForCausalLM(nn.Module):
@@ -329,32 +336,55 @@ class LlamaForCausalLM(nn.Module):
         refused = NativeStack(key)
         if native.library() is None or self.config.qk_norm or self.rope.cos.dtype != dtype:
             return refused
-        rows, table = [], []
+        from pagedq.quant.linear import NativeQuantLinear  # lazily: models do not depend on quant
+
+        rows: list[int] = []
+        table: list[native.LayerPtrs] = []
+        quant: list[native.QuantPtrs] = []
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             if type(layer) is not DecoderLayer:
                 return refused
             a, mlp = layer.self_attn, layer.mlp
-            packed: list[cpu_linear.PackedWeight] = []
-            for lin in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            plain: list[torch.Tensor | None] = []
+            qptrs: list[native.QuantPtrs | None] = []
+            bias = None
+            for i, lin in enumerate((a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+                if isinstance(lin, NativeQuantLinear):
+                    b = lin.bias
+                    if dtype != torch.bfloat16 or (b is not None and (i or b.dtype != dtype)):
+                        return refused  # the C code adds a bf16 bias to QKV only
+                    qptrs.append(native.QuantPtrs(
+                        lin.codes.data_ptr(), lin.scales.data_ptr(), lin.zeros.data_ptr(),
+                        None if lin.perm is None else lin.perm.data_ptr(), None if b is None else b.data_ptr(),
+                        lin.bits, lin.group_size, lin.kc, lin.scales.shape[1],
+                    ))  # fmt: skip
+                    plain.append(None)
+                    rows.append(STACK_QUANT_ROWS)
+                    continue
                 p = lin.packed if isinstance(lin, Linear) else None
-                if p is None or p.plain is None or p.dtype != dtype or (packed and p.bias is not None):
+                if p is None or p.plain is None or p.dtype != dtype or (i and p.bias is not None):
                     return refused  # no plain weight, or a bias the C code does not add (only QKV's)
-                packed.append(p)
-            plain = [p.plain for p in packed if p.plain is not None]
-            if len({w.dtype for w in plain}) != 1:
+                if i == 0:
+                    bias = p.bias
+                plain.append(p.plain)
+                qptrs.append(None)
+                rows.append(p.gemv_rows)
+            if len({w.dtype for w in plain if w is not None}) > 1:
                 return refused
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
                 return refused
-            bias = packed[0].bias
-            rows.append(min(p.gemv_rows for p in packed))
+            w_bf16 = any(w is not None and w.dtype == torch.bfloat16 for w in plain)
             ptrs = native.LayerPtrs(
-                norms[0].data_ptr(), norms[1].data_ptr(), plain[0].data_ptr(),
-                None if bias is None else bias.data_ptr(), plain[1].data_ptr(), plain[2].data_ptr(),
-                plain[3].data_ptr(), kc.data_ptr(), vc.data_ptr(), int(plain[0].dtype == torch.bfloat16), a.window,
+                norms[0].data_ptr(), norms[1].data_ptr(), *(None if w is None else w.data_ptr() for w in plain[:1]),
+                None if bias is None else bias.data_ptr(),
+                *(None if w is None else w.data_ptr() for w in plain[1:]),
+                kc.data_ptr(), vc.data_ptr(), int(w_bf16), a.window,
+                (ctypes.c_void_p * 4)(*(None if q is None else ctypes.addressof(q) for q in qptrs)),
             )  # fmt: skip
+            quant.extend(q for q in qptrs if q is not None)
             table.append(ptrs)
-        return NativeStack(key, (native.LayerPtrs * len(table))(*table), min(rows), a)
+        return NativeStack(key, (native.LayerPtrs * len(table))(*table), min(rows), a, quant)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
