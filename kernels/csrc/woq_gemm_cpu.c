@@ -258,22 +258,27 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
-/* AVX2 + FMA (no bf16 dot product): the same layouts, blocking and group epilogue in float32.
- * A __m256 holds 4 channels x the 2 k of a pair, as the codes lie ([c0k0, c0k1, c1k0, ...]);
- * x is broadcast as its pair ([x0, x1] four times), so each lane accumulates one channel's even
- * or odd k and the two are added once per call. Codes become float32 exactly (c = q - 128 for
- * int8, u for 4-bit), so as in the AVX-512 kernel only the fp32 sums and the final bf16
- * rounding differ from x @ W^T in float64.
+/* AVX2 + FMA (no bf16 dot product): the same layouts in float32. A __m256 holds 4 channels x
+ * the 2 k of a pair, as the codes lie ([c0k0, c0k1, c1k0, ...]); x is broadcast as its pair
+ * ([x0, x1] four times), so each lane accumulates one channel's even or odd k and the two are
+ * added once per call.
  *
- * Blocking: a unit is NV * 4 channels of a panel (NV __m256 per row); threads split the units.
- * Per K block the first row tile converts the codes in registers (and, where more tiles follow,
- * stores them as float32 in buf, read back as FMA memory operands by the rest); tiles of up to
- * MR = 3 rows x 16 channels keep 12 accumulators, 3 broadcasts and a spare register. One row
- * (batch-1 decode) runs 32-channel units: 8 accumulators hide the FMA latency. */
+ * Two paths, both threads splitting units of NV * 4 channels of a panel:
+ * - up to 6 rows (batch-1 decode, the memory-bound case): codes become float32 in
+ *   registers, exactly (c = q - 128 for int8, u for 4-bit), and the group epilogue of the
+ *   AVX-512 kernel applies scale and zero once per group; one row runs 32-channel units (8
+ *   accumulators), two or three rows 16-channel ones, four to six 8-channel ones.
+ * - more rows: a unit's codes are dequantized chunk by chunk into an L1 buffer as float32
+ *   weights, (q - z) * s with one rounding (dequantize(float32) exactly), and tiles of up to
+ *   6 rows x 8 channels (12 accumulators, see tile_dq) run over them with no per-group
+ *   epilogue: the conversion is paid once per call, not per row.
+ * Either way only fp32 summation and the final bf16 rounding differ from x @ W^T in float64. */
 #include <immintrin.h>
 
 #define NB 64
-#define MR 3
+#define MR 3  /* rows of a direct tile of 16 channels */
+#define MRD 6 /* rows of a direct tile of 8 channels, or of a tile over dequantized weights */
+#define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
 #define PREFETCH 1024 /* bytes ahead in the codes stream */
 
 int woq_available(void) { return 1; }
@@ -288,11 +293,38 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
     return _mm256_cvtepi32_ps(w);
 }
 
-/* C[r][lanes] += acc[r] * s - xs[r] * zs  over the unit's NV vectors (s, zs: lane-expanded) */
-static inline __attribute__((always_inline)) void epilogue2(
-    const int mr, const int nv, __m256 acc[MR][8], float* C, const int ldc, const float* s, const float* zs,
-    const float* xs, const int xs_ld) {
-#pragma GCC unroll 3
+/* acc[r][j] += b[j] * x[r] for the pair kp of the tile's packed rows (xt[kp * MR + r]) */
+#define FMA_ROWS(mr, ld, xt, kp, j, b)                                                                  \
+    {                                                                                                   \
+        const __m256 b_ = (b);                                                                          \
+        _Pragma("GCC unroll 6") for (int r = 0; r < (mr); r++) acc[r][j] = _mm256_fmadd_ps(             \
+            b_, _mm256_castpd_ps(_mm256_broadcast_sd((xt) + (size_t)(kp) * (ld) + r)), acc[r][j]);     \
+    }
+
+/* up to 6 rows x nv vectors over one K block of kc (x packed ld rows per pair), codes
+ * converted in registers; then
+ * C[r] += acc[r] * s - xs[r] * zs (lane-expanded s and zs; the zero term on the even lanes) */
+static inline __attribute__((always_inline)) void tile_direct2(
+    const int mr, const int nv, const int ld, const int bits, const double* xt, const int k0, const uint8_t* codes,
+    const int c0, const int kc, float* C, const int ldc, const float* s, const float* zs, const float* xs,
+    const int xs_ld) {
+    __m256 acc[MRD][8];
+#pragma GCC unroll 6
+    for (int r = 0; r < MRD; r++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) acc[r][j] = _mm256_setzero_ps();
+    const int per_row = bits == 8 ? 1 : 2; /* K pairs per 128-byte row of codes */
+    for (int row = 0; row < kc / 2 / per_row; row++) {
+        const uint8_t* p = codes + (size_t)row * 2 * NB;
+        _mm_prefetch((const char*)p + PREFETCH + 2 * c0, _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int h = 0; h < per_row; h++) {
+            const int kp = k0 / 2 + row * per_row + h;
+#pragma GCC unroll 8
+            for (int j = 0; j < nv; j++) FMA_ROWS(mr, ld, xt, kp, j, cvt8(bits, p, h, c0 + 4 * j))
+        }
+    }
+#pragma GCC unroll 6
     for (int r = 0; r < mr; r++) {
         const __m256 xr = _mm256_set1_ps(xs[(size_t)r * xs_ld]);
 #pragma GCC unroll 8
@@ -304,48 +336,63 @@ static inline __attribute__((always_inline)) void epilogue2(
     }
 }
 
-enum { CONVERT = 0, CONVERT_SAVE = 1, FROM_BUF = 2 };
-
-/* a tile of mr rows x the unit's nv vectors over one K block. mode: B converted from the codes
- * (c0: the unit's first channel in the panel), also saved to buf for the block's other tiles,
- * or read from buf. Every argument that shapes the loop is a constant at each call site, so
- * each variant compiles to straight-line code over registers. */
-static inline __attribute__((always_inline)) void tile2(
-    const int mr, const int nv, const int bits, const int mode, const double* xt, const int k0,
-    const uint8_t* codes, const int c0, const int kc, float* buf, float* C, const int ldc, const float* s,
-    const float* zs, const float* xs, const int xs_ld) {
-    __m256 acc[MR][8];
-#pragma GCC unroll 3
-    for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) acc[r][j] = _mm256_setzero_ps();
-    const int per_row = bits == 8 ? 1 : 2; /* K pairs per 128-byte row of codes */
-    for (int row = 0; row < kc / 2 / per_row; row++) {
-        const uint8_t* p = codes + (size_t)row * 2 * NB;
-        if (mode != FROM_BUF) _mm_prefetch((const char*)p + PREFETCH + 2 * c0, _MM_HINT_T0);
+/* the float32 weights (q - z) * s of a 16-channel unit's K pairs kp0 .. kp0 + n into
+ * buf[n][32] (su, zu: per group, the lane-expanded scales and zero codes + off) */
+static inline __attribute__((always_inline)) void dequant_chunk(
+    const int bits, const uint8_t* panel, const int c0, const int kp0, const int n, const int group,
+    const float* su, const float* zu, float* buf) {
+    const int per_row = bits == 8 ? 1 : 2, half_group = group / 2; /* K pairs per group (even) */
+    int g = kp0 / half_group, next = (g + 1) * half_group;
+    for (int row = kp0 / per_row; row < (kp0 + n) / per_row; row++) {
+        const uint8_t* p = panel + (size_t)row * 2 * NB;
+        if (row * per_row == next) { /* a row never straddles two groups: group % 4 == 0 */
+            g++;
+            next += half_group;
+        }
+        const float* sg = su + (size_t)g * 32;
+        const float* zg = zu + (size_t)g * 32;
 #pragma GCC unroll 2
         for (int h = 0; h < per_row; h++) {
-            const int kp = row * per_row + h;
-            __m256 x[MR];
-#pragma GCC unroll 3
-            for (int r = 0; r < mr; r++)
-                x[r] = _mm256_castpd_ps(_mm256_broadcast_sd(xt + (size_t)(k0 / 2 + kp) * MR + r));
-            float* bk = buf + (size_t)kp * nv * 8;
-#pragma GCC unroll 8
-            for (int j = 0; j < nv; j++) {
-                __m256 b;
-                if (mode == FROM_BUF) {
-                    b = _mm256_load_ps(bk + j * 8);
-                } else {
-                    b = cvt8(bits, p, h, c0 + 4 * j);
-                    if (mode == CONVERT_SAVE) _mm256_store_ps(bk + j * 8, b);
-                }
-#pragma GCC unroll 3
-                for (int r = 0; r < mr; r++) acc[r][j] = _mm256_fmadd_ps(b, x[r], acc[r][j]);
+            float* o = buf + (size_t)(row * per_row + h - kp0) * 32;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const __m256 q = cvt8(bits, p, h, c0 + 4 * j);
+                const __m256 w = _mm256_sub_ps(q, _mm256_loadu_ps(zg + j * 8));
+                _mm256_store_ps(o + j * 8, _mm256_mul_ps(w, _mm256_loadu_ps(sg + j * 8)));
             }
         }
     }
-    epilogue2(mr, nv, acc, C, ldc, s, zs, xs, xs_ld);
+}
+
+/* up to MRD = 6 rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]; each
+ * half of the unit (8 channels, 2 vectors) in turn: 12 accumulators, the 2 weight vectors in
+ * registers and one broadcast per row, i.e. 8 loads per 12 FMAs (a 3 x 4 tile needs 15) */
+static inline __attribute__((always_inline)) void tile_dq(
+    const int mr, const double* xt, const int kp0, const int n, const float* buf, float* C, const int ldc) {
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[MRD][2];
+#pragma GCC unroll 6
+        for (int r = 0; r < MRD; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const float* b = buf + half * 16;
+        for (int i = 0; i < n; i++) {
+            const __m256 b0 = _mm256_load_ps(b + (size_t)i * 32), b1 = _mm256_load_ps(b + (size_t)i * 32 + 8);
+            const double* xk = xt + (size_t)(kp0 + i) * MRD;
+#pragma GCC unroll 6
+            for (int r = 0; r < mr; r++) {
+                const __m256 xr = _mm256_castpd_ps(_mm256_broadcast_sd(xk + r));
+                acc[r][0] = _mm256_fmadd_ps(b0, xr, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(b1, xr, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < mr; r++)
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; j++) {
+                float* c = C + (size_t)r * ldc + half * 16 + j * 8;
+                _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r][j]));
+            }
+    }
 }
 
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
@@ -353,47 +400,55 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
     const int G = K / group, panels = Np / NB;
     const float off = bits == 8 ? -128.0f : 0.0f; /* code value = q + off */
     const size_t panel_bytes = (size_t)K * NB * bits / 8;
-    const int nv = M == 1 ? 8 : 4, unit_ch = nv * 4, per_panel = NB / unit_ch, units = panels * per_panel;
-    const int tiles = (M + MR - 1) / MR, base = M / tiles, extra = M % tiles;
+    const int direct = M <= MRD;
+    /* __m256 per row of a unit: direct 8 (1 row), 4 (2-3), 2 (4-6); dequantized 4 */
+    const int nv = M == 1 ? 8 : (M <= MR || !direct ? 4 : 2), unit_ch = nv * 4, per_panel = NB / unit_ch;
+    const int units = panels * per_panel;
+    const int mrp = M <= MR ? MR : MRD; /* the rows of a tile, as x is packed */
+    const int tiles = (M + mrp - 1) / mrp, base = M / tiles, extra = M % tiles;
 #define TILE_START2(t) ((t) * base + ((t) < extra ? (t) : extra))
-    float* xs = (float*)malloc(sizeof(float) * (size_t)M * G);
-    /* x widened and packed pair by pair per row tile: xp[tile][kp][MR] pairs of float32 */
-    double* xp = (double*)aligned_alloc(64, sizeof(double) * ((size_t)tiles * MR * (K / 2) + 8));
-    int failed = !xs || !xp;
+    float* xs = direct ? (float*)malloc(sizeof(float) * (size_t)M * G) : NULL;
+    /* x widened and packed pair by pair per row tile: xp[tile][kp][mrp] pairs of float32 */
+    double* xp = (double*)aligned_alloc(64, sizeof(double) * ((size_t)tiles * mrp * (K / 2) + 8));
+    int failed = (direct && !xs) || !xp;
     if (failed) {
         free(xs);
         free(xp);
         return -1;
     }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int r = 0; r < M; r++)
-        for (int g = 0; g < G; g++) {
-            float t = 0.f;
-            for (int k = 0; k < group; k++) t += bf16_to_f32(x[(size_t)r * K + (size_t)g * group + k]);
-            xs[(size_t)r * G + g] = t;
-        }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int tl = 0; tl < tiles; tl++) {
-        float* d = (float*)(xp + (size_t)tl * MR * (K / 2));
-        const int start = TILE_START2(tl), rows = base + (tl < extra);
-        for (int kp = 0; kp < K / 2; kp++)
-            for (int r = 0; r < MR; r++) {
-                float* o = d + ((size_t)kp * MR + r) * 2;
-                if (r < rows) {
-                    o[0] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp]);
-                    o[1] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp + 1]);
-                } else {
-                    o[0] = o[1] = 0.f;
-                }
-            }
-    }
 #pragma omp parallel num_threads(nthreads)
     {
+        if (direct) { /* per-row sums of x over each group (the zero-point term) */
+#pragma omp for schedule(static)
+            for (int r = 0; r < M; r++)
+                for (int g = 0; g < G; g++) {
+                    float t = 0.f;
+                    for (int k = 0; k < group; k++) t += bf16_to_f32(x[(size_t)r * K + (size_t)g * group + k]);
+                    xs[(size_t)r * G + g] = t;
+                }
+        }
+#pragma omp for schedule(static)
+        for (int tl = 0; tl < tiles; tl++) {
+            float* d = (float*)(xp + (size_t)tl * mrp * (K / 2));
+            const int start = TILE_START2(tl), rows = base + (tl < extra);
+            for (int kp = 0; kp < K / 2; kp++)
+                for (int r = 0; r < mrp; r++) {
+                    float* o = d + ((size_t)kp * mrp + r) * 2;
+                    if (r < rows) {
+                        o[0] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp]);
+                        o[1] = bf16_to_f32(x[(size_t)(start + r) * K + 2 * kp + 1]);
+                    } else {
+                        o[0] = o[1] = 0.f;
+                    }
+                }
+        } /* implicit barrier: xs and xp are complete */
         const int ldc = unit_ch * 2;
         float* C = (float*)aligned_alloc(64, sizeof(float) * ((size_t)M * ldc + 16));
-        float* buf = tiles > 1 ? (float*)aligned_alloc(64, sizeof(float) * ((size_t)kc / 2 * nv * 8 + 16)) : NULL;
-        float sdup[64], zsdup[64]; /* the unit's scales and zero terms, lane-expanded */
-        const int ok = C && (tiles == 1 || buf);
+        float* buf = direct ? NULL : (float*)aligned_alloc(64, sizeof(float) * (CHUNK * 32 + 16));
+        float* su = direct ? NULL : (float*)malloc(sizeof(float) * (size_t)G * 32 * 2);
+        float* zu = su ? su + (size_t)G * 32 : NULL;
+        float sdup[64], zsdup[64]; /* direct: the unit's scales and zero terms, lane-expanded */
+        const int ok = C && (direct || (buf && su));
 #pragma omp for schedule(static)
         for (int u = 0; u < units; u++) {
             if (!ok) {
@@ -403,45 +458,61 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
             const int pn = u / per_panel, c0 = (u % per_panel) * unit_ch;
             const uint8_t* pc = (const uint8_t*)codes + (size_t)pn * panel_bytes;
             memset(C, 0, sizeof(float) * (size_t)M * ldc);
-            for (int k0 = 0; k0 < K; k0 += kc) {
-                const int g = k0 / group, first = k0 % group == 0;
-                const float* s = scales + (size_t)g * Np + (size_t)pn * NB + c0;
-                const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB + c0;
-                for (int c = 0; c < unit_ch; c++) {
-                    sdup[2 * c] = sdup[2 * c + 1] = s[c];
-                    zsdup[2 * c] = first ? ((float)z[c] + off) * s[c] : 0.f;
-                    zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
-                }
-                const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
-                for (int tl = 0; tl < tiles; tl++) {
-                    const int m0 = TILE_START2(tl), mr = base + (tl < extra);
-                    const double* xt = xp + (size_t)tl * MR * (K / 2);
-                    float* Ct = C + (size_t)m0 * ldc;
-                    const float* xst = xs + (size_t)m0 * G + g;
-#define TILE2(R, V, B, MODE) tile2(R, V, B, MODE, xt, k0, blk, c0, kc, buf, Ct, ldc, sdup, zsdup, xst, G)
-#define TILES(B)                                                         \
-    if (nv == 8)                                                         \
-        TILE2(1, 8, B, CONVERT);                                         \
-    else if (tl == 0 && tiles == 1) {                                    \
-        if (mr == 1) TILE2(1, 4, B, CONVERT);                            \
-        else if (mr == 2) TILE2(2, 4, B, CONVERT);                       \
-        else TILE2(3, 4, B, CONVERT);                                    \
-    } else if (tl == 0) {                                                \
-        if (mr == 1) TILE2(1, 4, B, CONVERT_SAVE);                       \
-        else if (mr == 2) TILE2(2, 4, B, CONVERT_SAVE);                  \
-        else TILE2(3, 4, B, CONVERT_SAVE);                               \
-    } else {                                                             \
-        if (mr == 1) TILE2(1, 4, B, FROM_BUF);                           \
-        else if (mr == 2) TILE2(2, 4, B, FROM_BUF);                      \
-        else TILE2(3, 4, B, FROM_BUF);                                   \
+            if (direct) {
+                for (int k0 = 0; k0 < K; k0 += kc) {
+                    const int g = k0 / group, first = k0 % group == 0;
+                    const float* s = scales + (size_t)g * Np + (size_t)pn * NB + c0;
+                    const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB + c0;
+                    for (int c = 0; c < unit_ch; c++) {
+                        sdup[2 * c] = sdup[2 * c + 1] = s[c];
+                        zsdup[2 * c] = first ? ((float)z[c] + off) * s[c] : 0.f;
+                        zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
+                    }
+                    const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
+#define DIRECT(R, V, B) tile_direct2(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, c0, kc, C, ldc, sdup, zsdup, xs + g, G)
+#define DIRECT_ROWS(B)                \
+    switch (M) {                      \
+        case 1: DIRECT(1, 8, B); break; \
+        case 2: DIRECT(2, 4, B); break; \
+        case 3: DIRECT(3, 4, B); break; \
+        case 4: DIRECT(4, 2, B); break; \
+        case 5: DIRECT(5, 2, B); break; \
+        default: DIRECT(6, 2, B); break; \
     }
                     if (bits == 8) {
-                        TILES(8)
+                        DIRECT_ROWS(8)
                     } else {
-                        TILES(4)
+                        DIRECT_ROWS(4)
                     }
-#undef TILES
-#undef TILE2
+#undef DIRECT_ROWS
+#undef DIRECT
+                }
+            } else {
+                for (int g = 0; g < G; g++)
+                    for (int c = 0; c < 16; c++) {
+                        const size_t i = (size_t)g * Np + (size_t)pn * NB + c0 + c;
+                        su[g * 32 + 2 * c] = su[g * 32 + 2 * c + 1] = scales[i];
+                        zu[g * 32 + 2 * c] = zu[g * 32 + 2 * c + 1] = (float)zeros[i] + off;
+                    }
+                for (int kp0 = 0; kp0 < K / 2; kp0 += CHUNK) {
+                    const int n = K / 2 - kp0 < CHUNK ? K / 2 - kp0 : CHUNK;
+                    if (bits == 8)
+                        dequant_chunk(8, pc, c0, kp0, n, group, su, zu, buf);
+                    else
+                        dequant_chunk(4, pc, c0, kp0, n, group, su, zu, buf);
+                    for (int tl = 0; tl < tiles; tl++) {
+                        const int m0 = TILE_START2(tl), mr = base + (tl < extra);
+                        const double* xt = xp + (size_t)tl * MRD * (K / 2);
+                        float* Ct = C + (size_t)m0 * ldc;
+                        switch (mr) {
+                            case 1: tile_dq(1, xt, kp0, n, buf, Ct, ldc); break;
+                            case 2: tile_dq(2, xt, kp0, n, buf, Ct, ldc); break;
+                            case 3: tile_dq(3, xt, kp0, n, buf, Ct, ldc); break;
+                            case 4: tile_dq(4, xt, kp0, n, buf, Ct, ldc); break;
+                            case 5: tile_dq(5, xt, kp0, n, buf, Ct, ldc); break;
+                            default: tile_dq(6, xt, kp0, n, buf, Ct, ldc); break;
+                        }
+                    }
                 }
             }
             /* the even- and odd-k sums of each channel added, rounded to bf16; real channels only */
@@ -454,10 +525,12 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
         }
         free(C);
         free(buf);
+        free(su);
     }
     free(xs);
     free(xp);
     return failed ? -1 : 0;
+#undef TILE_START2
 }
 
 #else
