@@ -95,13 +95,27 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+# PAGEDQ_CPU_ISA: what the kernels are compiled for. ``native`` uses every extension of this
+# CPU; ``avx2`` leaves AVX-512 (and with it AVX-512 BF16) out, so that a machine that has them
+# runs and tests the AVX2 paths too (each choice is its own cached library).
+_ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+def _isa_flags() -> list[str]:
+    isa = os.environ.get("PAGEDQ_CPU_ISA", "native")
+    if isa not in _ISA_FLAGS:
+        raise ValueError(f"PAGEDQ_CPU_ISA={isa!r}: allowed values are {', '.join(_ISA_FLAGS)}")
+    return _ISA_FLAGS[isa]
+
+
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
         return None
+    compile_flags = _FLAGS + _isa_flags()
     src = b"".join(_read(p) for p in [*_SRCS, os.path.join(_CSRC, "cpu_math.h")])
-    flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
+    flags = " ".join(compile_flags + _LINK_FLAGS).encode()
     key = hashlib.sha256(src + flags + _cpu_id().encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libpagedq_cpu_{key}.so")
     if not os.path.isfile(path):
@@ -110,7 +124,7 @@ def _build() -> ctypes.CDLL | None:
         os.close(fd)
         with tempfile.TemporaryDirectory(dir=_cache_dir()) as build:
             objs = [os.path.join(build, os.path.basename(src) + ".o") for src in _SRCS]
-            steps = [[cc, *_FLAGS, "-c", src, "-o", obj] for src, obj in zip(_SRCS, objs)]
+            steps = [[cc, *compile_flags, "-c", src, "-o", obj] for src, obj in zip(_SRCS, objs)]
             steps.append([cc, *_LINK_FLAGS, *objs, "-o", tmp, "-lm"])
             for cmd in steps:
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -157,6 +171,8 @@ def _build() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.woq_available.restype = ctypes.c_int
     lib.woq_available.argtypes = []
+    lib.woq_isa.restype = ctypes.c_char_p
+    lib.woq_isa.argtypes = []
     lib.woq_gemm_bf16.restype = ctypes.c_int
     woq_args: list[Any] = (
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -427,6 +443,15 @@ def woq_supported() -> bool:
     AVX2 + FMA)."""
     lib = library()
     return lib is not None and bool(lib.woq_available())
+
+
+def woq_isa() -> str | None:
+    """The instruction set the weight-only-quantized GEMM was built for (``avx512bf16`` or
+    ``avx2``), None where it is not available (see ``PAGEDQ_CPU_ISA``)."""
+    lib = library()
+    if lib is None or not lib.woq_available():
+        return None
+    return lib.woq_isa().decode()
 
 
 def woq_gemm(

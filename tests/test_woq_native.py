@@ -190,3 +190,32 @@ def test_the_native_stack_runs_quantized_layers_with_the_python_paths_tokens(
     assert len(calls) == 2 * 9
     monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
     assert run() == fast
+
+
+def test_the_avx2_build_is_selectable_and_equals_the_reference(tmp_path):
+    """``PAGEDQ_CPU_ISA=avx2`` compiles the kernels without AVX-512, so that a CPU with AVX-512
+    BF16 runs (and these tests check) the AVX2 + FMA path of the weight-only GEMM as well: the
+    layer tests of this file, in a fresh process with that build."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PAGEDQ_CPU_ISA": "avx2", "PAGEDQ_CACHE": str(tmp_path)}
+    probe = "from pagedq.kernels import native; print(native.woq_isa())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "avx2"
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_woq_native.py"),
+         "-k", "layer_in_bf16 or longer_than or panel_packing"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+    assert "skipped" not in run.stdout
+
+
+def test_an_unknown_isa_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("PAGEDQ_CPU_ISA", "avx9")
+    with pytest.raises(ValueError, match=r"PAGEDQ_CPU_ISA='avx9': allowed values are native, avx2"):
+        native._isa_flags()

@@ -40,6 +40,7 @@
 #define PREFETCH 2048 /* bytes ahead in the codes stream: the best of 0, 512, 1024, 2048 at 7-32 rows */
 
 int woq_available(void) { return 1; }
+const char* woq_isa(void) { return "avx512bf16"; }
 
 /* the 4 vdpbf16ps operands (16 channels each) of K pair kp of a panel block */
 static inline __attribute__((always_inline)) void cvt_pair(const int bits, const void* codes, const int kp, __m512bh b[4]) {
@@ -266,8 +267,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
  * Two paths, both threads splitting units of NV * 4 channels of a panel:
  * - up to 6 rows (batch-1 decode, the memory-bound case): codes become float32 in
  *   registers, exactly (c = q - 128 for int8, u for 4-bit), and the group epilogue of the
- *   AVX-512 kernel applies scale and zero once per group; one row runs 32-channel units (8
- *   accumulators), two or three rows 16-channel ones, four to six 8-channel ones.
+ *   AVX-512 kernel applies scale and zero once per group; one row runs whole panels (see
+ *   tile_row1), two or three rows 16-channel units, four to six 8-channel ones.
  * - more rows: a unit's codes are dequantized chunk by chunk into an L1 buffer as float32
  *   weights, (q - z) * s with one rounding (dequantize(float32) exactly), and tiles of up to
  *   6 rows x 8 channels (12 accumulators, see tile_dq) run over them with no per-group
@@ -279,9 +280,12 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #define MR 3  /* rows of a direct tile of 16 channels */
 #define MRD 6 /* rows of a direct tile of 8 channels, or of a tile over dequantized weights */
 #define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
-#define PREFETCH 1024 /* bytes ahead in the codes stream */
+/* rows of codes (128 bytes) prefetched ahead: ~100 ns of work at one row, where a row of int8
+ * codes takes half the time of a 4-bit one (a 4-bit row holds two K pairs) */
+#define PREFETCH(bits) ((bits) == 8 ? 24 * 2 * NB : 12 * 2 * NB)
 
 int woq_available(void) { return 1; }
+const char* woq_isa(void) { return "avx2"; }
 
 /* the 8 lanes of channels c..c+3 x a K pair, as float32, from the codes' row p (int8: the
  * pair's 128 bytes; 4-bit: the 128 bytes of a K quad, whose low nibbles hold its first pair
@@ -316,7 +320,7 @@ static inline __attribute__((always_inline)) void tile_direct2(
     const int per_row = bits == 8 ? 1 : 2; /* K pairs per 128-byte row of codes */
     for (int row = 0; row < kc / 2 / per_row; row++) {
         const uint8_t* p = codes + (size_t)row * 2 * NB;
-        _mm_prefetch((const char*)p + PREFETCH + 2 * c0, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + PREFETCH(bits) + 2 * c0, _MM_HINT_T0);
 #pragma GCC unroll 2
         for (int h = 0; h < per_row; h++) {
             const int kp = k0 / 2 + row * per_row + h;
@@ -336,6 +340,54 @@ static inline __attribute__((always_inline)) void tile_direct2(
     }
 }
 
+/* one row x a whole panel (64 channels: 16 vectors, more than the registers hold) over one K
+ * block: rows of codes in blocks of RB, each block's two 32-channel halves in turn with their 8
+ * accumulators reloaded from acc_mem, so the codes stream sequentially (a half per pass would
+ * read every other cache line) at the cost of 16 loads and stores per block; then the group
+ * epilogue over the 16 vectors */
+#define RB 16
+static inline __attribute__((always_inline)) void tile_row1(
+    const int bits, const double* xt, const int k0, const uint8_t* codes, const int kc, float* C, const float* s,
+    const float* zs, const float xs) {
+    __m256 acc_mem[2][8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) acc_mem[0][j] = acc_mem[1][j] = _mm256_setzero_ps();
+    const int per_row = bits == 8 ? 1 : 2, rows = kc / 2 / per_row;
+    for (int rb = 0; rb < rows; rb += RB) {
+        const int re = rb + RB < rows ? rb + RB : rows;
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; half++) {
+            __m256 acc[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) acc[j] = acc_mem[half][j];
+            for (int row = rb; row < re; row++) {
+                const uint8_t* p = codes + (size_t)row * 2 * NB;
+                if (half == 0) {
+                    _mm_prefetch((const char*)p + PREFETCH(bits), _MM_HINT_T0);
+                    _mm_prefetch((const char*)p + PREFETCH(bits) + 64, _MM_HINT_T0);
+                }
+#pragma GCC unroll 2
+                for (int h = 0; h < per_row; h++) {
+                    const __m256 x = _mm256_castpd_ps(_mm256_broadcast_sd(xt + (size_t)(k0 / 2 + row * per_row + h) * MR));
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(cvt8(bits, p, h, half * 32 + 4 * j), x, acc[j]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) acc_mem[half][j] = acc[j];
+        }
+    }
+    const __m256 xr = _mm256_set1_ps(xs);
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; half++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const int o = half * 64 + j * 8;
+            const __m256 v = _mm256_fmadd_ps(acc_mem[half][j], _mm256_loadu_ps(s + o), _mm256_loadu_ps(C + o));
+            _mm256_storeu_ps(C + o, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + o), v));
+        }
+}
+
 /* the float32 weights (q - z) * s of a 16-channel unit's K pairs kp0 .. kp0 + n into
  * buf[n][32] (su, zu: per group, the lane-expanded scales and zero codes + off) */
 static inline __attribute__((always_inline)) void dequant_chunk(
@@ -345,6 +397,7 @@ static inline __attribute__((always_inline)) void dequant_chunk(
     int g = kp0 / half_group, next = (g + 1) * half_group;
     for (int row = kp0 / per_row; row < (kp0 + n) / per_row; row++) {
         const uint8_t* p = panel + (size_t)row * 2 * NB;
+        _mm_prefetch((const char*)p + PREFETCH(bits) + 2 * c0, _MM_HINT_T0);
         if (row * per_row == next) { /* a row never straddles two groups: group % 4 == 0 */
             g++;
             next += half_group;
@@ -401,8 +454,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
     const float off = bits == 8 ? -128.0f : 0.0f; /* code value = q + off */
     const size_t panel_bytes = (size_t)K * NB * bits / 8;
     const int direct = M <= MRD;
-    /* __m256 per row of a unit: direct 8 (1 row), 4 (2-3), 2 (4-6); dequantized 4 */
-    const int nv = M == 1 ? 8 : (M <= MR || !direct ? 4 : 2), unit_ch = nv * 4, per_panel = NB / unit_ch;
+    /* __m256 per row of a unit: direct 16 (1 row, the whole panel), 4 (2-3), 2 (4-6); dequantized 4 */
+    const int nv = M == 1 ? 16 : (M <= MR || !direct ? 4 : 2), unit_ch = nv * 4, per_panel = NB / unit_ch;
     const int units = panels * per_panel;
     const int mrp = M <= MR ? MR : MRD; /* the rows of a tile, as x is packed */
     const int tiles = (M + mrp - 1) / mrp, base = M / tiles, extra = M % tiles;
@@ -447,7 +500,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
         float* buf = direct ? NULL : (float*)aligned_alloc(64, sizeof(float) * (CHUNK * 32 + 16));
         float* su = direct ? NULL : (float*)malloc(sizeof(float) * (size_t)G * 32 * 2);
         float* zu = su ? su + (size_t)G * 32 : NULL;
-        float sdup[64], zsdup[64]; /* direct: the unit's scales and zero terms, lane-expanded */
+        float sdup[128], zsdup[128]; /* direct: the unit's scales and zero terms, lane-expanded */
         const int ok = C && (direct || (buf && su));
 #pragma omp for schedule(static)
         for (int u = 0; u < units; u++) {
@@ -472,7 +525,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #define DIRECT(R, V, B) tile_direct2(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, c0, kc, C, ldc, sdup, zsdup, xs + g, G)
 #define DIRECT_ROWS(B)                \
     switch (M) {                      \
-        case 1: DIRECT(1, 8, B); break; \
+        case 1: tile_row1(B, xp, k0, blk, kc, C, sdup, zsdup, xs[g]); break; \
         case 2: DIRECT(2, 4, B); break; \
         case 3: DIRECT(3, 4, B); break; \
         case 4: DIRECT(4, 2, B); break; \
@@ -535,6 +588,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 
 #else
 int woq_available(void) { return 0; }
+const char* woq_isa(void) { return ""; }
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     (void)x; (void)M; (void)K; (void)codes; (void)bits; (void)scales; (void)zeros; (void)group;

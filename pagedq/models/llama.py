@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedq.kernels import AttentionMetadata, cpu_linear, native, paged_attention
+from pagedq.quant.linear import NativeQuantLinear
 
 from .config import ArchTraits, LinearGroup, ModelConfig
 
@@ -336,8 +337,6 @@ class LlamaForCausalLM(nn.Module):
         refused = NativeStack(key)
         if native.library() is None or self.config.qk_norm or self.rope.cos.dtype != dtype:
             return refused
-        from pagedq.quant.linear import NativeQuantLinear  # lazily: models do not depend on quant
-
         rows: list[int] = []
         table: list[native.LayerPtrs] = []
         quant: list[native.QuantPtrs] = []
