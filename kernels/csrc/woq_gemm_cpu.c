@@ -267,8 +267,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
  * Two paths, both threads splitting units of NV * 4 channels of a panel:
  * - up to 6 rows (batch-1 decode, the memory-bound case): codes become float32 in
  *   registers, exactly (c = q - 128 for int8, u for 4-bit), and the group epilogue of the
- *   AVX-512 kernel applies scale and zero once per group; one row runs whole panels (see
- *   tile_row1), two or three rows 16-channel units, four to six 8-channel ones.
+ *   AVX-512 kernel applies scale and zero once per group; threads split whole panels, each
+ *   read in order (tile_panel).
  * - more rows: a unit's codes are dequantized chunk by chunk into an L1 buffer as float32
  *   weights, (q - z) * s with one rounding (dequantize(float32) exactly), and tiles of up to
  *   6 rows x 8 channels (12 accumulators, see tile_dq) run over them with no per-group
@@ -305,86 +305,63 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
             b_, _mm256_castpd_ps(_mm256_broadcast_sd((xt) + (size_t)(kp) * (ld) + r)), acc[r][j]);     \
     }
 
-/* up to 6 rows x nv vectors over one K block of kc (x packed ld rows per pair), codes
- * converted in registers; then
- * C[r] += acc[r] * s - xs[r] * zs (lane-expanded s and zs; the zero term on the even lanes) */
-static inline __attribute__((always_inline)) void tile_direct2(
-    const int mr, const int nv, const int ld, const int bits, const double* xt, const int k0, const uint8_t* codes,
-    const int c0, const int kc, float* C, const int ldc, const float* s, const float* zs, const float* xs,
-    const int xs_ld) {
-    __m256 acc[MRD][8];
-#pragma GCC unroll 6
-    for (int r = 0; r < MRD; r++)
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) acc[r][j] = _mm256_setzero_ps();
-    const int per_row = bits == 8 ? 1 : 2; /* K pairs per 128-byte row of codes */
-    for (int row = 0; row < kc / 2 / per_row; row++) {
-        const uint8_t* p = codes + (size_t)row * 2 * NB;
-        _mm_prefetch((const char*)p + PREFETCH(bits) + 2 * c0, _MM_HINT_T0);
-#pragma GCC unroll 2
-        for (int h = 0; h < per_row; h++) {
-            const int kp = k0 / 2 + row * per_row + h;
-#pragma GCC unroll 8
-            for (int j = 0; j < nv; j++) FMA_ROWS(mr, ld, xt, kp, j, cvt8(bits, p, h, c0 + 4 * j))
-        }
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < mr; r++) {
-        const __m256 xr = _mm256_set1_ps(xs[(size_t)r * xs_ld]);
-#pragma GCC unroll 8
-        for (int j = 0; j < nv; j++) {
-            float* c = C + (size_t)r * ldc + j * 8;
-            const __m256 v = _mm256_fmadd_ps(acc[r][j], _mm256_loadu_ps(s + j * 8), _mm256_loadu_ps(c));
-            _mm256_storeu_ps(c, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + j * 8), v));
-        }
-    }
-}
-
-/* one row x a whole panel (64 channels: 16 vectors, more than the registers hold) over one K
- * block: rows of codes in blocks of RB, each block's two 32-channel halves in turn with their 8
- * accumulators reloaded from acc_mem, so the codes stream sequentially (a half per pass would
- * read every other cache line) at the cost of 16 loads and stores per block; then the group
- * epilogue over the 16 vectors */
+/* up to 6 rows x a whole panel (64 channels) over one K block of kc, x packed ld rows per
+ * pair; the codes become float32 in registers. A panel's lanes need more accumulators than
+ * there are registers, so it is taken in parts of nv vectors (16 / nv parts: one row 2 x 8,
+ * two or three rows 4 x 4, four to six 8 x 2): rows of codes in blocks of RB, each block's parts
+ * in turn with their accumulators reloaded from acc_mem. The codes then stream in order (a part
+ * per pass over the block would read at a stride, every other cache line at one row: 9 GB/s of
+ * int8 codes there against 14-17 this way) for a few loads and stores per block. Then the group
+ * epilogue C[r] += acc[r] * s - xs[r] * zs (lane-expanded s and zs; zero term on even lanes). */
 #define RB 16
-static inline __attribute__((always_inline)) void tile_row1(
-    const int bits, const double* xt, const int k0, const uint8_t* codes, const int kc, float* C, const float* s,
-    const float* zs, const float xs) {
-    __m256 acc_mem[2][8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j++) acc_mem[0][j] = acc_mem[1][j] = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void tile_panel(
+    const int mr, const int nv, const int ld, const int bits, const double* xt, const int k0, const uint8_t* codes,
+    const int kc, float* C, const int ldc, const float* s, const float* zs, const float* xs, const int xs_ld) {
+    enum { MAXV = 16 * MRD };
+    __m256 acc_mem[MAXV]; /* [part][r][j] */
+    const int parts = 16 / nv;
+    for (int i = 0; i < parts * mr * nv; i++) acc_mem[i] = _mm256_setzero_ps();
     const int per_row = bits == 8 ? 1 : 2, rows = kc / 2 / per_row;
     for (int rb = 0; rb < rows; rb += RB) {
         const int re = rb + RB < rows ? rb + RB : rows;
-#pragma GCC unroll 2
-        for (int half = 0; half < 2; half++) {
-            __m256 acc[8];
+        for (int part = 0; part < parts; part++) {
+            __m256 acc[MRD][8];
+            __m256* am = acc_mem + (size_t)part * mr * nv;
+#pragma GCC unroll 6
+            for (int r = 0; r < mr; r++)
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) acc[j] = acc_mem[half][j];
+                for (int j = 0; j < nv; j++) acc[r][j] = am[r * nv + j];
             for (int row = rb; row < re; row++) {
                 const uint8_t* p = codes + (size_t)row * 2 * NB;
-                if (half == 0) {
+                if (part == 0) {
                     _mm_prefetch((const char*)p + PREFETCH(bits), _MM_HINT_T0);
                     _mm_prefetch((const char*)p + PREFETCH(bits) + 64, _MM_HINT_T0);
                 }
 #pragma GCC unroll 2
                 for (int h = 0; h < per_row; h++) {
-                    const __m256 x = _mm256_castpd_ps(_mm256_broadcast_sd(xt + (size_t)(k0 / 2 + row * per_row + h) * MR));
+                    const int kp = k0 / 2 + row * per_row + h;
 #pragma GCC unroll 8
-                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(cvt8(bits, p, h, half * 32 + 4 * j), x, acc[j]);
+                    for (int j = 0; j < nv; j++) FMA_ROWS(mr, ld, xt, kp, j, cvt8(bits, p, h, part * nv * 4 + 4 * j))
                 }
             }
+#pragma GCC unroll 6
+            for (int r = 0; r < mr; r++)
 #pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) acc_mem[half][j] = acc[j];
+                for (int j = 0; j < nv; j++) am[r * nv + j] = acc[r][j];
         }
     }
-    const __m256 xr = _mm256_set1_ps(xs);
-#pragma GCC unroll 2
-    for (int half = 0; half < 2; half++)
+    for (int part = 0; part < parts; part++)
+#pragma GCC unroll 6
+        for (int r = 0; r < mr; r++) {
+            const __m256 xr = _mm256_set1_ps(xs[(size_t)r * xs_ld]);
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            const int o = half * 64 + j * 8;
-            const __m256 v = _mm256_fmadd_ps(acc_mem[half][j], _mm256_loadu_ps(s + o), _mm256_loadu_ps(C + o));
-            _mm256_storeu_ps(C + o, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + o), v));
+            for (int j = 0; j < nv; j++) {
+                const int o = part * nv * 8 + j * 8;
+                float* c = C + (size_t)r * ldc + o;
+                const __m256 v = _mm256_fmadd_ps(acc_mem[((size_t)part * mr + r) * nv + j], _mm256_loadu_ps(s + o),
+                                                 _mm256_loadu_ps(c));
+                _mm256_storeu_ps(c, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + o), v));
+            }
         }
 }
 
@@ -454,8 +431,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
     const float off = bits == 8 ? -128.0f : 0.0f; /* code value = q + off */
     const size_t panel_bytes = (size_t)K * NB * bits / 8;
     const int direct = M <= MRD;
-    /* __m256 per row of a unit: direct 16 (1 row, the whole panel), 4 (2-3), 2 (4-6); dequantized 4 */
-    const int nv = M == 1 ? 16 : (M <= MR || !direct ? 4 : 2), unit_ch = nv * 4, per_panel = NB / unit_ch;
+    /* a unit: a whole panel (direct: see tile_panel), or 16 channels (dequantized: 4 __m256) */
+    const int unit_ch = direct ? NB : 16, per_panel = NB / unit_ch;
     const int units = panels * per_panel;
     const int mrp = M <= MR ? MR : MRD; /* the rows of a tile, as x is packed */
     const int tiles = (M + mrp - 1) / mrp, base = M / tiles, extra = M % tiles;
@@ -522,10 +499,10 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
                     }
                     const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
-#define DIRECT(R, V, B) tile_direct2(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, c0, kc, C, ldc, sdup, zsdup, xs + g, G)
-#define DIRECT_ROWS(B)                \
-    switch (M) {                      \
-        case 1: tile_row1(B, xp, k0, blk, kc, C, sdup, zsdup, xs[g]); break; \
+#define DIRECT(R, V, B) tile_panel(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, kc, C, ldc, sdup, zsdup, xs + g, G)
+#define DIRECT_ROWS(B)                  \
+    switch (M) {                        \
+        case 1: DIRECT(1, 8, B); break; \
         case 2: DIRECT(2, 4, B); break; \
         case 3: DIRECT(3, 4, B); break; \
         case 4: DIRECT(4, 2, B); break; \
