@@ -20,12 +20,14 @@ The path depends on the CPU, detected at run time:
   what a bf16 GEMM with float32 accumulation returns.
 
 Where the weight is packed as float32 (the AVX2 path), calls of up to ``PAGEDQ_CPU_GEMV_ROWS``
-rows (default 8; 0 turns it off) run the native few-row kernel (``native.gemv``) on the weight as
-loaded instead: a batch-1 decode step is one pass over the weights, and oneDNN's packed GEMM
+rows (default 24; 0 turns it off) run the native few-row kernel (``native.gemv``) on the weight
+as loaded instead: a batch-1 decode step is one pass over the weights, and oneDNN's packed GEMM
 streams them at ~60% of the memory bandwidth at one row, reading a bf16 model as float32
 (measured on `bench`, 2-core AVX2, the 120 decoder GEMMs of one step at one row: float32 44 →
-29 ms, bf16 56 → 18 ms; still ahead at 8 rows, 103 → 63 ms). The plain weight is kept for it
-beside the packed one (memory: float32 twice, bf16 three times its bytes).
+29 ms, bf16 56 → 18 ms; still ahead at 8 rows, 103 → 63 ms). With tiles of three input rows it
+stays ahead to ~24 rows (whole float32 decode steps of `bench`, the native stack included: 12
+rows 105 → 73 ms, 16 rows 125 → 99, 24 rows 173 → 128; even at 32). The plain weight is kept
+for it beside the packed one (memory: float32 twice, bf16 three times its bytes).
 
 ``PAGEDQ_CPU_LINEAR`` picks a path by hand: ``auto`` (the above), ``fp32`` (the AVX2 path on
 any CPU, so both are tested on a bf16-capable machine) or ``torch`` (no packing: ``F.linear``
@@ -43,7 +45,7 @@ import torch
 from . import native
 
 MODES = ("auto", "fp32", "torch")
-GEMV_ROWS = 8
+GEMV_ROWS = 24
 # Bumped by every pack(): whoever keeps raw pointers to packed or plain weights (the native
 # decoder stack) rebuilds them when it changes.
 generation = 0

@@ -17,7 +17,7 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 @pytest.mark.parametrize("mode", ["auto", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [0, 1, 2, 5, 8, 9, 64, 300])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gemv_rows", ["8", "0"])
 def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gemv_rows):

@@ -66,15 +66,50 @@ static inline float weight_at(const void* w, int bf16, int64_t i) {
             a12 = _mm256_fmadd_ps(b2, xb, a12), a13 = _mm256_fmadd_ps(b3, xb, a13);               \
         }                                                                                          \
     }
+/* the same for three input rows (12 accumulators; each weight vector feeds three FMAs) */
+#define TILE_LOOP3(WT, LOAD)                                                                       \
+    {                                                                                              \
+        const WT* w0 = (const WT*)w + (int64_t)n0 * k;                                             \
+        const char* next = (const char*)w0 + 8 * TILE_N * (int64_t)k;                              \
+        for (; kk + 8 <= k; kk += 8) {                                                             \
+            PREFETCH_NEXT(next, kk * (int64_t)sizeof(WT) * TILE_N)                                 \
+            const __m256 xa = load8(x + kk), xb = load8(x + k + kk), xc = load8(x + 2 * k + kk);   \
+            __m256 b = LOAD(w0 + kk);                                                              \
+            a00 = _mm256_fmadd_ps(b, xa, a00), a10 = _mm256_fmadd_ps(b, xb, a10);                 \
+            a20 = _mm256_fmadd_ps(b, xc, a20);                                                     \
+            b = LOAD(w0 + k + kk);                                                                 \
+            a01 = _mm256_fmadd_ps(b, xa, a01), a11 = _mm256_fmadd_ps(b, xb, a11);                 \
+            a21 = _mm256_fmadd_ps(b, xc, a21);                                                     \
+            b = LOAD(w0 + 2 * (int64_t)k + kk);                                                    \
+            a02 = _mm256_fmadd_ps(b, xa, a02), a12 = _mm256_fmadd_ps(b, xb, a12);                 \
+            a22 = _mm256_fmadd_ps(b, xc, a22);                                                     \
+            b = LOAD(w0 + 3 * (int64_t)k + kk);                                                    \
+            a03 = _mm256_fmadd_ps(b, xa, a03), a13 = _mm256_fmadd_ps(b, xb, a13);                 \
+            a23 = _mm256_fmadd_ps(b, xc, a23);                                                     \
+        }                                                                                          \
+    }
 #endif
 
-/* acc[r][j] = dot(x row r0 + r, w row n0 + j) for r < rows (1 or 2), j < cols (1..4) */
-static void tile(const float* x, int rows, int k, const void* w, int bf16, int n0, int cols, float acc[2][TILE_N]) {
+/* acc[r][j] = dot(x row r0 + r, w row n0 + j) for r < rows (1..3), j < cols (1..4); every
+ * (row, column) sum is accumulated the same way whatever the tile's rows, so a row's output
+ * does not depend on how a call's rows are tiled */
+static void tile(const float* x, int rows, int k, const void* w, int bf16, int n0, int cols, float acc[3][TILE_N]) {
     int kk = 0;
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < 3; r++)
         for (int j = 0; j < TILE_N; j++) acc[r][j] = 0.f;
 #ifdef __AVX2__
-    if (cols == TILE_N) {
+    if (cols == TILE_N && rows == 3) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+        if (bf16)
+            TILE_LOOP3(uint16_t, load8_bf16)
+        else
+            TILE_LOOP3(float, load8)
+        acc[0][0] = hsum8(a00), acc[0][1] = hsum8(a01), acc[0][2] = hsum8(a02), acc[0][3] = hsum8(a03);
+        acc[1][0] = hsum8(a10), acc[1][1] = hsum8(a11), acc[1][2] = hsum8(a12), acc[1][3] = hsum8(a13);
+        acc[2][0] = hsum8(a20), acc[2][1] = hsum8(a21), acc[2][2] = hsum8(a22), acc[2][3] = hsum8(a23);
+    } else if (cols == TILE_N) {
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
         __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
         const float* x1 = x + (rows > 1 ? k : 0); /* a second row, or the first again (discarded) */
@@ -110,9 +145,9 @@ int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (tiles > 1)
     for (int t = 0; t < tiles; t++) {
         const int n0 = t * TILE_N, cols = n - n0 < TILE_N ? n - n0 : TILE_N;
-        for (int r0 = 0; r0 < m; r0 += 2) {
-            const int rows = m - r0 < 2 ? m - r0 : 2;
-            float acc[2][TILE_N];
+        for (int r0 = 0; r0 < m;) { /* tiles of 3 rows, then 2 (4 = 2 + 2) or 1 */
+            const int left = m - r0, rows = left == 4 ? 2 : (left < 3 ? left : 3);
+            float acc[3][TILE_N];
             tile(xf + (int64_t)r0 * k, rows, k, w, w_bf16, n0, cols, acc);
             for (int r = 0; r < rows; r++)
                 for (int j = 0; j < cols; j++) {
@@ -123,6 +158,7 @@ int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int
                     else
                         ((float*)y)[o] = v;
                 }
+            r0 += rows;
         }
     }
     free(xf);

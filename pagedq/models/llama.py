@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedq.kernels import AttentionMetadata, cpu_linear, native, paged_attention
-from pagedq.quant.linear import NativeQuantLinear
 
 from .config import ArchTraits, LinearGroup, ModelConfig
 
@@ -231,10 +230,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(normed)
 
 
-# The most rows of a step whose int8/int4 projections the native stack runs (woq_gemm converts
-# the codes in registers up to 3 rows, through an L1 buffer beyond; the stack's Python savings
-# matter at batch-1 decode).
-STACK_QUANT_ROWS = 8
+# The most rows of a step whose int8/int4 projections the native stack runs: the plain layers'
+# few-row limit (cpu_linear.GEMV_ROWS); woq_gemm itself serves any row count the same way.
+STACK_QUANT_ROWS = 24
 
 
 @dataclass
@@ -337,6 +335,8 @@ class LlamaForCausalLM(nn.Module):
         refused = NativeStack(key)
         if native.library() is None or self.config.qk_norm or self.rope.cos.dtype != dtype:
             return refused
+        from pagedq.quant.linear import NativeQuantLinear  # here: pagedq.quant imports the models
+
         rows: list[int] = []
         table: list[native.LayerPtrs] = []
         quant: list[native.QuantPtrs] = []
