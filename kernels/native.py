@@ -139,7 +139,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(path)
     for name in _FUNCS.values():
         fn = getattr(lib, name)
-        fn.restype = None
+        fn.restype = ctypes.c_int
         fn.argtypes = (
             [ctypes.c_void_p] * 10 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         )
@@ -302,12 +302,14 @@ def paged_attention(
     scales: tuple[int | None, int | None] = (None, None)
     if kind == 1 and k_scale is not None and v_scale is not None:
         scales = (k_scale.data_ptr(), v_scale.data_ptr())
-    getattr(lib, _FUNCS[q.dtype])(
+    status = getattr(lib, _FUNCS[q.dtype])(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *scales, block_tables.data_ptr(),
         query_start.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
         kind, context_lens.shape[0], h, kvh, d, bs, block_tables.shape[1],
         float(scale), int(window), torch.get_num_threads(),
     )  # fmt: skip
+    if status:
+        raise MemoryError("paged_attention: no memory for the step's task list or scratch")
     return out
 
 

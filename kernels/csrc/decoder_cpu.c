@@ -36,11 +36,11 @@ void rope_cache_f32(float* qkv, int T, int H, int KVH, int D, const int64_t* pos
                     const float* sin_t, const int64_t* slots, float* k_cache, float* v_cache, int nthreads);
 void rope_cache_bf16(uint16_t* qkv, int T, int H, int KVH, int D, const int64_t* pos, const uint16_t* cos_t,
                      const uint16_t* sin_t, const int64_t* slots, uint16_t* k_cache, uint16_t* v_cache, int nthreads);
-void paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+int paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
                          const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
                          const int64_t* context_lens, float* out, int kind, int B, int H, int KVH, int D, int BS,
                          int MAXB, float scale, int window, int nthreads);
-void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+int paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
                           const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
                           const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D, int BS,
                           int MAXB, float scale, int window, int nthreads);
@@ -156,11 +156,11 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
         for (int r = 0; r < m; r++) /* the Q heads of each row, contiguous for the attention */
             memcpy(q + es * (size_t)r * qsz, qkv + es * (size_t)r * qkv_n, es * (size_t)qsz);
         if (x_bf16)
-            paged_attention_bf16((const uint16_t*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
+            status |= paged_attention_bf16((const uint16_t*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                  a->query_start, a->query_lens, a->context_lens, (uint16_t*)attn, 0, (int)a->B, H,
                                  KVH, D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
         else
-            paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
+            status |= paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                 a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
                                 D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
         status |= dense(attn, x_bf16, m, qsz, p->w_o, wb, p->q[1], hid, NULL, h, tmp, nt);

@@ -111,7 +111,8 @@ static inline void prefetch_block(const void* cache, int64_t elem, int64_t bytes
  * that a long prefill still splits into many tasks. */
 static int tile_tokens(int H) { return H >= 64 ? 1 : 64 / H; }
 
-static void attend(const void* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
+/* Returns 0, or -1 when scratch memory could not be allocated (out is then not written). */
+static int attend(const void* q, const void* kc, const void* vc, const uint16_t* ks, const uint16_t* vs,
                    const int64_t* block_tables, const int64_t* query_start, const int64_t* query_lens,
                    const int64_t* context_lens,
                    void* out, int q_bf16, int kind, int B, int H, int KVH, int D, int BS, int MAXB,
@@ -119,8 +120,10 @@ static void attend(const void* q, const void* kc, const void* vc, const uint16_t
     const int G = H / KVH, QT = tile_tokens(H), R = H * QT;
     int ntasks = 0;
     for (int b = 0; b < B; b++) ntasks += (int)((query_lens[b] + QT - 1) / QT);
-    if (ntasks == 0) return;
+    if (ntasks == 0) return 0;
     Task* tasks = (Task*)malloc(sizeof(Task) * (size_t)ntasks);
+    if (!tasks) return -1;
+    int failed = 0;
     int t = 0;
     for (int b = 0; b < B; b++) {
         const int n = (int)query_lens[b];
@@ -149,6 +152,10 @@ static void attend(const void* q, const void* kc, const void* vc, const uint16_t
         float* vf = kf + BS * row; /* [BS][KVH][D] V of one block */
 #pragma omp for schedule(dynamic, 1)
         for (int ti = 0; ti < ntasks; ti++) {
+            if (!buf) {
+                failed = 1; /* every thread still runs the loop (a worksharing construct) */
+                continue;
+            }
             const Task tk = tasks[ti];
             const int n = (int)query_lens[tk.b];
             const int64_t pos0 = context_lens[tk.b] - n + tk.q0; /* the tile's first query position */
@@ -265,20 +272,21 @@ static void attend(const void* q, const void* kc, const void* vc, const uint16_t
         free(buf);
     }
     free(tasks);
+    return failed ? -1 : 0;
 }
 
-void paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks,
+int paged_attention_f32(const float* q, const void* kc, const void* vc, const uint16_t* ks,
                          const uint16_t* vs, const int64_t* block_tables, const int64_t* query_start,
                          const int64_t* query_lens, const int64_t* context_lens, float* out, int kind, int B, int H, int KVH, int D,
                          int BS, int MAXB, float scale, int window, int nthreads) {
-    attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 0, kind, B, H, KVH, D, BS, MAXB,
-           scale, window, nthreads);
+    return attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 0, kind, B, H, KVH, D, BS,
+                  MAXB, scale, window, nthreads);
 }
 
-void paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks,
+int paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, const uint16_t* ks,
                           const uint16_t* vs, const int64_t* block_tables, const int64_t* query_start,
                           const int64_t* query_lens, const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D,
                           int BS, int MAXB, float scale, int window, int nthreads) {
-    attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 1, kind, B, H, KVH, D, BS, MAXB,
-           scale, window, nthreads);
+    return attend(q, kc, vc, ks, vs, block_tables, query_start, query_lens, context_lens, out, 1, kind, B, H, KVH, D, BS,
+                  MAXB, scale, window, nthreads);
 }
