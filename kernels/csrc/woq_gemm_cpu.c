@@ -277,8 +277,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #include <immintrin.h>
 
 #define NB 64
-#define MR 3  /* rows of a direct tile of 16 channels */
-#define MRD 6 /* rows of a direct tile of 8 channels, or of a tile over dequantized weights */
+#define MR 3  /* x's packing stride (rows per K pair) for calls of up to 3 rows: denser than MRD */
+#define MRD 6 /* the most rows of a tile (direct or over dequantized weights), x's stride beyond 3 */
 #define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
 /* rows of codes (128 bytes) prefetched ahead: ~100 ns of work at one row, where a row of int8
  * codes takes half the time of a 4-bit one (a 4-bit row holds two K pairs) */
@@ -297,7 +297,7 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
     return _mm256_cvtepi32_ps(w);
 }
 
-/* acc[r][j] += b[j] * x[r] for the pair kp of the tile's packed rows (xt[kp * MR + r]) */
+/* acc[r][j] += b * x[r] for the pair kp of the tile's packed rows (xt[kp * ld + r]) */
 #define FMA_ROWS(mr, ld, xt, kp, j, b)                                                                  \
     {                                                                                                   \
         const __m256 b_ = (b);                                                                          \

@@ -230,11 +230,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(normed)
 
 
-# The most rows of a step whose int8/int4 projections the native stack runs: the plain layers'
-# few-row limit (cpu_linear.GEMV_ROWS); woq_gemm itself serves any row count the same way.
-STACK_QUANT_ROWS = 24
-
-
 @dataclass
 class NativeStack:
     """The pointer table ``native.decoder_layers`` runs, and what it was built for: ``key``
@@ -246,7 +241,7 @@ class NativeStack:
     layers: ctypes.Array | None = None
     rows: int = 0
     attn: Attention | None = None
-    quant: list = field(default_factory=list)  # the QuantPtrs that ``layers`` points to, kept alive
+    quant: list[native.QuantPtrs] = field(default_factory=list)  # what ``layers`` points to, kept alive
 
 
 class LlamaForCausalLM(nn.Module):
@@ -358,7 +353,8 @@ class LlamaForCausalLM(nn.Module):
                         lin.bits, lin.group_size, lin.kc, lin.scales.shape[1],
                     ))  # fmt: skip
                     plain.append(None)
-                    rows.append(STACK_QUANT_ROWS)
+                    # woq_gemm serves any row count alike: the plain layers' default limit applies
+                    rows.append(cpu_linear.GEMV_ROWS)
                     continue
                 p = lin.packed if isinstance(lin, Linear) else None
                 if p is None or p.plain is None or p.dtype != dtype or (i and p.bias is not None):
@@ -374,11 +370,10 @@ class LlamaForCausalLM(nn.Module):
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
                 return refused
             w_bf16 = any(w is not None and w.dtype == torch.bfloat16 for w in plain)
+            wp = [None if w is None else w.data_ptr() for w in plain]
             ptrs = native.LayerPtrs(
-                norms[0].data_ptr(), norms[1].data_ptr(), *(None if w is None else w.data_ptr() for w in plain[:1]),
-                None if bias is None else bias.data_ptr(),
-                *(None if w is None else w.data_ptr() for w in plain[1:]),
-                kc.data_ptr(), vc.data_ptr(), int(w_bf16), a.window,
+                norms[0].data_ptr(), norms[1].data_ptr(), wp[0], None if bias is None else bias.data_ptr(),
+                wp[1], wp[2], wp[3], kc.data_ptr(), vc.data_ptr(), int(w_bf16), a.window,
                 (ctypes.c_void_p * 4)(*(None if q is None else ctypes.addressof(q) for q in qptrs)),
             )  # fmt: skip
             quant.extend(q for q in qptrs if q is not None)
