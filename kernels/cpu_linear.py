@@ -54,18 +54,20 @@ generation = 0
 def rows_bucket(m: int) -> int:
     """The rows a call of ``m`` rows runs with (the extra rows are discarded).
 
-    oneDNN builds, and JIT-compiles, one primitive per input shape (~3 ms each here) and keeps
+    oneDNN builds, and JIT-compiles, one primitive per input shape (1-8 ms each here) and keeps
     1024 of them; a serving engine meets nearly every row count from 1 to its token budget on
-    each of a model's five GEMM shapes, so the first minutes of a run were spent building
-    primitives (the throughput workload's first run 83 tok/s, its second 126). Buckets bound
-    them to ~45 per shape: exact up to 16 rows, then multiples of 16 up to 256, of 64 above —
-    at most 16/17 extra rows where a GEMM streams its weights anyway, under 25% above that.
+    each of a model's five GEMM shapes, so a run that builds a primitive for each spends its
+    first minutes building them (the throughput workload's first run 83 tok/s, its second 126).
+    Buckets bound them to ~145 per shape up to 2048 rows: exact up to 64 rows, then 16 buckets
+    per doubling (64-128 in steps of 4, 128-256 of 8, ..., 1024-2048 of 64), so the padding is
+    under 1/16 of the rows. Padding is not free: 30 decoder layers of ``bench`` in float32 on
+    the 2-core AVX2 machine took 106 ms at 33 rows and 163 ms at 48 (where the earlier buckets
+    of 16 rounded 33 to), 496 ms at 257 rows and 627 ms at 320 (buckets of 64).
     """
-    if m <= 16:
+    if m <= 64:
         return m
-    if m <= 256:
-        return -(-m // 16) * 16
-    return -(-m // 64) * 64
+    step = 1 << ((m - 1).bit_length() - 5)  # 2**(floor(log2(m - 1)) - 4)
+    return -(-m // step) * step
 
 
 # Rows the blocked layout is tuned for; measured on 1-2048 rows, 16-512 all within noise.

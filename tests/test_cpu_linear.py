@@ -17,7 +17,7 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 @pytest.mark.parametrize("mode", ["auto", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 64, 300])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 33, 64, 65, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gemv_rows", ["8", "0"])
 def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gemv_rows):
@@ -48,6 +48,18 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gem
     # leading dimensions are kept
     x3 = x.reshape(1, rows, 96)
     assert cpu_linear.linear(x3, packed).shape == (1, rows, 200)
+
+
+def test_row_buckets_are_exact_to_64_rows_then_pad_under_a_sixteenth():
+    """Few primitives per GEMM shape (oneDNN caches 1024), little padded work per call."""
+    buckets = [cpu_linear.rows_bucket(m) for m in range(1, 4097)]
+    assert buckets[:64] == list(range(1, 65))
+    for m, b in enumerate(buckets, start=1):
+        assert m <= b
+        assert b - m < max(1, m / 16), (m, b)
+    assert buckets == sorted(buckets)  # more rows never run with fewer
+    assert len(set(buckets[:2048])) == 64 + 5 * 16  # exact, then 16 per doubling to 2048
+    assert cpu_linear.rows_bucket(65) == 68 and cpu_linear.rows_bucket(257) == 272
 
 
 @pytest.mark.skipif(native.library() is None, reason="the native CPU kernels cannot be built here")
