@@ -16,9 +16,12 @@
  *
  * Work is split into tasks of (sequence, tile of up to QT query tokens), all heads together: a
  * block's K and V rows are contiguous in memory across KV heads, so a task streams whole blocks
- * (and prefetches the next one, which lies elsewhere), converts each to float32 once, and the
- * G = H / KVH query heads of each KV head read their slice of it (GQA). The tasks are listed and sorted longest first before the
- * parallel loop (a precomputed schedule: long prefills start first, decodes fill the gaps).
+ * (and prefetches the next one, which lies elsewhere), converts each to float32 once (a float32
+ * cache is read in place), and the G = H / KVH query heads of each KV head read their slice of
+ * it (GQA). A row's work on a block (row_block) is specialised for 64-element heads, so its
+ * loops are unrolled (64 sequences of 16-600 tokens, 2 threads: float32 4.9 -> 3.7-4.1 ms,
+ * bf16 4.1 -> 2.4-2.9 ms). The tasks are listed and sorted longest first before the parallel
+ * loop (a precomputed schedule: long prefills start first, decodes fill the gaps).
  * Per task, blocks are visited in order with an online softmax (running max and sum per row),
  * each row touching only the keys it sees (causal, window). Scratch is allocated once per
  * thread per call, never per sequence.
@@ -107,6 +110,64 @@ static inline void prefetch_block(const void* cache, int64_t elem, int64_t bytes
     for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(p + x, 0, 1);
 }
 
+/* One query row against the keys [jlo, jhi) of one block (kh, vh: its KV head's K and V rows,
+ * ``row`` floats apart): scores into sr, then the online-softmax update of the row's running max
+ * m, sum l and accumulator ar. Inlined, so a constant D unrolls every loop over the head. */
+static inline __attribute__((always_inline)) void row_block(const float* restrict qr, const float* restrict kh,
+                                                            const float* restrict vh, float* restrict sr,
+                                                            float* m, float* l, float* restrict ar, int jlo,
+                                                            int jhi, int nk, int row, const int D) {
+    int j = jlo;
+    for (; j + 4 <= jhi; j += 4) { /* four keys at once: independent accumulators */
+        const float *k0p = kh + (int64_t)j * row, *k1p = k0p + row, *k2p = k1p + row, *k3p = k2p + row;
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int d = 0; d < D; d++) {
+            const float qd = qr[d];
+            d0 += qd * k0p[d];
+            d1 += qd * k1p[d];
+            d2 += qd * k2p[d];
+            d3 += qd * k3p[d];
+        }
+        sr[j] = d0;
+        sr[j + 1] = d1;
+        sr[j + 2] = d2;
+        sr[j + 3] = d3;
+    }
+    for (; j < jhi; j++) {
+        const float* kj = kh + (int64_t)j * row;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; d++) dot += qr[d] * kj[d];
+        sr[j] = dot;
+    }
+    float mx = -INFINITY;
+    for (j = jlo; j < jhi; j++) mx = sr[j] > mx ? sr[j] : mx;
+    const float mnew = mx > *m ? mx : *m;
+    const float corr = expf(*m - mnew); /* exp(-inf) = 0 on the first block */
+    float sum = 0.f;
+    for (j = 0; j < jlo; j++) sr[j] = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (j = jlo; j < jhi; j++) {
+        const float p = exp_approx(sr[j] - mnew);
+        sr[j] = p;
+        sum += p;
+    }
+    for (j = jhi; j < nk; j++) sr[j] = 0.f;
+    *l = *l * corr + sum;
+    *m = mnew;
+    if (corr != 1.f) {
+#pragma omp simd
+        for (int d = 0; d < D; d++) ar[d] *= corr;
+    }
+    for (j = jlo; j < jhi; j++) {
+        const float p = sr[j];
+        const float* vj = vh + (int64_t)j * row;
+#pragma omp simd
+        for (int d = 0; d < D; d++) ar[d] += p * vj[d];
+    }
+}
+
 /* Query tokens per task: enough rows (QT * H) to reuse each converted K/V block, few enough
  * that a long prefill still splits into many tasks. */
 static int tile_tokens(int H) { return H >= 64 ? 1 : 64 / H; }
@@ -138,6 +199,7 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
     const int row = KVH * D; /* elements per token row of a block */
     const int64_t block_elems = (int64_t)BS * row;
     const int esize = kind != KV_SAME ? 1 : (q_bf16 ? 2 : 4);
+    const int in_place = kind == KV_SAME && !q_bf16;
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -186,8 +248,15 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
                     prefetch_block(kc, table[blk + 1] * block_elems, block_elems * esize, esize);
                     prefetch_block(vc, table[blk + 1] * block_elems, block_elems * esize, esize);
                 }
-                load_block(kc, ks, base, sbase, nk, KVH, D, kind, q_bf16, kf);
-                load_block(vc, vs, base, sbase, nk, KVH, D, kind, q_bf16, vf);
+                /* a float32 cache is read in place; other storage is converted once per block */
+                const float *kb = kf, *vb = vf;
+                if (in_place) {
+                    kb = (const float*)kc + base;
+                    vb = (const float*)vc + base;
+                } else {
+                    load_block(kc, ks, base, sbase, nk, KVH, D, kind, q_bf16, kf);
+                    load_block(vc, vs, base, sbase, nk, KVH, D, kind, q_bf16, vf);
+                }
                 for (int r = 0; r < rows; r++) {
                     float* sr = s + r * BS;
                     const float* qr = qf + r * D;
@@ -201,59 +270,12 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
                         for (int j = 0; j < nk; j++) sr[j] = 0.f;
                         continue;
                     }
-                    const float* kh = kf + kvh * D;
-                    int j = jlo;
-                    for (; j + 4 <= jhi; j += 4) { /* four keys at once: independent accumulators */
-                        const float *k0p = kh + (int64_t)j * row, *k1p = k0p + row, *k2p = k1p + row,
-                                    *k3p = k2p + row;
-                        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-                        for (int d = 0; d < D; d++) {
-                            const float qd = qr[d];
-                            d0 += qd * k0p[d];
-                            d1 += qd * k1p[d];
-                            d2 += qd * k2p[d];
-                            d3 += qd * k3p[d];
-                        }
-                        sr[j] = d0;
-                        sr[j + 1] = d1;
-                        sr[j + 2] = d2;
-                        sr[j + 3] = d3;
-                    }
-                    for (; j < jhi; j++) {
-                        const float* kj = kh + (int64_t)j * row;
-                        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                        for (int d = 0; d < D; d++) dot += qr[d] * kj[d];
-                        sr[j] = dot;
-                    }
-                    float mx = -INFINITY;
-                    for (j = jlo; j < jhi; j++) mx = sr[j] > mx ? sr[j] : mx;
-                    const float mnew = mx > m[r] ? mx : m[r];
-                    const float corr = expf(m[r] - mnew); /* exp(-inf) = 0 on the first block */
-                    float sum = 0.f;
-                    for (j = 0; j < jlo; j++) sr[j] = 0.f;
-#pragma omp simd reduction(+ : sum)
-                    for (j = jlo; j < jhi; j++) {
-                        const float p = exp_approx(sr[j] - mnew);
-                        sr[j] = p;
-                        sum += p;
-                    }
-                    for (j = jhi; j < nk; j++) sr[j] = 0.f;
-                    l[r] = l[r] * corr + sum;
-                    m[r] = mnew;
-                    float* ar = acc + r * D;
-                    if (corr != 1.f) {
-#pragma omp simd
-                        for (int d = 0; d < D; d++) ar[d] *= corr;
-                    }
-                    const float* vh = vf + kvh * D;
-                    for (j = jlo; j < jhi; j++) {
-                        const float p = sr[j];
-                        const float* vj = vh + (int64_t)j * row;
-#pragma omp simd
-                        for (int d = 0; d < D; d++) ar[d] += p * vj[d];
-                    }
+                    if (D == 64) /* the common head size: loops of a known length, unrolled */
+                        row_block(qr, kb + kvh * 64, vb + kvh * 64, sr, m + r, l + r, acc + r * 64, jlo, jhi,
+                                  nk, row, 64);
+                    else
+                        row_block(qr, kb + kvh * D, vb + kvh * D, sr, m + r, l + r, acc + r * D, jlo, jhi,
+                                  nk, row, D);
                 }
             }
             for (int r = 0; r < rows; r++) {
