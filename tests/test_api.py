@@ -185,6 +185,23 @@ def test_kv_cache_memory_sizes_the_pool(tiny_llama):
         assert llm.stats()["num_kv_blocks"] == 2 * 2**20 // (512 * 16)
 
 
+def test_the_default_token_budget_follows_the_device(tiny_llama):
+    """512 tokens per step on CPUs (a prompt waits for every prompt of the step it joins), 2048
+    elsewhere; never below max_num_seqs; an explicit budget is kept."""
+    import torch
+
+    from pagedq.engine import default_token_budget
+
+    assert default_token_budget(torch.device("cpu")) == 512
+    assert default_token_budget(torch.device("cuda")) == 2048
+    with LLM(tiny_llama, dtype="float32") as llm:
+        assert llm.engine.scheduler.max_num_batched_tokens == 512
+    with LLM(tiny_llama, dtype="float32", max_num_seqs=600) as llm:
+        assert llm.engine.scheduler.max_num_batched_tokens == 600
+    with LLM(tiny_llama, dtype="float32", max_num_batched_tokens=64) as llm:
+        assert llm.engine.scheduler.max_num_batched_tokens == 64
+
+
 def test_stats_and_kv_waste(tiny_llama):
     with LLM(tiny_llama, dtype="float32", block_size=16) as llm:
         run_checked(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
