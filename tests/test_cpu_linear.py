@@ -59,7 +59,8 @@ def test_row_buckets_are_exact_to_64_rows_then_pad_under_a_sixteenth():
         assert b - m < max(1, m / 16), (m, b)
     assert buckets == sorted(buckets)  # more rows never run with fewer
     assert len(set(buckets[:2048])) == 64 + 5 * 16  # exact, then 16 per doubling to 2048
-    assert cpu_linear.rows_bucket(65) == 68 and cpu_linear.rows_bucket(257) == 272
+    assert cpu_linear.rows_bucket(65) == 68
+    assert cpu_linear.rows_bucket(257) == 272
 
 
 @pytest.mark.skipif(native.library() is None, reason="the native CPU kernels cannot be built here")
