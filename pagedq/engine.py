@@ -89,10 +89,11 @@ def resolve_model_dir(model: str) -> str:
 def default_token_budget(device: torch.device) -> int:
     """Tokens per step unless the caller says: 2048, or 512 on CPUs.
 
-    A CPU computes a step's rows one after another, so a prompt that arrives while a step of
-    several prompts runs waits for all of them, and the GEMMs gain nothing beyond ~500 rows
-    there (30 float32 layers of ``bench``, 2-core AVX2: 1.75 ms per row at 500 rows, 1.9 at
-    2048). The ``online`` workload at 0.5 req/s (float32, 2-core AVX2, 2026-11-30): TTFT p99
+    On a CPU a step's time grows with its tokens (its GEMMs are compute-bound), so a prompt
+    that joins a step with several other prompts gets its first token only when all of them
+    are done, and bigger steps buy little: 30 float32 layers of ``bench`` on the 2-core AVX2
+    machine took 1.75-1.94 ms per row at 450-512 rows, and the 2048-token steps of the
+    throughput workload 2.3 ms per token. The ``online`` workload at 0.5 req/s (float32, 2-core AVX2, 2026-11-30): TTFT p99
     3267 -> 2662 ms, p50 944 -> 955, TPOT p50 123 -> 147 ms; the ``throughput`` workload
     unchanged within noise (86-95 out tok/s either way).
     """
