@@ -49,6 +49,8 @@ class ModelRunner:
         self.native_attention = (
             device.type == "cpu" and self.backend == "torch" and native.library() is not None
         )
+        # fresh prompts too, when the cache holds K/V at the model's precision
+        self.native_prompts = self.native_attention and kv_cache_dtype == "auto"
         self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
         if device.type == "cpu":  # weights laid out once for the CPU's GEMM (kernels/cpu_linear.py)
             self.model.pack_weights()
@@ -156,7 +158,12 @@ class ModelRunner:
             meta.prefill_tables = torch.tensor(padded, dtype=torch.int32, device=dev)
         if self.native_attention:  # one kernel call per layer for every row that reads the cache
             starts = list(itertools.accumulate((item.num_new_tokens for item in batch), initial=0))
-            cached = [i for i, item in enumerate(batch) if item.num_new_tokens == 1 or item.start > 0]
+            cached = [
+                i
+                for i, item in enumerate(batch)
+                if self.native_prompts or item.num_new_tokens == 1 or item.start > 0
+            ]
+            meta.native_prompts = self.native_prompts
             padded, _ = _pad_tables([batch[i].block_table for i in cached]) if cached else ([[0]], 1)
             meta.block_tables = torch.tensor(padded, dtype=torch.long)
             meta.query_start = torch.tensor([starts[i] for i in cached], dtype=torch.long)
