@@ -333,7 +333,17 @@ def test_bench_throughput_alternates_pagedq_and_vllm_runs(tiny_llama, tmp_path, 
     from pagedq.cli import main
 
     _fake_vllm(tmp_path, monkeypatch, FAKE_VLLM)
-    args = ["bench", "throughput", "--model", tiny_llama, "--num-requests", "3", "--runs", "3", "--no-baseline"]
+    args = [
+        "bench",
+        "throughput",
+        "--model",
+        tiny_llama,
+        "--num-requests",
+        "3",
+        "--runs",
+        "3",
+        "--no-baseline",
+    ]
     main([*args, "--vllm-python", sys.executable])
     out = capsys.readouterr().out
     rounds = [ln for ln in out.splitlines() if ln.strip().startswith("run ")]
@@ -354,8 +364,41 @@ def test_bench_throughput_reports_a_vllm_that_dies_between_runs(tiny_llama, tmp_
     closed = []
     real_close = LLM.close
     monkeypatch.setattr(LLM, "close", lambda self: (closed.append(True), real_close(self))[1])
-    args = ["bench", "throughput", "--model", tiny_llama, "--num-requests", "3", "--runs", "3", "--no-baseline"]
+    args = [
+        "bench",
+        "throughput",
+        "--model",
+        tiny_llama,
+        "--num-requests",
+        "3",
+        "--runs",
+        "3",
+        "--no-baseline",
+    ]
     with pytest.raises(RuntimeError, match=r"the vLLM run failed \(exit 1\)(.|\n)*engine core died"):
         main([*args, "--vllm-python", sys.executable])
     assert closed == [True]
     assert capsys.readouterr().out.count("| vllm-cpu") == 1
+
+
+def test_a_stepped_peer_interrupted_during_its_start_is_killed(tmp_path, monkeypatch):
+    """Ctrl-C (or any error) while the peer starts — minutes for vLLM — must not leave it
+    running: the interrupt is raised where the start-up waits for the peer's first line."""
+    import sys
+
+    from pagedq.bench.servers import SteppedPeer
+
+    script = tmp_path / "slow_peer.py"
+    script.write_text("import time\nprint('starting', flush=True)\ntime.sleep(600)\n")
+    peers: list[SteppedPeer] = []
+
+    def interrupted(self, prefix):
+        peers.append(self)
+        assert self.proc.poll() is None  # the peer is up and waiting
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SteppedPeer, "_expect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SteppedPeer([sys.executable, str(script)], "slow")
+    assert peers[0].proc.poll() is not None  # ended, not orphaned
+    assert peers[0]._err.closed

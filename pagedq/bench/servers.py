@@ -102,7 +102,12 @@ class SteppedPeer:
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True
         )
-        self.startup = float(self._expect("PAGEDQ_PEER_READY "))
+        try:
+            self.startup = float(self._expect("PAGEDQ_PEER_READY "))
+        except BaseException:  # a failed start, or Ctrl-C during its minutes: no orphan left
+            self.proc.kill()
+            self.close()
+            raise
 
     def _expect(self, prefix: str) -> str:
         assert self.proc.stdout is not None
