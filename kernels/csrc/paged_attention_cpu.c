@@ -149,16 +149,13 @@ static inline void prefetch_rest(Prefetch* pf) {
     while (pf->off < pf->bytes || pf->blk < pf->end) prefetch_line(pf);
 }
 
-/* The online-softmax update of one row for the keys [jlo, jhi) of a chunk, whose scores are
- * sr[jlo..jhi): they become probabilities (relative to the new running max), sr is zeroed over
- * the rest of [lo, hi), the running max m and sum l are updated. Returns the factor the row's
- * accumulator must be scaled by (1 when the row sees none of the keys: nothing changes). */
+/* The online-softmax update of one row for the keys [jlo, jhi) of a chunk (jlo < jhi: callers
+ * leave out rows that see none), whose scores are sr[jlo..jhi): they become probabilities
+ * (relative to the new running max), sr is zeroed over the rest of [lo, hi) (the keys a row
+ * group's value loop reads), the running max m and sum l are updated. Returns the factor the
+ * row's accumulator must be scaled by. */
 static inline float softmax_update(float* restrict sr, float* m, float* l, int jlo, int jhi, int lo, int hi) {
     int j;
-    if (jlo >= jhi) {
-        for (j = lo; j < hi; j++) sr[j] = 0.f;
-        return 1.f;
-    }
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
     for (j = jlo; j < jhi; j++) mx = sr[j] > mx ? sr[j] : mx;
@@ -186,7 +183,7 @@ static inline float softmax_update(float* restrict sr, float* m, float* l, int j
 static inline __attribute__((always_inline)) void row_chunk(const float* restrict qr, const float* const* kp,
                                                             const float* const* vp, int h, float* restrict sr,
                                                             float* m, float* l, float* restrict ar, int jlo,
-                                                            int jhi, int nk, const int D) {
+                                                            int jhi, const int D) {
     int j = jlo;
     for (; j + 4 <= jhi; j += 4) { /* four keys at once: independent accumulators */
         const float *k0p = kp[j] + h, *k1p = kp[j + 1] + h, *k2p = kp[j + 2] + h, *k3p = kp[j + 3] + h;
@@ -211,7 +208,7 @@ static inline __attribute__((always_inline)) void row_chunk(const float* restric
         for (int d = 0; d < D; d++) dot += qr[d] * kj[d];
         sr[j] = dot;
     }
-    const float corr = softmax_update(sr, m, l, jlo, jhi, 0, nk);
+    const float corr = softmax_update(sr, m, l, jlo, jhi, jlo, jhi); /* values read over [jlo, jhi) only */
     if (corr != 1.f) {
 #pragma omp simd
         for (int d = 0; d < D; d++) ar[d] *= corr;
@@ -483,9 +480,9 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
                     const int jhi = qpos + 1 < k1 ? (int)(qpos + 1 - k0) : nk;
                     if (jlo >= jhi) continue; /* nothing of this chunk is visible to the row */
                     if (D == 64) /* the common head size: loops of a known length, unrolled */
-                        row_chunk(qf + r * 64, kp, vp, h, sr, m + r, l + r, acc + r * 64, jlo, jhi, nk, 64);
+                        row_chunk(qf + r * 64, kp, vp, h, sr, m + r, l + r, acc + r * 64, jlo, jhi, 64);
                     else
-                        row_chunk(qf + r * D, kp, vp, h, sr, m + r, l + r, acc + r * D, jlo, jhi, nk, D);
+                        row_chunk(qf + r * D, kp, vp, h, sr, m + r, l + r, acc + r * D, jlo, jhi, D);
                 }
             }
             for (int r = 0; r < rows; r++) {
