@@ -20,14 +20,15 @@ The path depends on the CPU, detected at run time:
   what a bf16 GEMM with float32 accumulation returns.
 
 Where the weight is packed as float32 (the AVX2 path), calls of up to ``PAGEDQ_CPU_GEMV_ROWS``
-rows (default 24; 0 turns it off) run the native few-row kernel (``native.gemv``) on the weight
-as loaded instead: a batch-1 decode step is one pass over the weights, and oneDNN's packed GEMM
-streams them at ~60% of the memory bandwidth at one row, reading a bf16 model as float32
-(measured on `bench`, 2-core AVX2, the 120 decoder GEMMs of one step at one row: float32 44 →
-29 ms, bf16 56 → 18 ms; still ahead at 8 rows, 103 → 63 ms). With tiles of three input rows it
-stays ahead to ~24 rows (whole float32 decode steps of `bench`, the native stack included: 12
-rows 105 → 73 ms, 16 rows 125 → 99, 24 rows 173 → 128; even at 32). The plain weight is kept
-for it beside the packed one (memory: float32 twice, bf16 three times its bytes).
+rows (default 64; 0 turns it off) run the native few-row kernel (``native.gemv``) on a second
+copy of the weight laid out in panels of 16 output rows (``native.panels``) instead: one
+sequential pass over the weight per call, and from ~16 rows the FMA rate of a GEMM
+micro-kernel. Decode steps stream every weight from memory on each call, where oneDNN's packed
+GEMM reached ~60% of the bandwidth at one row and stayed behind up to 64 rows (measured on
+`bench`, 2-core AVX2, the 120 float32 decoder GEMMs of one step with cold weights, oneDNN /
+panels: 1 row 44 / 25 ms, 8 rows 60 / 36, 24 rows 82 / 55, 64 rows 151 / 145); a bf16 model
+keeps its panels in bf16 (half the bytes of the float32 packing). Memory: float32 weights twice,
+bf16 three times their bytes (the tied LM head too: its panels are a copy).
 
 ``PAGEDQ_CPU_LINEAR`` picks a path by hand: ``auto`` (the above), ``fp32`` (the AVX2 path on
 any CPU, so both are tested on a bf16-capable machine) or ``torch`` (no packing: ``F.linear``
@@ -45,8 +46,8 @@ import torch
 from . import native
 
 MODES = ("auto", "fp32", "torch")
-GEMV_ROWS = 24
-# Bumped by every pack(): whoever keeps raw pointers to packed or plain weights (the native
+GEMV_ROWS = 64
+# Bumped by every pack(): whoever keeps raw pointers to packed weights or panels (the native
 # decoder stack) rebuilds them when it changes.
 generation = 0
 
@@ -82,7 +83,7 @@ def mode() -> str:
 
 
 def gemv_rows() -> int:
-    """Calls of at most this many rows run ``native.gemv`` on the plain weight (0: never)."""
+    """Calls of at most this many rows run ``native.gemv`` on the weight's panels (0: never)."""
     value = os.environ.get("PAGEDQ_CPU_GEMV_ROWS", "").strip()
     if not value:
         return GEMV_ROWS
@@ -110,9 +111,9 @@ class PackedWeight:
     in_features: int
     dtype: torch.dtype  # the model's: inputs arrive and outputs leave in it
     compute_dtype: torch.dtype  # the packed weight's
-    nbytes: int  # packed, plus the plain weight where this holds it alone
-    plain: torch.Tensor | None = None  # the weight as loaded, for calls of few rows
-    gemv_rows: int = 0  # calls of at most this many rows run native.gemv on ``plain``
+    nbytes: int  # packed, plus the panels
+    panels: torch.Tensor | None = None  # the weight in native.panels' layout, for calls of few rows
+    gemv_rows: int = 0  # calls of at most this many rows run native.gemv on ``panels``
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -129,11 +130,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return None
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = False) -> PackedWeight | None:
+def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight | None:
     """``weight`` [out, in] packed for this CPU, or None where the plain path runs (not a CPU
-    tensor, a dtype without a packed path, oneDNN missing, ``PAGEDQ_CPU_LINEAR=torch``).
-
-    ``shared``: the caller keeps ``weight`` (tied embeddings), so its bytes are not counted."""
+    tensor, a dtype without a packed path, oneDNN missing, ``PAGEDQ_CPU_LINEAR=torch``)."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return None
     cdt = compute_dtype(weight.dtype)
@@ -146,12 +145,12 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = 
     b = None if bias is None else bias.detach().to(cdt).contiguous()
     out_f, in_f = w.shape
     nbytes = w.numel() * w.element_size()
-    plain, rows = None, gemv_rows()
+    panels, rows = None, gemv_rows()
     if cdt == torch.float32 and rows > 0 and native.gemv_supports(weight):
-        plain = weight.detach().contiguous()
-        nbytes += 0 if shared else plain.numel() * plain.element_size()
+        panels = native.panels(weight)
+        nbytes += panels.numel() * panels.element_size()
     return PackedWeight(
-        packed, b, out_f, in_f, weight.dtype, cdt, nbytes, plain, rows if plain is not None else 0
+        packed, b, out_f, in_f, weight.dtype, cdt, nbytes, panels, rows if panels is not None else 0
     )
 
 
@@ -162,8 +161,8 @@ def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     if x2.shape[0] == 0:
         return x.new_empty(*lead, p.out_features)
     m = x2.shape[0]
-    if m <= p.gemv_rows and p.plain is not None:
-        y = native.gemv(x2, p.plain, p.bias)
+    if m <= p.gemv_rows and p.panels is not None:
+        y = native.gemv(x2, p.panels, p.bias, p.out_features)
         return (y if y.dtype == p.dtype else y.to(p.dtype)).reshape(*lead, p.out_features)
     rows = rows_bucket(m)
     if rows != m:

@@ -9,8 +9,9 @@ windows — reading K/V in place from the blocks and only up to each query's own
 ``csrc/elementwise_cpu.c`` fuses a decoder layer's elementwise work (residual add + RMSNorm,
 SiLU * up), one pass each where torch runs several ops with a temporary each.
 
-``csrc/gemv_cpu.c`` multiplies a few rows (batch-1 decode) by a plain float32 or bf16 weight,
-streaming it once at the memory's speed (``gemv``; used by :mod:`.cpu_linear` below a few rows).
+``csrc/gemv_cpu.c`` multiplies up to a few dozen rows (decode steps) by a float32 or bf16 weight
+laid out in panels (``panels``), streaming it once at the memory's speed at one row and at the
+GEMM's rate from ~16 rows (``gemv``; used by :mod:`.cpu_linear` up to 64 rows).
 
 ``csrc/decoder_cpu.c`` runs all decoder layers of a few-row step (batch-1 decode) in one call,
 the kernels above in the order and with the roundings of the model's Python code
@@ -415,17 +416,38 @@ def gemv_supports(weight: torch.Tensor) -> bool:
     )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [m, k] @ weight[n, k].T + bias`` for a few rows, in ``x``'s dtype with float32
-    accumulation; ``weight`` float32 or bf16 read as it is, ``bias`` float32 or None."""
+PANEL = 16  # output rows per panel of :func:`panels` (csrc/gemv_cpu.c's PANEL)
+
+
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [n, k]`` laid out for :func:`gemv`: panels of 16 output rows, k-major
+    (``[ceil(n / 16), k, 16]``, the last panel padded with zeros), in the weight's dtype. A
+    panel streams as one sequential read, and per k its 16 weights meet every input row."""
+    n, k = weight.shape
+    padded = -(-n // PANEL) * PANEL
+    w = weight.detach()
+    if padded != n:
+        w = torch.cat([w, w.new_zeros(padded - n, k)])
+    return w.reshape(padded // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``x [m, k] @ W[n, k].T + bias`` for up to a few dozen rows, in ``x``'s dtype with float32
+    accumulation; ``weight`` is W as :func:`panels` lays it out (float32 or bf16, read as it
+    is), ``bias`` float32 or None."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see gemv_supports)")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
         raise ValueError(f"gemv: x must be a 2-D float32 or bf16 CPU tensor, got {x.dtype} {tuple(x.shape)}")
+    if weight.dim() != 3 or weight.shape[2] != PANEL or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"gemv: the weight must be laid out by panels(), got {weight.dtype} {tuple(weight.shape)}"
+        )
+    if not 0 < n <= weight.shape[0] * PANEL or n <= (weight.shape[0] - 1) * PANEL:
+        raise ValueError(f"gemv: n={n} does not fit a weight of {weight.shape[0]} panels of {PANEL}")
     x, weight = x.contiguous(), weight.contiguous()
     m, k = x.shape
-    n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"gemv: x has {k} features, the weight {weight.shape[1]}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):

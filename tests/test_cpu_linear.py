@@ -35,9 +35,9 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gem
         else torch.float32
     )
     assert packed.compute_dtype == expect
-    # the few-row kernel reads the plain weight where the weight is packed as float32
+    # the few-row kernel reads the weight's panels where the weight is packed as float32
     few = expect == torch.float32 and gemv_rows != "0" and native.library() is not None
-    assert (packed.plain is not None) == few
+    assert (packed.panels is not None) == few
     assert packed.gemv_rows == (8 if few else 0)
     got = cpu_linear.linear(x, packed)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
@@ -67,24 +67,36 @@ def test_row_buckets_are_exact_to_64_rows_then_pad_under_a_sixteenth():
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemv_equals_the_float32_product_for_few_rows_and_odd_shapes(w_dtype, x_dtype):
-    """Rows 1-5 (pairs and a lone row), outputs not a multiple of the 4-row tile, inputs not a
-    multiple of the 8-wide vector; the output in x's dtype. Tolerance: float32 summation order
-    (1e-5 relative); bf16 outputs one rounding (2^-8 relative)."""
+    """Rows 1-13 (whole tiles of six input rows and every remainder), outputs not a multiple of
+    the 16-row panel, inputs of any length; the output in x's dtype. Tolerance: float32
+    summation order (1e-5 relative); bf16 outputs one rounding (2^-8 relative)."""
     g = torch.Generator().manual_seed(0)
-    for m, n, k in [(1, 7, 5), (2, 960, 576), (3, 13, 17), (5, 4, 8), (4, 1, 1031)]:
+    shapes = [(1, 7, 5), (2, 960, 576), (3, 13, 17), (5, 4, 8), (4, 1, 1031), (6, 33, 40), (7, 16, 9)]
+    shapes += [(m, 50, 24) for m in (8, 11, 12, 13)] + [(64, 70, 31)]
+    for m, n, k in shapes:
         w = torch.randn(n, k, generator=g).to(w_dtype)
         x = torch.randn(m, k, generator=g).to(x_dtype)
         b = torch.randn(n, generator=g)
+        p = native.panels(w)
+        assert p.shape == (-(-n // 16), k, 16)
+        assert p.dtype == w_dtype
         for bias in (None, b):
-            got = native.gemv(x, w, bias)
+            got = native.gemv(x, p, bias, n)
             ref = x.float() @ w.float().T + (0 if bias is None else bias)
             assert got.dtype == x_dtype
             if x_dtype == torch.float32:
                 torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
             else:
                 torch.testing.assert_close(got, ref.to(torch.bfloat16), atol=1e-2, rtol=8e-3)
+        # a row's result does not depend on the rows it is batched with (one sum per output, in order)
+        if x_dtype == torch.float32 and m > 1:
+            assert torch.equal(native.gemv(x[-1:], p, None, n)[0], native.gemv(x, p, None, n)[-1])
     with pytest.raises(ValueError, match="gemv: x has 3 features, the weight 4"):
-        native.gemv(torch.ones(1, 3), torch.ones(2, 4))
+        native.gemv(torch.ones(1, 3), native.panels(torch.ones(2, 4)), None, 2)
+    with pytest.raises(ValueError, match="gemv: the weight must be laid out by panels"):
+        native.gemv(torch.ones(1, 4), torch.ones(2, 4), None, 2)
+    with pytest.raises(ValueError, match="gemv: n=17 does not fit a weight of 1 panels of 16"):
+        native.gemv(torch.ones(1, 4), native.panels(torch.ones(2, 4)), None, 17)
 
 
 def test_a_bad_gemv_rows_setting_names_what_is_allowed(monkeypatch):
@@ -125,8 +137,8 @@ def test_a_packed_layer_drops_its_plain_weight_and_set_weight_repacks():
 @pytest.mark.parametrize(("mode", "gemv_rows"), [("auto", "8"), ("auto", "0"), ("torch", "8")])
 def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkeypatch, mode, gemv_rows):
     """Greedy tokens in float32 with and without packing, with and without the few-row kernel,
-    are the same; packed bytes are counted and replace the plain ones, which stay (and count)
-    only where the few-row kernel reads them (a tied LM head reads the embeddings)."""
+    are the same; packed bytes are counted and replace the plain ones, and the panels the
+    few-row kernel reads count too."""
     from pagedq import LLM, SamplingParams
 
     from .conftest import PROMPTS
@@ -152,7 +164,7 @@ def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkey
     else:
         assert all(packed)
         assert weight_bytes == plain + model.packed_bytes()
-        kept = sum(m.packed.plain.numel() * 4 for m in layers if m.packed.plain is not None)
+        kept = sum(m.packed.panels.numel() * 4 for m in layers if m.packed.panels is not None)
         assert (kept > 0) == (gemv_rows != "0" and native.library() is not None)
-        if model.lm_head is not None:  # untied: every packed weight replaced its plain copy
+        if model.lm_head is not None:  # untied: every packed weight replaced its plain copy, panels added
             assert weight_bytes == ref_bytes + kept

@@ -14,7 +14,7 @@
  *   x, normed = x + attn @ Wo^T, rms_norm(..)*ln2 gemv, add_rms_norm
  *   x      = x + down(silu(gate) * up)            gemv, silu_mul, gemv, one rounded add
  *
- * so the tokens are those of the Python path. Weights are the plain [out][in] tensors that
+ * so the tokens are those of the Python path. Weights are the panels (gemv_cpu.c's layout) that
  * kernels/cpu_linear.py keeps for few-row calls, or (bf16 models) the int8/int4 codes of
  * NativeQuantLinear run by woq_gemm_bf16; the cache holds the model's dtype. Scratch is
  * allocated once per call. */
@@ -71,7 +71,7 @@ typedef struct {
     const void* w_down;
     void* k_cache;
     void* v_cache;
-    int64_t w_bf16; /* the plain weights are bf16 (else float32) */
+    int64_t w_bf16; /* the panels are bf16 (else float32) */
     int64_t window;
     const QuantPtrs* q[4]; /* qkv, o, gate_up, down held quantized (bf16 models), else NULL */
 } LayerPtrs;
@@ -90,7 +90,7 @@ typedef struct {
     const void* sin_t;
 } StepArgs;
 
-/* y [m][n] = x [m][k] @ W^T (+ bias) for a plain weight w or quantized codes q; tmp holds
+/* y [m][n] = x [m][k] @ W^T (+ bias) for a weight w in panels or quantized codes q; tmp holds
  * m * k elements (the permuted input). Returns gemv's / woq_gemm_bf16's status. */
 static int dense(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, const QuantPtrs* q, int n,
                  const float* bias, void* y, uint16_t* tmp, int nt) {

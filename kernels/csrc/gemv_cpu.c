@@ -1,14 +1,23 @@
-/* Dense products of a few rows (batch-1 decode) for CPUs, streaming the weight once in its own
- * dtype:  y[m][n] = sum_k x[m][k] * w[n][k] + bias[n],  m <= a few rows.
+/* Dense products of a few rows (decode steps of up to ~64 sequences) for CPUs, streaming the
+ * weight once in its own dtype:  y[m][n] = sum_k x[m][k] * w[n][k] + bias[n].
  *
- * At one row a dense layer is a pass over its weight: the time is the weight's bytes over the
- * memory bandwidth. oneDNN's packed float32 GEMM reaches ~60% of that bandwidth at one row on a
- * 2-core AVX2 machine, and a bf16 model there is packed as float32 (no native bf16 GEMM), so it
- * reads twice the bytes of its own weights. Here the plain [n][k] weight is read as it is
- * (float32, or bf16 widened in registers), four output rows at a time against up to two input
- * rows held in registers (eight AVX2 accumulators), output rows split across threads; inputs
- * are widened to float32 once per call, outputs written in the input's dtype (bf16 rounded to
- * nearest even, as torch rounds a bf16 GEMM's float32 result).
+ * The weight is laid out once, at load, in panels of 16 output rows, k-major
+ * (w_panels[n / 16][k][16], the last panel padded with zeros; kernels/native.py `panels`), so
+ * the product is the outer-product micro-kernel of a GEMM: per k, the panel's 16 weights (two
+ * AVX2 vectors, one cache line in float32) times up to six input rows broadcast, twelve
+ * accumulators that hold whole outputs (no horizontal sums); panels are split across threads.
+ * The weight streams as one sequential read per panel, and rows beyond the first six re-read
+ * the panel from L2. At one row that is the memory's speed; from ~16 rows it is compute-bound
+ * at oneDNN's rate or better. Measured on a 2-vCPU AMD EPYC (AVX2), the 120 float32 GEMMs of a
+ * `bench` decode step with cold weights, ms (oneDNN packed / the earlier [n][k] dot-product
+ * kernel / these panels): 1 row 44 / 30 / 25, 8 rows 60 / 43 / 36, 24 rows 82 / 82 / 55,
+ * 64 rows 151 / 231 / 145. (Its first version kept the accumulators in an array, which GCC
+ * stored to the stack on every k: half the speed. They are named variables here.)
+ *
+ * bf16 weights are widened in registers (half the bytes to stream); inputs are widened to
+ * float32 once per call, outputs written in the input's dtype (bf16 rounded to nearest even,
+ * as torch rounds a bf16 GEMM's float32 result). Each output is one float32 sum over k in
+ * order, whatever the rows of the call: a row's result does not depend on its batch.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,136 +28,110 @@
 #include <immintrin.h>
 #endif
 
-#define TILE_N 4
-/* The tile's rows are contiguous: while it is read as four streams, the same number of bytes
- * ~18 KB ahead (two float32 tiles, four bf16 ones) is prefetched as one (a row of a
- * small model is only 1-3 KB, too short for the hardware prefetcher to ramp up on each; on
- * `bench`'s LM head this took 12.5 to 17.6 GB/s, and bf16's whole step 25 to 22 ms). */
-#define PREFETCH_NEXT(base, off)                                         \
-    {                                                                    \
-        _mm_prefetch((base) + (off), _MM_HINT_T0);                       \
-        _mm_prefetch((base) + (off) + 64, _MM_HINT_T0);                  \
-    }
+#define PANEL 16 /* output rows per panel */
+#define MR 6     /* input rows per micro-kernel call */
 
-#ifdef __AVX2__
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8_bf16(const uint16_t* p) {
+/* The outputs of one panel for `rows` (<= MR) input rows, before the bias: acc[r][j]. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 widen8(const uint16_t* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
-static inline float weight_at(const void* w, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
-}
-
-#ifdef __AVX2__
-/* one k-loop for either weight type: LOAD widens 8 weights of type WT to float32; the prefetch
- * runs ~18 KB (8 * TILE_N * k bytes) ahead, whatever the weight's size */
-#define TILE_LOOP(WT, LOAD)                                                                        \
-    {                                                                                              \
-        const WT* w0 = (const WT*)w + (int64_t)n0 * k;                                             \
-        const char* next = (const char*)w0 + 8 * TILE_N * (int64_t)k;                              \
-        for (; kk + 8 <= k; kk += 8) {                                                             \
-            PREFETCH_NEXT(next, kk * (int64_t)sizeof(WT) * TILE_N)                                 \
-            const __m256 xa = load8(x + kk), xb = load8(x1 + kk);                                  \
-            const __m256 b0 = LOAD(w0 + kk), b1 = LOAD(w0 + k + kk);                               \
-            const __m256 b2 = LOAD(w0 + 2 * (int64_t)k + kk), b3 = LOAD(w0 + 3 * (int64_t)k + kk); \
-            a00 = _mm256_fmadd_ps(b0, xa, a00), a01 = _mm256_fmadd_ps(b1, xa, a01);               \
-            a02 = _mm256_fmadd_ps(b2, xa, a02), a03 = _mm256_fmadd_ps(b3, xa, a03);               \
-            a10 = _mm256_fmadd_ps(b0, xb, a10), a11 = _mm256_fmadd_ps(b1, xb, a11);               \
-            a12 = _mm256_fmadd_ps(b2, xb, a12), a13 = _mm256_fmadd_ps(b3, xb, a13);               \
+#define ROW_FMA(r)                                                 \
+    if (r < R) {                                                   \
+        const __m256 a = _mm256_broadcast_ss(x + (int64_t)r * k + kk); \
+        c0##r = _mm256_fmadd_ps(a, b0, c0##r);                     \
+        c1##r = _mm256_fmadd_ps(a, b1, c1##r);                     \
+    }
+#define ROW_OUT(r)                                \
+    if (r < R) {                                  \
+        _mm256_storeu_ps(acc[r], c0##r);          \
+        _mm256_storeu_ps(acc[r] + 8, c1##r);      \
+    }
+/* R input rows (a constant in each instance, so the unused accumulators vanish); LOAD0/LOAD1
+ * give the panel's two vectors at k. Prefetches run 1 KB ahead in the panel. */
+#define PANEL_KERNEL(NAME, WT, LOAD0, LOAD1)                                                        \
+    static void NAME(const float* x, int R_, int k, const WT* pw, float acc[MR][PANEL]) {          \
+        switch (R_) {                                                                              \
+        case 6: PANEL_BODY(6, WT, LOAD0, LOAD1) break;                                              \
+        case 5: PANEL_BODY(5, WT, LOAD0, LOAD1) break;                                              \
+        case 4: PANEL_BODY(4, WT, LOAD0, LOAD1) break;                                              \
+        case 3: PANEL_BODY(3, WT, LOAD0, LOAD1) break;                                              \
+        case 2: PANEL_BODY(2, WT, LOAD0, LOAD1) break;                                              \
+        default: PANEL_BODY(1, WT, LOAD0, LOAD1) break;                                             \
         }                                                                                          \
     }
-/* the same for three input rows (12 accumulators; each weight vector feeds three FMAs) */
-#define TILE_LOOP3(WT, LOAD)                                                                       \
+#define PANEL_BODY(RV, WT, LOAD0, LOAD1)                                                           \
     {                                                                                              \
-        const WT* w0 = (const WT*)w + (int64_t)n0 * k;                                             \
-        const char* next = (const char*)w0 + 8 * TILE_N * (int64_t)k;                              \
-        for (; kk + 8 <= k; kk += 8) {                                                             \
-            PREFETCH_NEXT(next, kk * (int64_t)sizeof(WT) * TILE_N)                                 \
-            const __m256 xa = load8(x + kk), xb = load8(x + k + kk), xc = load8(x + 2 * k + kk);   \
-            __m256 b = LOAD(w0 + kk);                                                              \
-            a00 = _mm256_fmadd_ps(b, xa, a00), a10 = _mm256_fmadd_ps(b, xb, a10);                 \
-            a20 = _mm256_fmadd_ps(b, xc, a20);                                                     \
-            b = LOAD(w0 + k + kk);                                                                 \
-            a01 = _mm256_fmadd_ps(b, xa, a01), a11 = _mm256_fmadd_ps(b, xb, a11);                 \
-            a21 = _mm256_fmadd_ps(b, xc, a21);                                                     \
-            b = LOAD(w0 + 2 * (int64_t)k + kk);                                                    \
-            a02 = _mm256_fmadd_ps(b, xa, a02), a12 = _mm256_fmadd_ps(b, xb, a12);                 \
-            a22 = _mm256_fmadd_ps(b, xc, a22);                                                     \
-            b = LOAD(w0 + 3 * (int64_t)k + kk);                                                    \
-            a03 = _mm256_fmadd_ps(b, xa, a03), a13 = _mm256_fmadd_ps(b, xb, a13);                 \
-            a23 = _mm256_fmadd_ps(b, xc, a23);                                                     \
+        enum { R = RV };                                                                           \
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00;  \
+        __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00;                  \
+        for (int kk = 0; kk < k; kk++) {                                                           \
+            const WT* p = pw + (int64_t)kk * PANEL;                                                \
+            _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);                                      \
+            const __m256 b0 = LOAD0(p), b1 = LOAD1(p);                                             \
+            ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)                      \
         }                                                                                          \
+        ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5)                           \
+        (void)c00, (void)c01, (void)c02, (void)c03, (void)c04, (void)c05;                          \
+        (void)c10, (void)c11, (void)c12, (void)c13, (void)c14, (void)c15;                          \
     }
-#endif
-
-/* acc[r][j] = dot(x row r0 + r, w row n0 + j) for r < rows (1..3), j < cols (1..4); every
- * (row, column) sum is accumulated the same way whatever the tile's rows, so a row's output
- * does not depend on how a call's rows are tiled */
-static void tile(const float* x, int rows, int k, const void* w, int bf16, int n0, int cols, float acc[3][TILE_N]) {
-    int kk = 0;
-    for (int r = 0; r < 3; r++)
-        for (int j = 0; j < TILE_N; j++) acc[r][j] = 0.f;
-#ifdef __AVX2__
-    if (cols == TILE_N && rows == 3) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-        __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-        if (bf16)
-            TILE_LOOP3(uint16_t, load8_bf16)
-        else
-            TILE_LOOP3(float, load8)
-        acc[0][0] = hsum8(a00), acc[0][1] = hsum8(a01), acc[0][2] = hsum8(a02), acc[0][3] = hsum8(a03);
-        acc[1][0] = hsum8(a10), acc[1][1] = hsum8(a11), acc[1][2] = hsum8(a12), acc[1][3] = hsum8(a13);
-        acc[2][0] = hsum8(a20), acc[2][1] = hsum8(a21), acc[2][2] = hsum8(a22), acc[2][3] = hsum8(a23);
-    } else if (cols == TILE_N) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-        const float* x1 = x + (rows > 1 ? k : 0); /* a second row, or the first again (discarded) */
-        if (bf16)
-            TILE_LOOP(uint16_t, load8_bf16)
-        else
-            TILE_LOOP(float, load8)
-        acc[0][0] = hsum8(a00), acc[0][1] = hsum8(a01), acc[0][2] = hsum8(a02), acc[0][3] = hsum8(a03);
-        acc[1][0] = hsum8(a10), acc[1][1] = hsum8(a11), acc[1][2] = hsum8(a12), acc[1][3] = hsum8(a13);
-    }
-#endif
-    for (int r = 0; r < rows; r++) {
-        const float* xr = x + (int64_t)r * k;
-        for (int j = 0; j < cols; j++) {
-            const int64_t base = (int64_t)(n0 + j) * k;
-            float s = 0.f;
-            for (int i = kk; i < k; i++) s += xr[i] * weight_at(w, bf16, base + i);
-            acc[r][j] += s;
+#define LOAD_F32_0(p) _mm256_loadu_ps(p)
+#define LOAD_F32_1(p) _mm256_loadu_ps((p) + 8)
+#define LOAD_BF16_0(p) widen8(p)
+#define LOAD_BF16_1(p) widen8((p) + 8)
+PANEL_KERNEL(panel_f32, float, LOAD_F32_0, LOAD_F32_1)
+PANEL_KERNEL(panel_bf16, uint16_t, LOAD_BF16_0, LOAD_BF16_1)
+#else
+/* Portable: the same sums in the same order (one accumulator per output, k ascending). */
+static void panel_f32(const float* x, int R, int k, const float* pw, float acc[MR][PANEL]) {
+    for (int r = 0; r < R; r++) {
+        float a[PANEL] = {0};
+        for (int kk = 0; kk < k; kk++) {
+            const float xv = x[(int64_t)r * k + kk];
+            for (int j = 0; j < PANEL; j++) a[j] += xv * pw[(int64_t)kk * PANEL + j];
         }
+        memcpy(acc[r], a, sizeof(a));
     }
 }
+static void panel_bf16(const float* x, int R, int k, const uint16_t* pw, float acc[MR][PANEL]) {
+    for (int r = 0; r < R; r++) {
+        float a[PANEL] = {0};
+        for (int kk = 0; kk < k; kk++) {
+            const float xv = x[(int64_t)r * k + kk];
+            for (int j = 0; j < PANEL; j++) a[j] += xv * bf16_to_f32(pw[(int64_t)kk * PANEL + j]);
+        }
+        memcpy(acc[r], a, sizeof(a));
+    }
+}
+#endif
 
-/* x: [m][k] float32 (x_bf16 = 0) or bf16; w: [n][k] float32 (w_bf16 = 0) or bf16; bias: [n]
- * float32 or NULL; y: [m][n] in x's dtype. Returns 0, or -1 (y unwritten) when the widened
- * input cannot be allocated. */
+/* x: [m][k] float32 (x_bf16 = 0) or bf16; w: panels [ceil(n / 16)][k][16] of float32
+ * (w_bf16 = 0) or bf16; bias: [n] float32 or NULL; y: [m][n] in x's dtype. Returns 0, or -1
+ * (y unwritten) when the widened input cannot be allocated. */
 int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
          int nthreads) {
-    float* xf = (float*)malloc(sizeof(float) * (size_t)m * (size_t)k);
-    if (!xf) return -1;
-    for (int64_t i = 0; i < (int64_t)m * k; i++)
-        xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
-    const int tiles = (n + TILE_N - 1) / TILE_N;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (tiles > 1)
-    for (int t = 0; t < tiles; t++) {
-        const int n0 = t * TILE_N, cols = n - n0 < TILE_N ? n - n0 : TILE_N;
-        for (int r0 = 0; r0 < m;) { /* tiles of 3 rows, then 2 (4 = 2 + 2) or 1 */
-            const int left = m - r0, rows = left == 4 ? 2 : (left < 3 ? left : 3);
-            float acc[3][TILE_N];
-            tile(xf + (int64_t)r0 * k, rows, k, w, w_bf16, n0, cols, acc);
+    const float* xf = (const float*)x;
+    float* widened = NULL;
+    if (x_bf16) {
+        widened = (float*)malloc(sizeof(float) * (size_t)m * (size_t)k);
+        if (!widened) return -1;
+        for (int64_t i = 0; i < (int64_t)m * k; i++) widened[i] = bf16_to_f32(((const uint16_t*)x)[i]);
+        xf = widened;
+    }
+    const int panels = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (panels > 1)
+    for (int t = 0; t < panels; t++) {
+        const int n0 = t * PANEL, cols = n - n0 < PANEL ? n - n0 : PANEL;
+        const int64_t off = (int64_t)t * k * PANEL;
+        for (int r0 = 0; r0 < m; r0 += MR) {
+            const int rows = m - r0 < MR ? m - r0 : MR;
+            float acc[MR][PANEL];
+            if (w_bf16)
+                panel_bf16(xf + (int64_t)r0 * k, rows, k, (const uint16_t*)w + off, acc);
+            else
+                panel_f32(xf + (int64_t)r0 * k, rows, k, (const float*)w + off, acc);
             for (int r = 0; r < rows; r++)
                 for (int j = 0; j < cols; j++) {
                     const float v = acc[r][j] + (bias ? bias[n0 + j] : 0.f);
@@ -158,9 +141,8 @@ int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int
                     else
                         ((float*)y)[o] = v;
                 }
-            r0 += rows;
         }
     }
-    free(xf);
+    free(widened);
     return 0;
 }

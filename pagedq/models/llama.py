@@ -286,7 +286,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> bool:
         """Run every decoder layer in one native call (``native.decoder_layers``) where a step
         has few rows and this layer stack is exactly what the C code does: plain Llama layers
-        whose dense weights cpu_linear keeps plain for few-row calls, a cache of the model's
+        whose dense weights cpu_linear keeps in panels for few-row calls, a cache of the model's
         dtype, and every row attending through the native kernel (no fresh prompt). Updates
         ``x`` in place; False (nothing done) elsewhere. The tokens are the Python path's."""
         if (
@@ -339,7 +339,7 @@ class LlamaForCausalLM(nn.Module):
             if type(layer) is not DecoderLayer:
                 return refused
             a, mlp = layer.self_attn, layer.mlp
-            plain: list[torch.Tensor | None] = []
+            panels: list[torch.Tensor | None] = []
             qptrs: list[native.QuantPtrs | None] = []
             bias = None
             for i, lin in enumerate((a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)):
@@ -352,25 +352,25 @@ class LlamaForCausalLM(nn.Module):
                         None if lin.perm is None else lin.perm.data_ptr(), None if b is None else b.data_ptr(),
                         lin.bits, lin.group_size, lin.kc, lin.scales.shape[1],
                     ))  # fmt: skip
-                    plain.append(None)
-                    # woq_gemm serves any row count alike: the plain layers' default limit applies
+                    panels.append(None)
+                    # woq_gemm serves any row count alike: the dense layers' default limit applies
                     rows.append(cpu_linear.GEMV_ROWS)
                     continue
                 p = lin.packed if isinstance(lin, Linear) else None
-                if p is None or p.plain is None or p.dtype != dtype or (i and p.bias is not None):
-                    return refused  # no plain weight, or a bias the C code does not add (only QKV's)
+                if p is None or p.panels is None or p.dtype != dtype or (i and p.bias is not None):
+                    return refused  # no panels, or a bias the C code does not add (only QKV's)
                 if i == 0:
                     bias = p.bias
-                plain.append(p.plain)
+                panels.append(p.panels)
                 qptrs.append(None)
                 rows.append(p.gemv_rows)
-            if len({w.dtype for w in plain if w is not None}) > 1:
+            if len({w.dtype for w in panels if w is not None}) > 1:
                 return refused
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
                 return refused
-            w_bf16 = any(w is not None and w.dtype == torch.bfloat16 for w in plain)
-            wp = [None if w is None else w.data_ptr() for w in plain]
+            w_bf16 = any(w is not None and w.dtype == torch.bfloat16 for w in panels)
+            wp = [None if w is None else w.data_ptr() for w in panels]
             ptrs = native.LayerPtrs(
                 norms[0].data_ptr(), norms[1].data_ptr(), wp[0], None if bias is None else bias.data_ptr(),
                 wp[1], wp[2], wp[3], kc.data_ptr(), vc.data_ptr(), int(w_bf16), a.window,
@@ -399,7 +399,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
         if self.lm_head is None:
-            self.packed_lm_head = cpu_linear.pack(self.embed_tokens.weight, shared=True)
+            self.packed_lm_head = cpu_linear.pack(self.embed_tokens.weight)
 
     def packed_bytes(self) -> int:
         """Bytes held in packed layouts (outside ``parameters()``)."""
