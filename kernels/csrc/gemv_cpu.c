@@ -31,7 +31,8 @@
 #define PANEL 16 /* output rows per panel */
 #define MR 6     /* input rows per micro-kernel call */
 
-/* The outputs of one panel for `rows` (<= MR) input rows, before the bias: acc[r][j]. */
+/* panel_f32 / panel_bf16 (x, R, k, pw, acc): the outputs of one panel pw for R <= MR input rows
+ * x, before the bias, into acc[r][j]. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 widen8(const uint16_t* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -84,27 +85,22 @@ static inline __m256 widen8(const uint16_t* p) {
 PANEL_KERNEL(panel_f32, float, LOAD_F32_0, LOAD_F32_1)
 PANEL_KERNEL(panel_bf16, uint16_t, LOAD_BF16_0, LOAD_BF16_1)
 #else
-/* Portable: the same sums in the same order (one accumulator per output, k ascending). */
-static void panel_f32(const float* x, int R, int k, const float* pw, float acc[MR][PANEL]) {
-    for (int r = 0; r < R; r++) {
-        float a[PANEL] = {0};
-        for (int kk = 0; kk < k; kk++) {
-            const float xv = x[(int64_t)r * k + kk];
-            for (int j = 0; j < PANEL; j++) a[j] += xv * pw[(int64_t)kk * PANEL + j];
-        }
-        memcpy(acc[r], a, sizeof(a));
+/* Portable: the same sums in the same order (one accumulator per output, k ascending; without
+ * FMA each product is rounded once more). */
+#define PANEL_KERNEL(NAME, WT, LOAD)                                                  \
+    static void NAME(const float* x, int R, int k, const WT* pw, float acc[MR][PANEL]) { \
+        for (int r = 0; r < R; r++) {                                                 \
+            float a[PANEL] = {0};                                                     \
+            for (int kk = 0; kk < k; kk++) {                                          \
+                const float xv = x[(int64_t)r * k + kk];                              \
+                for (int j = 0; j < PANEL; j++) a[j] += xv * LOAD(pw[(int64_t)kk * PANEL + j]); \
+            }                                                                         \
+            memcpy(acc[r], a, sizeof(a));                                             \
+        }                                                                             \
     }
-}
-static void panel_bf16(const float* x, int R, int k, const uint16_t* pw, float acc[MR][PANEL]) {
-    for (int r = 0; r < R; r++) {
-        float a[PANEL] = {0};
-        for (int kk = 0; kk < k; kk++) {
-            const float xv = x[(int64_t)r * k + kk];
-            for (int j = 0; j < PANEL; j++) a[j] += xv * bf16_to_f32(pw[(int64_t)kk * PANEL + j]);
-        }
-        memcpy(acc[r], a, sizeof(a));
-    }
-}
+#define AS_F32(v) (v)
+PANEL_KERNEL(panel_f32, float, AS_F32)
+PANEL_KERNEL(panel_bf16, uint16_t, bf16_to_f32)
 #endif
 
 /* x: [m][k] float32 (x_bf16 = 0) or bf16; w: panels [ceil(n / 16)][k][16] of float32

@@ -135,11 +135,20 @@ typedef struct {
     int64_t issued, target;       /* blocks of the thread's sequence begun, and how far to go */
 } Prefetch;
 
-/* The blocks [first, end) a task reads: keys [lo, hi), lo past the window. */
+/* A task's first query position, and the keys [lo, hi) some query of it sees (lo past the
+ * window). hi > lo: a task has at least one query, which sees at least itself. */
+static inline void task_keys(const Task* t, const int64_t* query_lens, const int64_t* context_lens, int window,
+                             int64_t* pos0, int64_t* lo, int64_t* hi) {
+    *pos0 = context_lens[t->b] - query_lens[t->b] + t->q0;
+    *hi = *pos0 + t->nq;
+    *lo = window > 0 && *pos0 - window + 1 > 0 ? *pos0 - window + 1 : 0;
+}
+
+/* The blocks [first, end) a task reads (never empty). */
 static inline void task_blocks(const Task* t, const int64_t* query_lens, const int64_t* context_lens, int window,
                                int BS, int64_t* first, int64_t* end) {
-    const int64_t pos0 = context_lens[t->b] - query_lens[t->b] + t->q0, hi = pos0 + t->nq;
-    const int64_t lo = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
+    int64_t pos0, lo, hi;
+    task_keys(t, query_lens, context_lens, window, &pos0, &lo, &hi);
     *first = lo / BS;
     *end = (hi + BS - 1) / BS;
 }
@@ -170,13 +179,11 @@ static inline void prefetch_lines(Prefetch* pf, int lines) {
     for (; lines > 0; lines--) prefetch_line(pf);
 }
 
-/* Everything up to `target` blocks, now. */
+/* Everything up to `target` blocks, now (each call below begins a block or asks for a line:
+ * every task has blocks, so a task left to enter always has one to begin). */
 static inline void prefetch_rest(Prefetch* pf) {
-    while (pf->off < pf->bytes || (pf->issued < pf->target && (pf->blk < pf->end || pf->next_task < pf->ntasks))) {
-        const int64_t before = pf->issued, off = pf->off;
+    while (pf->off < pf->bytes || (pf->issued < pf->target && (pf->blk < pf->end || pf->next_task < pf->ntasks)))
         prefetch_line(pf);
-        if (pf->issued == before && pf->off == off) break; /* nothing left to ask for */
-    }
 }
 
 /* The online-softmax update of one row for the keys [jlo, jhi) of a chunk (jlo < jhi: callers
@@ -441,15 +448,15 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
         /* every nth task of the sorted list (longest first: the threads' loads stay within a
          * task of each other), so that the stream knows the thread's next task */
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        Prefetch pf = {(const char*)kc, (const char*)vc, block_elems * esize, tasks, block_tables, query_lens,
-                       context_lens, ntasks, nth, MAXB, BS, window, tid, NULL, 0, 0, NULL, NULL,
-                       block_elems * esize, 0, 0};
+        const int64_t bytes = block_elems * esize;
+        Prefetch pf = {(const char*)kc, (const char*)vc, bytes, tasks, block_tables, query_lens, context_lens,
+                       ntasks, nth, MAXB, BS, window, tid, NULL, 0, 0, NULL, NULL, bytes /* off: none begun */, 0, 0};
         int64_t pos = 0; /* blocks of the thread's sequence computed */
         if (!buf) failed = 1;
         for (int ti = tid; buf && ti < ntasks; ti += nth) {
             const Task tk = tasks[ti];
-            const int n = (int)query_lens[tk.b];
-            const int64_t pos0 = context_lens[tk.b] - n + tk.q0; /* the tile's first query position */
+            int64_t pos0, lo, hi; /* the tile's first query position; keys [lo, hi) are seen by some query */
+            task_keys(&tk, query_lens, context_lens, window, &pos0, &lo, &hi);
             const int rows = tk.nq * H;
             const int64_t* table = block_tables + (int64_t)tk.b * MAXB;
             const int64_t qoff = (query_start[tk.b] + tk.q0) * H * (int64_t)D;
@@ -465,8 +472,6 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
                 l[r] = 0.f;
             }
             memset(acc, 0, sizeof(float) * (size_t)rows * D);
-            const int64_t hi = pos0 + tk.nq; /* keys [lo, hi) are seen by some query of the tile */
-            const int64_t lo = window > 0 && pos0 - window + 1 > 0 ? pos0 - window + 1 : 0;
             int64_t k1;
             for (int64_t k0 = lo; k0 < hi; k0 = k1) {
                 /* a chunk: keys [k0, k1), whole blocks after the first, up to CK keys */
