@@ -244,24 +244,32 @@ def test_rope_cache_is_the_torch_rotation_and_cache_write_to_the_last_bit(dtype,
 
 
 @needs_native
+@pytest.mark.parametrize("linear", ["auto", "fp32"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("arch", "overrides"),
     [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6}), ("granite", {}), ("qwen3", {})],
 )
 def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
-    model_factory, monkeypatch, dtype, arch, overrides
+    model_factory, monkeypatch, dtype, arch, overrides, linear
 ):
     """Few-row decode steps run all layers in one native call (``native.decoder_layers``): the
     same kernels in the same order, so greedy tokens and their log-probabilities are those of the
     per-layer Python path to the last bit, one sequence and five at once (QKV bias, a sliding
     window). Granite's scaled layers and Qwen3's per-head norms are not what the C code does:
-    they keep the Python path."""
+    they keep the Python path. The stack needs the weights in panels: float32 weights, and bf16
+    ones where they are packed as float32 (an AVX2 CPU, or ``PAGEDQ_CPU_LINEAR=fp32`` on a CPU
+    with native bf16, where ``auto`` keeps them bf16 for oneDNN/AMX and the Python path runs)."""
+    from pagedq.kernels import cpu_linear
     from pagedq import LLM, SamplingParams
     from pagedq.models.llama import LlamaForCausalLM
 
     from .conftest import PROMPTS
 
+    monkeypatch.setenv("PAGEDQ_CPU_LINEAR", linear)
+    if linear == "fp32" and (dtype == "float32" or not cpu_linear.bf16_native()):
+        pytest.skip("the same path as auto on this CPU")
+    panels = dtype == "float32" or cpu_linear.compute_dtype(torch.bfloat16) == torch.float32
     model = model_factory(arch, **overrides)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     calls = []
@@ -277,7 +285,7 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
         return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
 
     fast = run()
-    if arch in ("granite", "qwen3"):
+    if arch in ("granite", "qwen3") or not panels:
         assert calls == []
     else:
         assert sorted(set(calls)) == [1, 5]  # every decode step, never a prompt

@@ -11,12 +11,15 @@ static inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
+/* Round to nearest even; a NaN stays a (quiet) NaN. Branch-free, so that loops calling it
+ * vectorize (with the NaN test as a branch, GCC left every bf16 loop scalar: silu_mul over
+ * 512 x 1536 bf16 took 3.8 ms on 2 cores, ~15 cycles an element). */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /* exp(x), written so that the loops calling it vectorize (glibc's vector expf is not declared
@@ -38,6 +41,17 @@ static inline float exp_approx(float x) {
     float scale;
     memcpy(&scale, &bits, 4);
     return p * scale;
+}
+
+/* silu(g) = g * sigmoid(g), from the exponential of -|g| only. Written as g / (1 + exp(-g)),
+ * GCC (-ffast-math) evaluated the clamped cases of exp_approx as separate products, one of
+ * them by 1 / (1 + e^88), a subnormal constant, for every vector; each such product stalls on
+ * a subnormal-operand assist unless the process flushes subnormals (silu_mul 8-10x slower:
+ * 512 x 1536 float32 in 3.8 ms instead of 0.4 on one core). With -|g| every constant of every
+ * case is a normal float. */
+static inline float silu_approx(float g) {
+    const float e = exp_approx(-__builtin_fabsf(g));
+    return g * ((g >= 0.f ? 1.f : e) / (1.f + e));
 }
 
 #endif

@@ -58,6 +58,7 @@ void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t*
         if (delta) {
             const uint16_t* dr = delta + (int64_t)r * n;
             uint16_t* rr = res + (int64_t)r * n;
+#pragma omp simd reduction(+ : ss)
             for (int i = 0; i < n; i++) {
                 const uint16_t v = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(dr[i]));
                 rr[i] = v;
@@ -66,12 +67,14 @@ void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t*
             }
             xr = rr;
         } else {
+#pragma omp simd reduction(+ : ss)
             for (int i = 0; i < n; i++) {
                 const float f = bf16_to_f32(xr[i]);
                 ss += f * f;
             }
         }
         const float inv = 1.f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
         for (int i = 0; i < n; i++)
             o[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * inv));
     }
@@ -84,7 +87,7 @@ void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads
         const float* u = g + inter;
         float* o = out + (int64_t)r * inter;
 #pragma omp simd
-        for (int i = 0; i < inter; i++) o[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+        for (int i = 0; i < inter; i++) o[i] = silu_approx(g[i]) * u[i];
     }
 }
 
@@ -94,9 +97,10 @@ void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int inter, int n
         const uint16_t* g = gu + (int64_t)r * 2 * inter;
         const uint16_t* u = g + inter;
         uint16_t* o = out + (int64_t)r * inter;
+#pragma omp simd
         for (int i = 0; i < inter; i++) {
             const float gf = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(round_bf16(gf / (1.f + exp_approx(-gf))) * bf16_to_f32(u[i]));
+            o[i] = f32_to_bf16(round_bf16(silu_approx(gf)) * bf16_to_f32(u[i]));
         }
     }
 }
