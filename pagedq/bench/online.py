@@ -303,7 +303,13 @@ def main(args) -> None:
         f"{args.warmup_requests} warm-up requests per server first"
     )
     max_len = serve_max_model_len(args.max_model_len, w)
-    engine_args = ["--dtype", args.dtype, "--max-model-len", str(max_len), "--served-model-name", name]
+    # one client is every user here: the per-user admission limits (64 in flight, 32 waiting for
+    # their first token) would answer 429 where vLLM, which has none, queues
+    limit = str(max(n, args.warmup_requests))
+    engine_args = [
+        "--dtype", args.dtype, "--max-model-len", str(max_len), "--served-model-name", name,
+        "--max-inflight-per-user", limit, "--max-queued-per-user", limit,
+    ]  # fmt: skip
     running: dict[str, servers.Server] = {}
     results: list[RateResult] = []
     try:
