@@ -154,6 +154,8 @@ def _build() -> ctypes.CDLL | None:
         silu = getattr(lib, f"silu_mul_{suffix}")
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
+    lib.argmax_rows_f32.restype = None
+    lib.argmax_rows_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int]
     lib.gemv.restype = ctypes.c_int
     lib.gemv.argtypes = (
         [ctypes.c_void_p]
@@ -363,6 +365,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.numel() // (2 * inter) if inter else 0
     getattr(lib, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(
         gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
+    )
+    return out
+
+
+def argmax_supports(x: torch.Tensor) -> bool:
+    """Whether :func:`argmax_rows` takes ``x``: a 2-D float32 CPU tensor with unit stride in rows."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and x.shape[1] > 0
+        and library() is not None
+    )
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` (int64) for ``x`` [rows, n] as :func:`argmax_supports` takes it: the
+    first index of each row's largest value, a NaN counting as the largest."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see argmax_supports)")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.argmax_rows_f32(
+        x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), torch.get_num_threads()
     )
     return out
 

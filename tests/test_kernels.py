@@ -179,6 +179,29 @@ def test_loading_the_native_library_keeps_subnormal_floats():
 
 
 @needs_native
+def test_native_argmax_picks_torchs_index_in_every_case():
+    """The sampler's greedy pick: the first index of the largest value, NaN counting as the
+    largest, -inf rows giving 0 -- torch.argmax's ids, also on a row-strided view."""
+    torch.manual_seed(0)
+    x = torch.randn(67, 1000)
+    x[1, 999] = 50.0  # the max at the very end
+    x[2, 10] = x[2, 500] = 60.0  # a tie: the first wins
+    x[3] = float("-inf")
+    x[4, 300] = float("nan")
+    x[4, 100] = 70.0
+    x[5, 7] = x[5, 900] = float("nan")  # several NaN: the first
+    x[6, :] = 1.0  # all equal
+    x[7, 64] = 80.0  # the first element of a second block of 64
+    x[8, 63] = 80.0  # the last element of the first block
+    x[9] = torch.finfo(torch.float32).min
+    for view in (x, x[:, :777], torch.randn(64, 49152)):
+        assert native.argmax_supports(view)
+        assert torch.equal(native.argmax_rows(view), view.argmax(dim=-1))
+    assert not native.argmax_supports(x.t())  # columns are not contiguous
+    assert not native.argmax_supports(x.to(torch.bfloat16))
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_fused_add_rms_norm_and_silu_mul_match_the_torch_ops(monkeypatch, dtype, rows):
@@ -261,6 +284,7 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     ones where they are packed as float32 (an AVX2 CPU, or ``PAGEDQ_CPU_LINEAR=fp32`` on a CPU
     with native bf16, where ``auto`` keeps them bf16 for oneDNN/AMX and the Python path runs)."""
     from pagedq.kernels import cpu_linear
+
     from pagedq import LLM, SamplingParams
     from pagedq.models.llama import LlamaForCausalLM
 
@@ -292,3 +316,23 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
         assert len(calls) == 2 * 11
     monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
     assert run() == fast
+
+
+@needs_native
+def test_the_attention_kernels_avx2_build_equals_the_reference_too(tmp_path):
+    """With AVX-512 the attention kernel runs 16-float vectors for head sizes that are multiples
+    of 64; ``PAGEDQ_CPU_ISA=avx2`` compiles it without, so that such a CPU checks the 8-float
+    path as well: this file's attention tests in a fresh process with that build."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PAGEDQ_CPU_ISA": "avx2", "PAGEDQ_CACHE": str(tmp_path)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_kernels.py"),
+         "-k", "attention and not avx2_build"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
