@@ -145,6 +145,24 @@ def wait_for_jupyter(url: str, token: str, proc, read_log, timeout: float = 60) 
             time.sleep(0.3)
 
 
+def run_on_avx2_build(tmp_path, test_file: str, select: str) -> str:
+    """Run ``pytest -k select`` on one of these test files in a fresh process whose native kernels
+    are compiled without AVX-512 (``PAGEDQ_CPU_ISA=avx2``, its own cache under ``tmp_path``), so
+    that a CPU with AVX-512 tests the AVX2 paths too; returns pytest's output, or fails the caller."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PAGEDQ_CPU_ISA": "avx2", "PAGEDQ_CACHE": str(tmp_path)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, test_file), "-k", select],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+    return run.stdout
+
+
 def free_port() -> int:
     import socket
 

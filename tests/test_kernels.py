@@ -323,16 +323,6 @@ def test_the_attention_kernels_avx2_build_equals_the_reference_too(tmp_path):
     """With AVX-512 the attention kernel runs 16-float vectors for head sizes that are multiples
     of 64; ``PAGEDQ_CPU_ISA=avx2`` compiles it without, so that such a CPU checks the 8-float
     path as well: this file's attention tests in a fresh process with that build."""
-    import os
-    import subprocess
-    import sys
+    from .conftest import run_on_avx2_build
 
-    env = {**os.environ, "PAGEDQ_CPU_ISA": "avx2", "PAGEDQ_CACHE": str(tmp_path)}
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_kernels.py"),
-         "-k", "attention and not avx2_build"],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    run_on_avx2_build(tmp_path, "test_kernels.py", "attention and not avx2_build")

@@ -200,19 +200,16 @@ def test_the_avx2_build_is_selectable_and_equals_the_reference(tmp_path):
     import subprocess
     import sys
 
+    from .conftest import run_on_avx2_build
+
     env = {**os.environ, "PAGEDQ_CPU_ISA": "avx2", "PAGEDQ_CACHE": str(tmp_path)}
     probe = "from pagedq.kernels import native; print(native.woq_isa())"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "avx2"
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_woq_native.py"),
-         "-k", "layer_in_bf16 or longer_than or panel_packing"],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
-    assert "skipped" not in run.stdout
+    stdout = run_on_avx2_build(
+        tmp_path, "test_woq_native.py", "layer_in_bf16 or longer_than or panel_packing"
+    )
+    assert "skipped" not in stdout
 
 
 def test_an_unknown_isa_is_refused_by_name(monkeypatch):

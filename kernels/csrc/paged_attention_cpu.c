@@ -284,73 +284,81 @@ static inline __attribute__((always_inline)) __m256 load8(const void* p, int64_t
     return _mm256_loadu_ps((const float*)p + i);
 }
 
-/* Scores of NR query rows (q[x]: D floats each) against the keys [lo, hi) of a chunk (row
- * kp[j], element h on: the rows' KV head) into sr[x][lo..hi). Four keys at a time: every loaded
- * piece of a key serves the NR rows (the query heads that share its KV head), 4 * NR
- * accumulators, one horizontal reduction per four keys. */
-static inline __attribute__((always_inline)) void qk_rows(const float* const* q, const void* const* kp, int h,
-                                                          float* const* sr, int lo, int hi, Prefetch* pf,
-                                                          const int NR, const int D, const int BF) {
-    for (int j = lo; j < hi; j += 4) {
-        prefetch_lines(pf, 2);
-        const void* k4[4];
-        for (int y = 0; y < 4; y++) k4[y] = kp[j + y < hi ? j + y : hi - 1]; /* tail: repeat */
-        __m256 a[3][4];
-        for (int x = 0; x < NR; x++)
-            for (int y = 0; y < 4; y++) a[x][y] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) {
-            for (int y = 0; y < 4; y++) {
-                const __m256 k = load8(k4[y], h + d, BF);
-                for (int x = 0; x < NR; x++) a[x][y] = _mm256_fmadd_ps(_mm256_loadu_ps(q[x] + d), k, a[x][y]);
-            }
-        }
-        for (int x = 0; x < NR; x++) {
-            const __m128 s4 = hsum4(a[x][0], a[x][1], a[x][2], a[x][3]);
-            if (j + 4 <= hi) {
-                _mm_storeu_ps(sr[x] + j, s4);
-            } else {
-                float tmp[4];
-                _mm_storeu_ps(tmp, s4);
-                for (int y = 0; j + y < hi; y++) sr[x][j + y] = tmp[y];
-            }
-        }
-    }
-}
+static inline __m256 same8(__m256 v) { return v; }
 
-/* acc[x] = acc[x] * corr[x] + sum over keys j in [lo, hi) of p[x][j] * (row vp[j], element h on)
- * for NR rows, 32 elements of the head at a time, so each loaded piece of a value row serves the
- * NR rows. */
-static inline __attribute__((always_inline)) void pv_rows(float* const* acc, const float* corr,
-                                                          const float* const* p, const void* const* vp, int h,
-                                                          int lo, int hi, Prefetch* pf, const int NR,
-                                                          const int D, const int BF) {
-    for (int c = 0; c < D; c += 32) {
-        __m256 a[3][4];
-        for (int x = 0; x < NR; x++) {
-            const __m256 cr = _mm256_set1_ps(corr[x]);
-            for (int y = 0; y < 4; y++) a[x][y] = _mm256_mul_ps(_mm256_loadu_ps(acc[x] + c + 8 * y), cr);
-        }
-        for (int j = lo; j < hi; j++) {
-            const void* vj = vp[j];
-            prefetch_lines(pf, 2);
-            const __m256 v0 = load8(vj, h + c, BF), v1 = load8(vj, h + c + 8, BF);
-            const __m256 v2 = load8(vj, h + c + 16, BF), v3 = load8(vj, h + c + 24, BF);
-            for (int x = 0; x < NR; x++) {
-                const __m256 pj = _mm256_broadcast_ss(p[x] + j);
-                a[x][0] = _mm256_fmadd_ps(pj, v0, a[x][0]);
-                a[x][1] = _mm256_fmadd_ps(pj, v1, a[x][1]);
-                a[x][2] = _mm256_fmadd_ps(pj, v2, a[x][2]);
-                a[x][3] = _mm256_fmadd_ps(pj, v3, a[x][3]);
-            }
-        }
-        for (int x = 0; x < NR; x++)
-            for (int y = 0; y < 4; y++) _mm256_storeu_ps(acc[x] + c + 8 * y, a[x][y]);
+/* The two loops of a row group, for one vector type V of W floats (the ops are its intrinsics;
+ * TO8 folds a vector to eight floats for hsum4):
+ *
+ * qk_rows: the scores of NR query rows (q[x]: D floats each) against the keys [lo, hi) of a
+ * chunk (row kp[j], element h on: the rows' KV head) into sr[x][lo..hi). Four keys at a time:
+ * every loaded piece of a key serves the NR rows (the query heads that share its KV head),
+ * 4 * NR accumulators, one horizontal reduction per four keys.
+ *
+ * pv_rows: acc[x] = acc[x] * corr[x] + sum over keys j in [lo, hi) of p[x][j] * (row vp[j],
+ * element h on) for NR rows, 4 * W elements of the head at a time, so each loaded piece of a
+ * value row serves the NR rows. */
+#define ATT_LOOPS(SUF, V, W, LOADKV, LOADU, SETZERO, FMADD, MUL, SET1, STOREU, TO8)                            \
+    static inline __attribute__((always_inline)) void qk_rows##SUF(                                            \
+        const float* const* q, const void* const* kp, int h, float* const* sr, int lo, int hi, Prefetch* pf,    \
+        const int NR, const int D, const int BF) {                                                             \
+        for (int j = lo; j < hi; j += 4) {                                                                     \
+            prefetch_lines(pf, 2);                                                                             \
+            const void* k4[4];                                                                                 \
+            for (int y = 0; y < 4; y++) k4[y] = kp[j + y < hi ? j + y : hi - 1]; /* tail: repeat */            \
+            V a[3][4];                                                                                         \
+            for (int x = 0; x < NR; x++)                                                                       \
+                for (int y = 0; y < 4; y++) a[x][y] = SETZERO();                                               \
+            for (int d = 0; d < D; d += W) {                                                                   \
+                for (int y = 0; y < 4; y++) {                                                                  \
+                    const V k = LOADKV(k4[y], h + d, BF);                                                      \
+                    for (int x = 0; x < NR; x++) a[x][y] = FMADD(LOADU(q[x] + d), k, a[x][y]);                 \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int x = 0; x < NR; x++) {                                                                     \
+                const __m128 s4 = hsum4(TO8(a[x][0]), TO8(a[x][1]), TO8(a[x][2]), TO8(a[x][3]));               \
+                if (j + 4 <= hi) {                                                                             \
+                    _mm_storeu_ps(sr[x] + j, s4);                                                              \
+                } else {                                                                                       \
+                    float tmp[4];                                                                              \
+                    _mm_storeu_ps(tmp, s4);                                                                    \
+                    for (int y = 0; j + y < hi; y++) sr[x][j + y] = tmp[y];                                    \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    static inline __attribute__((always_inline)) void pv_rows##SUF(                                            \
+        float* const* acc, const float* corr, const float* const* p, const void* const* vp, int h, int lo,      \
+        int hi, Prefetch* pf, const int NR, const int D, const int BF) {                                       \
+        for (int c = 0; c < D; c += 4 * W) {                                                                   \
+            V a[3][4];                                                                                         \
+            for (int x = 0; x < NR; x++) {                                                                     \
+                const V cr = SET1(corr[x]);                                                                    \
+                for (int y = 0; y < 4; y++) a[x][y] = MUL(LOADU(acc[x] + c + W * y), cr);                      \
+            }                                                                                                  \
+            for (int j = lo; j < hi; j++) {                                                                    \
+                const void* vj = vp[j];                                                                        \
+                prefetch_lines(pf, 2);                                                                         \
+                const V v0 = LOADKV(vj, h + c, BF), v1 = LOADKV(vj, h + c + W, BF);                            \
+                const V v2 = LOADKV(vj, h + c + 2 * W, BF), v3 = LOADKV(vj, h + c + 3 * W, BF);                \
+                for (int x = 0; x < NR; x++) {                                                                 \
+                    const V pj = SET1(p[x][j]);                                                                \
+                    a[x][0] = FMADD(pj, v0, a[x][0]);                                                          \
+                    a[x][1] = FMADD(pj, v1, a[x][1]);                                                          \
+                    a[x][2] = FMADD(pj, v2, a[x][2]);                                                          \
+                    a[x][3] = FMADD(pj, v3, a[x][3]);                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int x = 0; x < NR; x++)                                                                       \
+                for (int y = 0; y < 4; y++) STOREU(acc[x] + c + W * y, a[x][y]);                               \
+        }                                                                                                      \
     }
-}
+
+ATT_LOOPS(, __m256, 8, load8, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps,
+          _mm256_storeu_ps, same8)
 
 #ifdef __AVX512F__
 #define ATT_AVX512 1
-/* The same two loops with 16-float vectors, for head sizes that are multiples of 64 (Z below):
+/* The same loops with 16-float vectors, for head sizes that are multiples of 64 (Z below):
  * half the instructions per key of the 8-float ones (64 decodes of 400 keys, bf16, 2-core
  * Xeon: see the file's head). */
 static inline __attribute__((always_inline)) __m512 load16(const void* p, int64_t i, const int BF) {
@@ -365,62 +373,8 @@ static inline __m256 half_sum(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-static inline __attribute__((always_inline)) void qk_rows512(const float* const* q, const void* const* kp, int h,
-                                                             float* const* sr, int lo, int hi, Prefetch* pf,
-                                                             const int NR, const int D, const int BF) {
-    for (int j = lo; j < hi; j += 4) {
-        prefetch_lines(pf, 2);
-        const void* k4[4];
-        for (int y = 0; y < 4; y++) k4[y] = kp[j + y < hi ? j + y : hi - 1]; /* tail: repeat */
-        __m512 a[3][4];
-        for (int x = 0; x < NR; x++)
-            for (int y = 0; y < 4; y++) a[x][y] = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 16) {
-            for (int y = 0; y < 4; y++) {
-                const __m512 k = load16(k4[y], h + d, BF);
-                for (int x = 0; x < NR; x++) a[x][y] = _mm512_fmadd_ps(_mm512_loadu_ps(q[x] + d), k, a[x][y]);
-            }
-        }
-        for (int x = 0; x < NR; x++) {
-            const __m128 s4 = hsum4(half_sum(a[x][0]), half_sum(a[x][1]), half_sum(a[x][2]), half_sum(a[x][3]));
-            if (j + 4 <= hi) {
-                _mm_storeu_ps(sr[x] + j, s4);
-            } else {
-                float tmp[4];
-                _mm_storeu_ps(tmp, s4);
-                for (int y = 0; j + y < hi; y++) sr[x][j + y] = tmp[y];
-            }
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void pv_rows512(float* const* acc, const float* corr,
-                                                             const float* const* p, const void* const* vp, int h,
-                                                             int lo, int hi, Prefetch* pf, const int NR,
-                                                             const int D, const int BF) {
-    for (int c = 0; c < D; c += 64) {
-        __m512 a[3][4];
-        for (int x = 0; x < NR; x++) {
-            const __m512 cr = _mm512_set1_ps(corr[x]);
-            for (int y = 0; y < 4; y++) a[x][y] = _mm512_mul_ps(_mm512_loadu_ps(acc[x] + c + 16 * y), cr);
-        }
-        for (int j = lo; j < hi; j++) {
-            const void* vj = vp[j];
-            prefetch_lines(pf, 2);
-            const __m512 v0 = load16(vj, h + c, BF), v1 = load16(vj, h + c + 16, BF);
-            const __m512 v2 = load16(vj, h + c + 32, BF), v3 = load16(vj, h + c + 48, BF);
-            for (int x = 0; x < NR; x++) {
-                const __m512 pj = _mm512_set1_ps(p[x][j]);
-                a[x][0] = _mm512_fmadd_ps(pj, v0, a[x][0]);
-                a[x][1] = _mm512_fmadd_ps(pj, v1, a[x][1]);
-                a[x][2] = _mm512_fmadd_ps(pj, v2, a[x][2]);
-                a[x][3] = _mm512_fmadd_ps(pj, v3, a[x][3]);
-            }
-        }
-        for (int x = 0; x < NR; x++)
-            for (int y = 0; y < 4; y++) _mm512_storeu_ps(acc[x] + c + 16 * y, a[x][y]);
-    }
-}
+ATT_LOOPS(512, __m512, 16, load16, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_set1_ps,
+          _mm512_storeu_ps, half_sum)
 #define QK_WIDE(...) qk_rows512(__VA_ARGS__)
 #define PV_WIDE(...) pv_rows512(__VA_ARGS__)
 #else
