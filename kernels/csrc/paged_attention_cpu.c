@@ -375,11 +375,9 @@ static inline __m256 half_sum(__m512 v) {
 
 ATT_LOOPS(512, __m512, 16, load16, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_set1_ps,
           _mm512_storeu_ps, half_sum)
-#define QK_WIDE(...) qk_rows512(__VA_ARGS__)
-#define PV_WIDE(...) pv_rows512(__VA_ARGS__)
+#define Z64 1 /* a head of 64 runs the 16-float loops */
 #else
-#define QK_WIDE(...) qk_rows(__VA_ARGS__)
-#define PV_WIDE(...) pv_rows(__VA_ARGS__)
+#define Z64 0
 #endif
 
 /* Up to three rows of one KV head through a chunk: scores, softmax update, values. */
@@ -394,11 +392,17 @@ static inline __attribute__((always_inline)) void group_chunk(const float* const
         hi = jhi[x] > hi ? jhi[x] : hi;
     }
     float corr[3];
-    if (Z) QK_WIDE(q, kp, h, sr, lo, hi, pf, NR, D, BF);
-    else qk_rows(q, kp, h, sr, lo, hi, pf, NR, D, BF);
+#ifdef ATT_AVX512
+    if (Z) qk_rows512(q, kp, h, sr, lo, hi, pf, NR, D, BF);
+    else
+#endif
+        qk_rows(q, kp, h, sr, lo, hi, pf, NR, D, BF);
     for (int x = 0; x < NR; x++) corr[x] = softmax_update(sr[x], m[x], l[x], jlo[x], jhi[x], lo, hi);
-    if (Z) PV_WIDE(acc, corr, (const float* const*)sr, vp, h, lo, hi, pf, NR, D, BF);
-    else pv_rows(acc, corr, (const float* const*)sr, vp, h, lo, hi, pf, NR, D, BF);
+#ifdef ATT_AVX512
+    if (Z) pv_rows512(acc, corr, (const float* const*)sr, vp, h, lo, hi, pf, NR, D, BF);
+    else
+#endif
+        pv_rows(acc, corr, (const float* const*)sr, vp, h, lo, hi, pf, NR, D, BF);
 }
 
 #define GROUP_CHUNK(n, D, BF, Z) group_chunk(q, sr, ar, mr, lr, jlo, jhi, kp, vp, g * (D), pf, n, D, BF, Z)
@@ -438,20 +442,14 @@ static void chunk_avx2(const float* qf, const void* const* kp, const void* const
                 n++;
             }
             if (n == 3 || (u == nq * G - 1 && n > 0)) {
+                if (D == 64) { /* the common head size: loops of a known length */
+                    if (bf) GROUPS(n, 64, 1, Z64);
+                    else GROUPS(n, 64, 0, Z64);
 #ifdef ATT_AVX512
-                const int z = D % 64 == 0; /* 16-float vectors */
-#else
-                const int z = 0;
-#endif
-                if (D == 64 && z) {
-                    if (bf) GROUPS(n, 64, 1, 1);
-                    else GROUPS(n, 64, 0, 1);
-                } else if (D == 64) {
-                    if (bf) GROUPS(n, 64, 1, 0);
-                    else GROUPS(n, 64, 0, 0);
-                } else if (z) {
+                } else if (D % 64 == 0) { /* 16-float vectors */
                     if (bf) GROUPS(n, D, 1, 1);
                     else GROUPS(n, D, 0, 1);
+#endif
                 } else {
                     if (bf) GROUPS(n, D, 1, 0);
                     else GROUPS(n, D, 0, 0);
