@@ -13,7 +13,13 @@ The path depends on the CPU, detected at run time:
 * ``float32`` weights: packed as they are (any x86 CPU with oneDNN, AVX2 and up);
 * ``bfloat16`` weights on a CPU with native bf16 dot products (AVX-512 BF16, AMX, AVX-NE-CONVERT;
   ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): packed as bf16, oneDNN picks AMX tiles
-  where the CPU has them;
+  where the CPU has them. Where it has AMX (and the native kernels build), calls of up to
+  ``PAGEDQ_CPU_GEMV_ROWS`` rows run our own AMX kernel instead (``native.gemv`` on a copy laid
+  out as tiles, ``native.amx_tiles``): oneDNN streamed the weights of a decode step at 12-16
+  GB/s and spent ~25 us a call getting there; the tile kernel streams them at ~18-20 (2-core
+  Xeon, the 120 GEMMs of a `bench` decode step with cold weights, oneDNN / tiles: 1 row 15-21 /
+  11-12 ms, 16 rows 15-26 / 11-12, 32 rows 28 / 17-18; from ~48 rows they are level), and
+  it lets the whole decoder stack of a decode step run as one native call (``native.decoder_layers``);
 * ``bfloat16`` weights elsewhere (AVX2 only): torch emulates bf16 GEMMs there at ~15 GFLOP/s
   whatever the size, so the weight is packed as float32 instead (twice the bytes, ~6x the
   speed); activations are converted at the call and the output rounded back to bf16, which is
@@ -30,9 +36,10 @@ panels: 1 row 44 / 25 ms, 8 rows 60 / 36, 24 rows 82 / 55, 64 rows 151 / 145); a
 keeps its panels in bf16 (half the bytes of the float32 packing). Memory: float32 weights twice,
 bf16 three times their bytes (the tied LM head too: its panels are a copy).
 
-``PAGEDQ_CPU_LINEAR`` picks a path by hand: ``auto`` (the above), ``fp32`` (the AVX2 path on
-any CPU, so both are tested on a bf16-capable machine) or ``torch`` (no packing: ``F.linear``
-on the plain weight, the reference).
+``PAGEDQ_CPU_LINEAR`` picks a path by hand: ``auto`` (the above), ``onednn`` (bf16 weights
+for oneDNN only, no AMX tiles of our own: the path of a bf16 CPU without AMX, so both are tested
+on an AMX machine), ``fp32`` (the AVX2 path on any CPU, so it is tested on a bf16-capable
+machine too) or ``torch`` (no packing: ``F.linear`` on the plain weight, the reference).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import torch
 
 from . import native
 
-MODES = ("auto", "fp32", "torch")
+MODES = ("auto", "onednn", "fp32", "torch")
 GEMV_ROWS = 64
 # Bumped by every pack(): whoever keeps raw pointers to packed weights or panels (the native
 # decoder stack) rebuilds them when it changes.
@@ -112,8 +119,9 @@ class PackedWeight:
     dtype: torch.dtype  # the model's: inputs arrive and outputs leave in it
     compute_dtype: torch.dtype  # the packed weight's
     nbytes: int  # packed, plus the panels
-    panels: torch.Tensor | None = None  # the weight in native.panels' layout, for calls of few rows
+    panels: torch.Tensor | None = None  # the weight as native.panels or native.amx_tiles lay it out
     gemv_rows: int = 0  # calls of at most this many rows run native.gemv on ``panels``
+    panel_bias: torch.Tensor | None = None  # the bias in float32, as native.gemv adds it
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -126,7 +134,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
     if dtype == torch.float32:
         return torch.float32
     if dtype == torch.bfloat16:
-        return torch.bfloat16 if m == "auto" and bf16_native() else torch.float32
+        return torch.bfloat16 if m in ("auto", "onednn") and bf16_native() else torch.float32
     return None
 
 
@@ -146,12 +154,17 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight
     out_f, in_f = w.shape
     nbytes = w.numel() * w.element_size()
     panels, rows = None, gemv_rows()
-    if cdt == torch.float32 and rows > 0 and native.gemv_supports(weight):
-        panels = native.panels(weight)
+    if rows > 0 and native.gemv_supports(weight):
+        if cdt == torch.float32:
+            panels = native.panels(weight)
+        elif cdt == torch.bfloat16 and mode() == "auto" and native.amx_supported():
+            panels = native.amx_tiles(weight)
+    if panels is not None:
         nbytes += panels.numel() * panels.element_size()
     return PackedWeight(
-        packed, b, out_f, in_f, weight.dtype, cdt, nbytes, panels, rows if panels is not None else 0
-    )
+        packed, b, out_f, in_f, weight.dtype, cdt, nbytes, panels, rows if panels is not None else 0,
+        None if b is None or panels is None else b.float(),
+    )  # fmt: skip
 
 
 def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
@@ -162,7 +175,7 @@ def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
         return x.new_empty(*lead, p.out_features)
     m = x2.shape[0]
     if m <= p.gemv_rows and p.panels is not None:
-        y = native.gemv(x2, p.panels, p.bias, p.out_features)
+        y = native.gemv(x2, p.panels, p.panel_bias, p.out_features)
         return (y if y.dtype == p.dtype else y.to(p.dtype)).reshape(*lead, p.out_features)
     rows = rows_bucket(m)
     if rows != m:

@@ -13,6 +13,10 @@ SiLU * up), one pass each where torch runs several ops with a temporary each.
 laid out in panels (``panels``), streaming it once at the memory's speed at one row and at the
 GEMM's rate from ~16 rows (``gemv``; used by :mod:`.cpu_linear` up to 64 rows).
 
+``csrc/amx_gemm_cpu.c`` does the same for bf16 through AMX tiles where the CPU has them, on a
+weight laid out as tiles (``amx_tiles``; ``gemv`` picks the kernel by the layout): the panels'
+vdpbf16ps run out of multiply throughput above ~8 rows, tiles stream the weight at up to 64.
+
 ``csrc/decoder_cpu.c`` runs all decoder layers of a few-row step (batch-1 decode) in one call,
 the kernels above in the order and with the roundings of the model's Python code
 (``decoder_layers``; ``LlamaForCausalLM.forward`` decides when).
@@ -53,6 +57,7 @@ _SRCS = [
         "woq_gemm_cpu.c",
         "elementwise_cpu.c",
         "gemv_cpu.c",
+        "amx_gemm_cpu.c",
         "decoder_cpu.c",
     )
 ]
@@ -97,9 +102,9 @@ def _read(path: str) -> bytes:
 
 
 # PAGEDQ_CPU_ISA: what the kernels are compiled for. ``native`` uses every extension of this
-# CPU; ``avx2`` leaves AVX-512 (and with it AVX-512 BF16) out, so that a machine that has them
+# CPU; ``avx2`` leaves AVX-512 (and with it AVX-512 BF16) and AMX out, so that a machine that has them
 # runs and tests the AVX2 paths too (each choice is its own cached library).
-_ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+_ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]}
 
 
 def _isa_flags() -> list[str]:
@@ -168,6 +173,8 @@ def _build() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
     )
+    lib.amx_available.restype = ctypes.c_int
+    lib.amx_available.argtypes = []
     lib.decoder_layers.restype = ctypes.c_int
     lib.decoder_layers.argtypes = [
         ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
@@ -200,7 +207,7 @@ class QuantPtrs(ctypes.Structure):
 _LAYER_FIELDS: Any = [
     (name, ctypes.c_void_p)
     for name in ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "k_cache", "v_cache")
-] + [("w_bf16", ctypes.c_int64), ("window", ctypes.c_int64), ("q", ctypes.c_void_p * 4)]
+] + [("w_kind", ctypes.c_int64), ("window", ctypes.c_int64), ("q", ctypes.c_void_p * 4)]
 
 
 class LayerPtrs(ctypes.Structure):
@@ -458,32 +465,76 @@ def panels(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(padded // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
+def amx_supported() -> bool:
+    """Whether the AMX tile kernel runs here: built for a CPU with AMX-BF16 (not with
+    ``PAGEDQ_CPU_ISA=avx2``) and the kernel granted the process the tile state."""
+    lib = library()
+    return lib is not None and bool(lib.amx_available())
+
+
+AMX_BLOCK = 32  # outputs per pair of tile columns and inputs per k block (csrc/amx_gemm_cpu.c)
+
+
+def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 ``weight [n, k]`` laid out for the AMX kernel of :func:`gemv`: zero-padded to
+    multiples of 32 outputs and inputs, as ``[n/32, k/32, 2, 16, 16, 2]`` -- per pair of
+    16-output blocks and per 32-wide k block, two 1 KB B tiles in the VNNI order ``tdpbf16ps``
+    reads (16 input pairs x 16 outputs x 2). A pair's tiles are one sequential read."""
+    n, k = weight.shape
+    np_, kp = -(-n // AMX_BLOCK) * AMX_BLOCK, -(-k // AMX_BLOCK) * AMX_BLOCK
+    w = weight.detach().to(torch.bfloat16)
+    if (np_, kp) != (n, k):
+        w = torch.nn.functional.pad(w, (0, kp - k, 0, np_ - n))
+    return w.reshape(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+# What the C code reads a weight as (``gemv``'s w_kind): panels of float32 or bf16, AMX tiles.
+W_F32_PANELS, W_BF16_PANELS, W_AMX_TILES = 0, 1, 2
+
+
+def weight_kind(weight: torch.Tensor) -> int:
+    """The layout of ``weight`` as the C code names it: :func:`panels` of float32 or bf16, or
+    :func:`amx_tiles` (6-D); ValueError for anything else."""
+    if weight.dim() == 6 and weight.shape[2:] == (2, 16, 16, 2) and weight.dtype == torch.bfloat16:
+        return W_AMX_TILES
+    if weight.dim() == 3 and weight.shape[2] == PANEL and weight.dtype in (torch.float32, torch.bfloat16):
+        return W_BF16_PANELS if weight.dtype == torch.bfloat16 else W_F32_PANELS
+    raise ValueError(
+        f"gemv: the weight must be laid out by panels() or amx_tiles(), got {weight.dtype} {tuple(weight.shape)}"
+    )
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x [m, k] @ W[n, k].T + bias`` for up to a few dozen rows, in ``x``'s dtype with float32
     accumulation; ``weight`` is W as :func:`panels` lays it out (float32 or bf16, read as it
-    is), ``bias`` float32 or None."""
+    is) or as :func:`amx_tiles` does (bf16 ``x`` only, where :func:`amx_supported`), ``bias``
+    float32 or None."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see gemv_supports)")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2:
         raise ValueError(f"gemv: x must be a 2-D float32 or bf16 CPU tensor, got {x.dtype} {tuple(x.shape)}")
-    if weight.dim() != 3 or weight.shape[2] != PANEL or weight.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(
-            f"gemv: the weight must be laid out by panels(), got {weight.dtype} {tuple(weight.shape)}"
-        )
-    if not 0 < n <= weight.shape[0] * PANEL or n <= (weight.shape[0] - 1) * PANEL:
-        raise ValueError(f"gemv: n={n} does not fit a weight of {weight.shape[0]} panels of {PANEL}")
+    kind = weight_kind(weight)
     x, weight = x.contiguous(), weight.contiguous()
     m, k = x.shape
-    if weight.shape[1] != k:
-        raise ValueError(f"gemv: x has {k} features, the weight {weight.shape[1]}")
+    block, rows_per = (AMX_BLOCK, AMX_BLOCK) if kind == W_AMX_TILES else (PANEL, 1)
+    blocks = weight.shape[0]
+    if not 0 < n <= blocks * block or n <= (blocks - 1) * block:
+        raise ValueError(f"gemv: n={n} does not fit a weight of {blocks} panels of {block}")
+    wk = weight.shape[1] * rows_per
+    if (kind == W_AMX_TILES and not wk - AMX_BLOCK < k <= wk) or (kind != W_AMX_TILES and wk != k):
+        raise ValueError(f"gemv: x has {k} features, the weight {wk}")
+    if kind == W_AMX_TILES and x.dtype != torch.bfloat16:
+        raise ValueError(f"gemv: a weight in AMX tiles takes bf16 inputs, got {x.dtype}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("gemv: bias must be a contiguous float32 vector of the output size")
     y = x.new_empty(m, n)
     status = lib.gemv(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), kind,
         n, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    if status == -2:
+        raise RuntimeError("gemv: the AMX kernel is not available here (see amx_supported)")
     if status:
         raise MemoryError(f"gemv: no memory to widen a {m} x {k} input")
     return y

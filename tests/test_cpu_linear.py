@@ -15,9 +15,9 @@ from pagedq.models.llama import Linear
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 
-@pytest.mark.parametrize("mode", ["auto", "fp32"])
+@pytest.mark.parametrize("mode", ["auto", "onednn", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 33, 64, 65, 300])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 17, 33, 64, 65, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gemv_rows", ["8", "0"])
 def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gemv_rows):
@@ -31,13 +31,18 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gem
     assert packed is not None
     expect = (
         torch.bfloat16
-        if dtype == torch.bfloat16 and mode == "auto" and cpu_linear.bf16_native()
+        if dtype == torch.bfloat16 and mode != "fp32" and cpu_linear.bf16_native()
         else torch.float32
     )
     assert packed.compute_dtype == expect
-    # the few-row kernel reads the weight's panels where the weight is packed as float32
-    few = expect == torch.float32 and gemv_rows != "0" and native.library() is not None
+    # the few-row kernel reads the weight's panels where the weight is packed as float32, its
+    # AMX tiles where it stays bf16 on an AMX CPU (not with PAGEDQ_CPU_LINEAR=onednn)
+    amx = expect == torch.bfloat16 and mode == "auto" and native.amx_supported()
+    few = (expect == torch.float32 or amx) and gemv_rows != "0" and native.library() is not None
     assert (packed.panels is not None) == few
+    if few:  # panels keep the weight's dtype (a bf16 model's: half the bytes to stream)
+        panels = native.W_BF16_PANELS if dtype == torch.bfloat16 else native.W_F32_PANELS
+        assert native.weight_kind(packed.panels) == (native.W_AMX_TILES if amx else panels)
     assert packed.gemv_rows == (8 if few else 0)
     got = cpu_linear.linear(x, packed)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
@@ -93,10 +98,41 @@ def test_gemv_equals_the_float32_product_for_few_rows_and_odd_shapes(w_dtype, x_
             assert torch.equal(native.gemv(x[-1:], p, None, n)[0], native.gemv(x, p, None, n)[-1])
     with pytest.raises(ValueError, match="gemv: x has 3 features, the weight 4"):
         native.gemv(torch.ones(1, 3), native.panels(torch.ones(2, 4)), None, 2)
-    with pytest.raises(ValueError, match="gemv: the weight must be laid out by panels"):
+    with pytest.raises(ValueError, match=r"gemv: the weight must be laid out by panels\(\) or amx_tiles\(\)"):
         native.gemv(torch.ones(1, 4), torch.ones(2, 4), None, 2)
     with pytest.raises(ValueError, match="gemv: n=17 does not fit a weight of 1 panels of 16"):
         native.gemv(torch.ones(1, 4), native.panels(torch.ones(2, 4)), None, 17)
+
+
+@pytest.mark.skipif(native.library() is None or not native.amx_supported(), reason="this CPU (or build) has no AMX")
+def test_the_amx_kernel_equals_the_float32_product_at_every_tile_edge():
+    """bf16 through AMX tiles (``native.amx_tiles`` + ``native.gemv``): rows on both sides of
+    the 16-row tile and the 32-row chunk, outputs and inputs not multiples of the 32-wide tile
+    blocks, `bench`'s shapes. Tolerance: one bf16 rounding of the float32 sum (2^-8 relative),
+    pairs of products summed per step. A row's result does not depend on its batch, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 7, 5), (2, 960, 576), (15, 33, 40), (16, 32, 32), (17, 100, 64), (31, 576, 1536)]
+    shapes += [(32, 50, 24), (33, 3072, 576), (48, 65, 1031), (64, 576, 576), (70, 40, 31)]
+    for m, n, k in shapes:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(m, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g)
+        t = native.amx_tiles(w)
+        assert t.shape == (-(-n // 32), -(-k // 32), 2, 16, 16, 2)
+        assert native.weight_kind(t) == native.W_AMX_TILES
+        for bias in (None, b):
+            got = native.gemv(x, t, bias, n)
+            ref = x.float() @ w.float().T + (0 if bias is None else bias)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got, ref.to(torch.bfloat16), atol=1e-2, rtol=8e-3)
+        assert torch.equal(native.gemv(x[-1:], t, None, n)[0], native.gemv(x, t, None, n)[-1])
+    w = torch.randn(40, 64).bfloat16()
+    with pytest.raises(ValueError, match="gemv: a weight in AMX tiles takes bf16 inputs, got torch.float32"):
+        native.gemv(torch.ones(1, 64), native.amx_tiles(w), None, 40)
+    with pytest.raises(ValueError, match="gemv: x has 20 features, the weight 64"):
+        native.gemv(torch.ones(1, 20).bfloat16(), native.amx_tiles(w), None, 40)
+    with pytest.raises(ValueError, match="gemv: n=65 does not fit a weight of 2 panels of 32"):
+        native.gemv(torch.ones(1, 64).bfloat16(), native.amx_tiles(w), None, 65)
 
 
 def test_a_bad_gemv_rows_setting_names_what_is_allowed(monkeypatch):
@@ -112,7 +148,7 @@ def test_torch_mode_packs_nothing_and_a_bad_mode_names_the_choices(monkeypatch):
     assert cpu_linear.pack(torch.randn(8, 8)) is None
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "amx-please")
     with pytest.raises(
-        ValueError, match=r"PAGEDQ_CPU_LINEAR must be one of auto, fp32, torch; got 'amx-please'"
+        ValueError, match=r"PAGEDQ_CPU_LINEAR must be one of auto, onednn, fp32, torch; got 'amx-please'"
     ):
         cpu_linear.pack(torch.randn(8, 8))
 

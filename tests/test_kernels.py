@@ -267,7 +267,7 @@ def test_rope_cache_is_the_torch_rotation_and_cache_write_to_the_last_bit(dtype,
 
 
 @needs_native
-@pytest.mark.parametrize("linear", ["auto", "fp32"])
+@pytest.mark.parametrize("linear", ["auto", "onednn", "fp32"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("arch", "overrides"),
@@ -280,9 +280,11 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     same kernels in the same order, so greedy tokens and their log-probabilities are those of the
     per-layer Python path to the last bit, one sequence and five at once (QKV bias, a sliding
     window). Granite's scaled layers and Qwen3's per-head norms are not what the C code does:
-    they keep the Python path. The stack needs the weights in panels: float32 weights, and bf16
-    ones where they are packed as float32 (an AVX2 CPU, or ``PAGEDQ_CPU_LINEAR=fp32`` on a CPU
-    with native bf16, where ``auto`` keeps them bf16 for oneDNN/AMX and the Python path runs)."""
+    they keep the Python path. The stack needs the weights laid out for the native few-row
+    kernels: float32 weights in panels; bf16 ones in panels where they are packed as float32 (an
+    AVX2 CPU, or ``PAGEDQ_CPU_LINEAR=fp32``), in AMX tiles on an AMX CPU; where bf16 weights are
+    for oneDNN only (a bf16 CPU without AMX, or ``PAGEDQ_CPU_LINEAR=onednn``) the Python path
+    runs."""
     from pagedq.kernels import cpu_linear
 
     from pagedq import LLM, SamplingParams
@@ -291,9 +293,13 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     from .conftest import PROMPTS
 
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", linear)
-    if linear == "fp32" and (dtype == "float32" or not cpu_linear.bf16_native()):
+    if linear != "auto" and (dtype == "float32" or not cpu_linear.bf16_native()):
         pytest.skip("the same path as auto on this CPU")
-    panels = dtype == "float32" or cpu_linear.compute_dtype(torch.bfloat16) == torch.float32
+    panels = (
+        dtype == "float32"
+        or cpu_linear.compute_dtype(torch.bfloat16) == torch.float32
+        or (linear == "auto" and native.amx_supported())
+    )
     model = model_factory(arch, **overrides)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     calls = []

@@ -14,8 +14,8 @@
  *   x, normed = x + attn @ Wo^T, rms_norm(..)*ln2 gemv, add_rms_norm
  *   x      = x + down(silu(gate) * up)            gemv, silu_mul, gemv, one rounded add
  *
- * so the tokens are those of the Python path. Weights are the panels (gemv_cpu.c's layout) that
- * kernels/cpu_linear.py keeps for few-row calls, or (bf16 models) the int8/int4 codes of
+ * so the tokens are those of the Python path. Weights are the panels (gemv_cpu.c's layout) or
+ * the AMX tiles (amx_gemm_cpu.c's) that kernels/cpu_linear.py keeps for few-row calls, or (bf16 models) the int8/int4 codes of
  * NativeQuantLinear run by woq_gemm_bf16; the cache holds the model's dtype. Scratch is
  * allocated once per call. */
 #include <stdint.h>
@@ -24,7 +24,7 @@
 
 #include "cpu_math.h"
 
-int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
+int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_kind, int n, const float* bias, void* y,
          int nthreads);
 void add_rms_norm_f32(const float* x, const float* delta, const float* w, float* res, float* out, int rows, int n,
                       float eps, int nthreads);
@@ -71,7 +71,7 @@ typedef struct {
     const void* w_down;
     void* k_cache;
     void* v_cache;
-    int64_t w_bf16; /* the panels are bf16 (else float32) */
+    int64_t w_kind; /* gemv's: float32 panels 0, bf16 panels 1, bf16 AMX tiles 2 */
     int64_t window;
     const QuantPtrs* q[4]; /* qkv, o, gate_up, down held quantized (bf16 models), else NULL */
 } LayerPtrs;
@@ -92,9 +92,9 @@ typedef struct {
 
 /* y [m][n] = x [m][k] @ W^T (+ bias) for a weight w in panels or quantized codes q; tmp holds
  * m * k elements (the permuted input). Returns gemv's / woq_gemm_bf16's status. */
-static int dense(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, const QuantPtrs* q, int n,
+static int dense(const void* x, int x_bf16, int m, int k, const void* w, int w_kind, const QuantPtrs* q, int n,
                  const float* bias, void* y, uint16_t* tmp, int nt) {
-    if (!q) return gemv(x, x_bf16, m, k, w, w_bf16, n, bias, y, nt);
+    if (!q) return gemv(x, x_bf16, m, k, w, w_kind, n, bias, y, nt);
     const uint16_t* xin = (const uint16_t*)x;
     if (q->perm) {
         for (int r = 0; r < m; r++)
@@ -140,7 +140,7 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
     char* down = act + es * (size_t)m * inter;
     for (int l = 0; l < L && !status; l++) {
         const LayerPtrs* p = &layers[l];
-        const int wb = (int)p->w_bf16;
+        const int wb = (int)p->w_kind;
         if (x_bf16)
             add_rms_norm_bf16((const uint16_t*)x, NULL, (const uint16_t*)p->ln1, NULL, (uint16_t*)normed, m, hid,
                               a->eps, nt);

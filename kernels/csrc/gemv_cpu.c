@@ -103,11 +103,20 @@ PANEL_KERNEL(panel_f32, float, AS_F32)
 PANEL_KERNEL(panel_bf16, uint16_t, bf16_to_f32)
 #endif
 
+int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, const float* bias, uint16_t* y,
+                  int nthreads);
+
 /* x: [m][k] float32 (x_bf16 = 0) or bf16; w: panels [ceil(n / 16)][k][16] of float32
- * (w_bf16 = 0) or bf16; bias: [n] float32 or NULL; y: [m][n] in x's dtype. Returns 0, or -1
- * (y unwritten) when the widened input cannot be allocated. */
-int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_bf16, int n, const float* bias, void* y,
+ * (w_kind 0) or bf16 (w_kind 1), or bf16 AMX tiles (w_kind 2, amx_gemm_cpu.c's layout, bf16 x
+ * only); bias: [n] float32 or NULL; y: [m][n] in x's dtype. Returns 0, -1 (y unwritten) when
+ * the widened input cannot be allocated, -2 when the AMX kernel cannot run (not built for
+ * this CPU, the tile state refused, or a float32 x). */
+int gemv(const void* x, int x_bf16, int m, int k, const void* w, int w_kind, int n, const float* bias, void* y,
          int nthreads) {
+    if (w_kind == 2)
+        return x_bf16 ? amx_gemm_bf16((const uint16_t*)x, m, k, (const uint16_t*)w, n, bias, (uint16_t*)y, nthreads)
+                      : -2;
+    const int w_bf16 = w_kind == 1;
     const float* xf = (const float*)x;
     float* widened = NULL;
     if (x_bf16) {

@@ -360,20 +360,21 @@ class LlamaForCausalLM(nn.Module):
                 if p is None or p.panels is None or p.dtype != dtype or (i and p.bias is not None):
                     return refused  # no panels, or a bias the C code does not add (only QKV's)
                 if i == 0:
-                    bias = p.bias
+                    bias = p.panel_bias
                 panels.append(p.panels)
                 qptrs.append(None)
                 rows.append(p.gemv_rows)
-            if len({w.dtype for w in panels if w is not None}) > 1:
+            kinds = {native.weight_kind(w) for w in panels if w is not None}
+            if len(kinds) > 1:
                 return refused
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != dtype or not w.is_contiguous() for w in norms) or not kc.is_contiguous():
                 return refused
-            w_bf16 = any(w is not None and w.dtype == torch.bfloat16 for w in panels)
+            w_kind = kinds.pop() if kinds else native.W_BF16_PANELS  # all quantized: unused
             wp = [None if w is None else w.data_ptr() for w in panels]
             ptrs = native.LayerPtrs(
                 norms[0].data_ptr(), norms[1].data_ptr(), wp[0], None if bias is None else bias.data_ptr(),
-                wp[1], wp[2], wp[3], kc.data_ptr(), vc.data_ptr(), int(w_bf16), a.window,
+                wp[1], wp[2], wp[3], kc.data_ptr(), vc.data_ptr(), w_kind, a.window,
                 (ctypes.c_void_p * 4)(*(None if q is None else ctypes.addressof(q) for q in qptrs)),
             )  # fmt: skip
             quant.extend(q for q in qptrs if q is not None)
