@@ -104,7 +104,9 @@ def test_gemv_equals_the_float32_product_for_few_rows_and_odd_shapes(w_dtype, x_
         native.gemv(torch.ones(1, 4), native.panels(torch.ones(2, 4)), None, 17)
 
 
-@pytest.mark.skipif(native.library() is None or not native.amx_supported(), reason="this CPU (or build) has no AMX")
+@pytest.mark.skipif(
+    native.library() is None or not native.amx_supported(), reason="this CPU (or build) has no AMX"
+)
 def test_the_amx_kernel_equals_the_float32_product_at_every_tile_edge():
     """bf16 through AMX tiles (``native.amx_tiles`` + ``native.gemv``): rows on both sides of
     the 16-row tile and the 32-row chunk, outputs and inputs not multiples of the 32-wide tile
@@ -127,7 +129,9 @@ def test_the_amx_kernel_equals_the_float32_product_at_every_tile_edge():
             torch.testing.assert_close(got, ref.to(torch.bfloat16), atol=1e-2, rtol=8e-3)
         assert torch.equal(native.gemv(x[-1:], t, None, n)[0], native.gemv(x, t, None, n)[-1])
     w = torch.randn(40, 64).bfloat16()
-    with pytest.raises(ValueError, match=r"gemv: a weight in AMX tiles takes bf16 inputs, got torch\.float32"):
+    with pytest.raises(
+        ValueError, match=r"gemv: a weight in AMX tiles takes bf16 inputs, got torch\.float32"
+    ):
         native.gemv(torch.ones(1, 64), native.amx_tiles(w), None, 40)
     with pytest.raises(ValueError, match="gemv: x has 20 features, the weight 64"):
         native.gemv(torch.ones(1, 20).bfloat16(), native.amx_tiles(w), None, 40)
