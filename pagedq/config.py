@@ -125,7 +125,7 @@ class EngineConfig:
     max_num_seqs: int = field(default=256, metadata={"help": "sequences in one batch at most"})
     max_num_batched_tokens: int | None = field(
         default=None,
-        metadata={"help": "tokens in one step at most (default: max(2048, or 512 on CPUs, max_num_seqs))"},
+        metadata={"help": "tokens in one step at most (default: max(2048, max_num_seqs))"},
     )
     max_model_len: int | None = field(
         default=None, metadata={"help": "prompt + output tokens at most (default: the model's)"}

@@ -86,18 +86,17 @@ def resolve_model_dir(model: str) -> str:
     return path
 
 
-def default_token_budget(device: torch.device) -> int:
-    """Tokens per step unless the caller says: 2048, or 512 on CPUs.
-
-    On a CPU a step's time grows with its tokens (its GEMMs are compute-bound), so a prompt
-    that joins a step with several other prompts gets its first token only when all of them
-    are done, and bigger steps buy little: 30 float32 layers of ``bench`` on the 2-core AVX2
-    machine took 1.75-1.94 ms per row at 450-512 rows, and the 2048-token steps of the
-    throughput workload 2.3 ms per token. The ``online`` workload at 0.5 req/s (float32, 2-core AVX2, 2026-11-30): TTFT p99
-    3267 -> 2662 ms, p50 944 -> 955, TPOT p50 123 -> 147 ms; the ``throughput`` workload
-    unchanged within noise (86-95 out tok/s either way).
-    """
-    return 512 if device.type == "cpu" else 2048
+# Tokens per step unless the caller says, on every device (vLLM's CPU build uses 2048 for its
+# server and 4096 for its ``LLM`` class). A budget that admits every waiting prompt early lets
+# the decode steps run full batches, and a decode step reads the weights once whatever its rows:
+# on a 2-core AMX Xeon (bf16, 2026-11-30), where a decode step of 64 sequences takes ~72 ms and
+# one of 16 ~25 ms, the ``throughput`` workload ran at 333/435/569 output tok/s with 512-token
+# steps, 347/509/625 with 1024 and 510/586/634 with 2048 (three alternating rounds on a noisy
+# machine); 2048 and 4096 were level (651 / 652). Sessions 11-12 used 512 on CPUs: on a 2-core
+# AVX2 VM in float32, where a step's GEMMs are compute-bound, bigger steps bought nothing
+# (86-95 tok/s either way) and the ``online`` TTFT p99 at 0.5 req/s was 3267 ms with 2048
+# against 2662 with 512 (p50 944 / 955, TPOT p50 123 / 147 ms).
+DEFAULT_TOKEN_BUDGET = 2048
 
 
 class LLMEngine:
@@ -116,7 +115,7 @@ class LLMEngine:
                 f"({mc.max_position_embeddings}); lower max_model_len"
             )
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(
-            default_token_budget(self.device), config.max_num_seqs
+            DEFAULT_TOKEN_BUDGET, config.max_num_seqs
         )
 
         from transformers import AutoTokenizer  # the tokenizer and chat templates come from transformers

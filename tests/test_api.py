@@ -185,19 +185,13 @@ def test_kv_cache_memory_sizes_the_pool(tiny_llama):
         assert llm.stats()["num_kv_blocks"] == 2 * 2**20 // (512 * 16)
 
 
-def test_the_default_token_budget_follows_the_device(tiny_llama):
-    """512 tokens per step on CPUs (a prompt waits for every prompt of the step it joins), 2048
-    elsewhere; never below max_num_seqs; an explicit budget is kept."""
-    import torch
-
-    from pagedq.engine import default_token_budget
-
-    assert default_token_budget(torch.device("cpu")) == 512
-    assert default_token_budget(torch.device("cuda")) == 2048
+def test_the_default_token_budget_is_2048_tokens_and_at_least_max_num_seqs(tiny_llama):
+    """2048 tokens per step by default (CPUs too: full decode batches early); never below
+    max_num_seqs; an explicit budget is kept."""
     with LLM(tiny_llama, dtype="float32") as llm:
-        assert llm.engine.scheduler.max_num_batched_tokens == 512
-    with LLM(tiny_llama, dtype="float32", max_num_seqs=600) as llm:
-        assert llm.engine.scheduler.max_num_batched_tokens == 600
+        assert llm.engine.scheduler.max_num_batched_tokens == 2048
+    with LLM(tiny_llama, dtype="float32", max_num_seqs=3000) as llm:
+        assert llm.engine.scheduler.max_num_batched_tokens == 3000
     with LLM(tiny_llama, dtype="float32", max_num_batched_tokens=64) as llm:
         assert llm.engine.scheduler.max_num_batched_tokens == 64
 

@@ -286,7 +286,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> bool:
         """Run every decoder layer in one native call (``native.decoder_layers``) where a step
         has few rows and this layer stack is exactly what the C code does: plain Llama layers
-        whose dense weights cpu_linear keeps in panels for few-row calls, a cache of the model's
+        whose dense weights cpu_linear keeps for few-row calls (panels, or AMX tiles for bf16 on
+        an AMX CPU) or that are int8/int4 codes, a cache of the model's
         dtype, and every row attending through the native kernel (no fresh prompt). Updates
         ``x`` in place; False (nothing done) elsewhere. The tokens are the Python path's."""
         if (
