@@ -34,7 +34,9 @@ GEMM reached ~60% of the bandwidth at one row and stayed behind up to 64 rows (m
 `bench`, 2-core AVX2, the 120 float32 decoder GEMMs of one step with cold weights, oneDNN /
 panels: 1 row 44 / 25 ms, 8 rows 60 / 36, 24 rows 82 / 55, 64 rows 151 / 145); a bf16 model
 keeps its panels in bf16 (half the bytes of the float32 packing). Memory: float32 weights twice,
-bf16 three times their bytes (the tied LM head too: its panels are a copy).
+bf16 three times their bytes (the tied LM head too: its panels are a copy); on an AMX CPU a bf16
+weight twice (oneDNN's packing and the tiles; the tied LM head three times: `bench` holds 569
+MiB of weights).
 
 ``PAGEDQ_CPU_LINEAR`` picks a path by hand: ``auto`` (the above), ``onednn`` (bf16 weights
 for oneDNN only, no AMX tiles of our own: the path of a bf16 CPU without AMX, so both are tested
