@@ -129,6 +129,7 @@ def test_the_amx_kernel_equals_the_float32_product_at_every_tile_edge():
             torch.testing.assert_close(got, ref.to(torch.bfloat16), atol=1e-2, rtol=8e-3)
         assert torch.equal(native.gemv(x[-1:], t, None, n)[0], native.gemv(x, t, None, n)[-1])
     w = torch.randn(40, 64).bfloat16()
+    assert native.gemv(torch.ones(0, 64).bfloat16(), native.amx_tiles(w), None, 40).shape == (0, 40)
     with pytest.raises(
         ValueError, match=r"gemv: a weight in AMX tiles takes bf16 inputs, got torch\.float32"
     ):

@@ -127,6 +127,7 @@ static inline void pair_chunk(const uint16_t* xr, int Kp, const uint16_t* wp, in
 int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, const float* bias, uint16_t* y,
                   int nthreads) {
     if (!amx_available()) return -2;
+    if (m <= 0) return 0;
     const int Kp = (k + 31) / 32 * 32, Mp = (m + 15) / 16 * 16, pairs = (n + 31) / 32;
     uint16_t* xb = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)Mp * Kp);
     if (!xb) return -1;
