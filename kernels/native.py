@@ -159,8 +159,10 @@ def _build() -> ctypes.CDLL | None:
         silu = getattr(lib, f"silu_mul_{suffix}")
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
-    lib.argmax_rows_f32.restype = None
-    lib.argmax_rows_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int]
+    for suffix in ("f32", "bf16"):
+        fn = getattr(lib, f"argmax_rows_{suffix}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int]
     lib.gemv.restype = ctypes.c_int
     lib.gemv.argtypes = (
         [ctypes.c_void_p]
@@ -377,10 +379,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def argmax_supports(x: torch.Tensor) -> bool:
-    """Whether :func:`argmax_rows` takes ``x``: a 2-D float32 CPU tensor with unit stride in rows."""
+    """Whether :func:`argmax_rows` takes ``x``: a 2-D float32 or bf16 CPU tensor with unit stride
+    in rows."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() == 2
         and x.stride(1) == 1
         and x.shape[1] > 0
@@ -395,9 +398,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see argmax_supports)")
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    lib.argmax_rows_f32(
-        x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), torch.get_num_threads()
-    )
+    fn = lib.argmax_rows_bf16 if x.dtype == torch.bfloat16 else lib.argmax_rows_f32
+    fn(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), torch.get_num_threads())
     return out
 
 

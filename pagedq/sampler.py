@@ -42,7 +42,12 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size]
+        if all(s.params.greedy and s.params.logprobs is None and not self._adjusts(s) for s in seqs):
+            # plain greedy rows: the argmax of the logits as they are (widening bf16 is exact and
+            # keeps the order), without a float32 copy of the [rows, vocab] block
+            return SamplerOutput(argmax(logits).tolist(), [None] * len(seqs))
+        logits = logits.float()
         raw = logits
         logits = self._apply_bias_and_min_tokens(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
@@ -57,6 +62,17 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), logprob_rows)
 
     # --- steps -----------------------------------------------------------------------------
+
+    def _adjusts(self, s: Sequence) -> bool:
+        """Whether a logit bias, a min_tokens ban or a penalty changes ``s``'s logits this step."""
+        p = s.params
+        return bool(
+            p.logit_bias
+            or (s.num_output_tokens < p.min_tokens)
+            or p.repetition_penalty != 1.0
+            or p.presence_penalty
+            or p.frequency_penalty
+        )
 
     def _apply_bias_and_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         cloned = False

@@ -181,7 +181,8 @@ def test_loading_the_native_library_keeps_subnormal_floats():
 @needs_native
 def test_native_argmax_picks_torchs_index_in_every_case():
     """The sampler's greedy pick: the first index of the largest value, NaN counting as the
-    largest, -inf rows giving 0 -- torch.argmax's ids, also on a row-strided view."""
+    largest, -inf rows giving 0 -- torch.argmax's ids, also on a row-strided view, in float32
+    and in bf16 (read as it is; rounding to bf16 makes more ties, the first still wins)."""
     torch.manual_seed(0)
     x = torch.randn(67, 1000)
     x[1, 999] = 50.0  # the max at the very end
@@ -194,11 +195,12 @@ def test_native_argmax_picks_torchs_index_in_every_case():
     x[7, 64] = 80.0  # the first element of a second block of 64
     x[8, 63] = 80.0  # the last element of the first block
     x[9] = torch.finfo(torch.float32).min
-    for view in (x, x[:, :777], torch.randn(64, 49152)):
+    big = torch.randn(64, 49152)
+    for view in (x, x[:, :777], big, x.bfloat16(), x.bfloat16()[:, :777], big.bfloat16()):
         assert native.argmax_supports(view)
         assert torch.equal(native.argmax_rows(view), view.argmax(dim=-1))
     assert not native.argmax_supports(x.t())  # columns are not contiguous
-    assert not native.argmax_supports(x.to(torch.bfloat16))
+    assert not native.argmax_supports(x.half())
 
 
 @needs_native

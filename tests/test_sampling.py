@@ -159,3 +159,43 @@ def test_prompt_logprobs_with_chunked_prefill(tiny_llama):
         assert list(a) == list(b)
         for t in a:
             assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plain_greedy_steps_take_the_argmax_of_the_logits_as_they_are(tiny_llama, monkeypatch, dtype):
+    """All-greedy steps with no bias, ban, penalty or logprobs skip the float32 copy of the
+    logits (a bf16 model's argmax reads them as they are): the same tokens as the general path,
+    in a batch that mixes plain greedy rows with a biased, a penalized and a logprob row (which
+    take the general path for the whole step) and alone."""
+    from pagedq.sampler import Sampler
+
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    params = [
+        plain,
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logit_bias={5: 100.0}),
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1),
+        plain,
+    ]
+    import pagedq.sampler as sampler_module
+
+    seen = []  # the dtype each argmax call got
+    argmax = sampler_module.argmax
+    monkeypatch.setattr(sampler_module, "argmax", lambda x: (seen.append(x.dtype), argmax(x))[1])
+    with LLM(tiny_llama, dtype=dtype) as llm:
+
+        def run(prompts, sp):  # each run computes its prompts (bf16: a cached prefix rounds differently)
+            llm.reset_prefix_cache()
+            return _tokens(llm, prompts, sp)
+
+        fast_alone = run(PROMPTS[:2], plain)
+        assert set(seen) == {getattr(torch, dtype)}  # the logits as the model returned them
+        mixed = run(PROMPTS[:5], params)
+        monkeypatch.setattr(Sampler, "_adjusts", lambda self, s: True)  # every step the general path
+        slow_alone = run(PROMPTS[:2], plain)
+        slow_mixed = run(PROMPTS[:5], params)
+    assert fast_alone == slow_alone
+    assert mixed == slow_mixed
+    assert mixed[0] == fast_alone[0]
+    assert mixed[1] != fast_alone[1]  # the bias took effect
+    assert all(t == 5 for t in mixed[1])

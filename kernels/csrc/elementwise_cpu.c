@@ -156,37 +156,45 @@ ROPE_ATTR static void rotate_bf16(uint16_t* x, const uint16_t* c, const uint16_t
 ROPE_CACHE(f32, float)
 ROPE_CACHE(bf16, uint16_t)
 
-/* argmax_rows_f32: per row of x [rows][n] (row stride ld), the first index of its largest value,
- * a NaN counting as larger than any number (torch.argmax's order), into out [rows] int64. The
- * sampler's greedy pick: torch.argmax over a [64, 49152] float32 row block took ~1.8 ms of a
- * decode step (a scalar reduction); here one vectorized max, then a search by blocks of 64. */
-void argmax_rows_f32(const float* x, int64_t* out, int rows, int n, int64_t ld, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)rows * n >= PARALLEL_MIN)
-    for (int r = 0; r < rows; r++) {
-        const float* p = x + (int64_t)r * ld;
-        float mx = -INFINITY;
-        int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-        for (int i = 0; i < n; i++) {
-            mx = p[i] > mx ? p[i] : mx;
-            nan |= p[i] != p[i];
-        }
-        int64_t best = 0;
-        if (nan) { /* rare: the first NaN */
-            while (p[best] == p[best]) best++;
-        } else {
-            for (int c = 0; c < n; c += 64) {
-                const int hi = c + 64 < n ? c + 64 : n;
-                int hit = 0;
-#pragma omp simd reduction(| : hit)
-                for (int i = c; i < hi; i++) hit |= p[i] == mx;
-                if (hit) {
-                    best = c;
-                    while (p[best] != mx) best++;
-                    break;
-                }
-            }
-        }
-        out[r] = best;
+/* argmax_rows_f32 / argmax_rows_bf16: per row of x [rows][n] (row stride ld), the first index
+ * of its largest value, a NaN counting as larger than any number (torch.argmax's order), into
+ * out [rows] int64. The sampler's greedy pick: torch.argmax over a [64, 49152] float32 row block
+ * took ~1.8 ms of a decode step (a scalar reduction); here one vectorized max, then a search by
+ * blocks of 64. The bf16 instance reads a bf16 model's logits as they are (widening is exact and
+ * keeps the order), so a greedy step skips converting the [rows, vocab] block to float32. */
+#define ARGMAX_ROWS(SUFFIX, T_, LOAD)                                                                   \
+    void argmax_rows_##SUFFIX(const T_* x, int64_t* out, int rows, int n, int64_t ld, int nthreads) {   \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)rows * n >= PARALLEL_MIN)") \
+        for (int r = 0; r < rows; r++) {                                                                \
+            const T_* p = x + (int64_t)r * ld;                                                          \
+            float mx = -INFINITY;                                                                       \
+            int nan = 0;                                                                                \
+            _Pragma("omp simd reduction(max : mx) reduction(| : nan)")                                  \
+            for (int i = 0; i < n; i++) {                                                               \
+                const float v = LOAD(p[i]);                                                             \
+                mx = v > mx ? v : mx;                                                                   \
+                nan |= v != v;                                                                          \
+            }                                                                                           \
+            int64_t best = 0;                                                                           \
+            if (nan) { /* rare: the first NaN */                                                        \
+                while (LOAD(p[best]) == LOAD(p[best])) best++;                                          \
+            } else {                                                                                    \
+                for (int c = 0; c < n; c += 64) {                                                       \
+                    const int hi = c + 64 < n ? c + 64 : n;                                             \
+                    int hit = 0;                                                                        \
+                    _Pragma("omp simd reduction(| : hit)")                                              \
+                    for (int i = c; i < hi; i++) hit |= LOAD(p[i]) == mx;                               \
+                    if (hit) {                                                                          \
+                        best = c;                                                                       \
+                        while (LOAD(p[best]) != mx) best++;                                             \
+                        break;                                                                          \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            out[r] = best;                                                                              \
+        }                                                                                               \
     }
-}
+
+#define AS_FLOAT(v) (v)
+ARGMAX_ROWS(f32, float, AS_FLOAT)
+ARGMAX_ROWS(bf16, uint16_t, bf16_to_f32)
