@@ -487,7 +487,7 @@ def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach().to(torch.bfloat16)
     if (np_, kp) != (n, k):
         w = torch.nn.functional.pad(w, (0, kp - k, 0, np_ - n))
-    return w.reshape(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+    return w.reshape(np_ // AMX_BLOCK, 2, 16, kp // AMX_BLOCK, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
 # What the C code reads a weight as (``gemv``'s w_kind): panels of float32 or bf16, AMX tiles.
@@ -519,11 +519,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: in
     kind = weight_kind(weight)
     x, weight = x.contiguous(), weight.contiguous()
     m, k = x.shape
-    block, rows_per = (AMX_BLOCK, AMX_BLOCK) if kind == W_AMX_TILES else (PANEL, 1)
+    # outputs per weight.shape[0] index, inputs per weight.shape[1] index
+    block, k_per = (AMX_BLOCK, AMX_BLOCK) if kind == W_AMX_TILES else (PANEL, 1)
     blocks = weight.shape[0]
     if not 0 < n <= blocks * block or n <= (blocks - 1) * block:
         raise ValueError(f"gemv: n={n} does not fit a weight of {blocks} panels of {block}")
-    wk = weight.shape[1] * rows_per
+    wk = weight.shape[1] * k_per
     if (kind == W_AMX_TILES and not wk - AMX_BLOCK < k <= wk) or (kind != W_AMX_TILES and wk != k):
         raise ValueError(f"gemv: x has {k} features, the weight {wk}")
     if kind == W_AMX_TILES and x.dtype != torch.bfloat16:
