@@ -68,6 +68,10 @@ class AttentionMetadata:
     query_start: torch.Tensor | None = None  # [n] int64: each sequence's first row
     query_lens: torch.Tensor | None = None  # [n] int64: and its number of rows
     context_lens: torch.Tensor | None = None  # [n] int64: keys in the cache, new ones included
+    # Fresh prompts the native kernel does not serve: [p] int64 first rows and lengths, for
+    # native.prompt_attention (bf16 on an AMX CPU), which attends them all in one call
+    prompt_starts: torch.Tensor | None = None
+    prompt_lens: torch.Tensor | None = None
 
     @property
     def decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,11 +308,11 @@ def paged_attention(
 def _paged_attention_native(
     query, key, value, k_cache, v_cache, meta, scale, k_scale, v_scale, window
 ) -> torch.Tensor:
-    """The CPU kernel for every row of the step; SDPA for fresh prompts only over a quantized
-    cache (their own K/V at full precision). Over a cache of the model's dtype the kernel serves
-    prompts too: one call, its tasks balanced over the cores, and faster than torch's flash SDPA
-    up to 512 tokens (one prompt, float32, 2 threads: 0.15 vs 0.23 ms at 64 tokens, 6.4 vs 6.9
-    ms at 512; SDPA wins from ~1024, beyond the CPU's default token budget)."""
+    """The CPU kernel for every row of the step that reads the cache. Fresh prompts attend to
+    their own K/V (at full precision, whatever the cache holds): in the same kernel over a cache
+    of the model's dtype in float32 (faster than torch's flash SDPA up to 512 tokens: one
+    prompt, 2 threads, 0.15 vs 0.23 ms at 64 tokens, 6.4 vs 6.9 ms at 512), in bf16 on an AMX
+    CPU all in one call of native.prompt_attention, else in torch's SDPA one by one."""
     assert meta.block_tables is not None
     assert meta.query_start is not None
     assert meta.query_lens is not None
@@ -319,8 +323,14 @@ def _paged_attention_native(
             query, k_cache, v_cache, meta.block_tables, meta.query_start, meta.query_lens,
             meta.context_lens, scale, k_scale, v_scale, window, out=out,
         )  # fmt: skip
+    if meta.native_prompts:
+        return out
+    if meta.prompt_starts is not None and native.prompt_attention_supports(query, key, value):
+        assert meta.prompt_lens is not None
+        native.prompt_attention(query, key, value, meta.prompt_starts, meta.prompt_lens, scale, window, out)
+        return out
     for chunk in meta.prefills:
-        if chunk.block_table is None and not meta.native_prompts:
+        if chunk.block_table is None:
             s, e = chunk.query_start, chunk.query_start + chunk.query_len
             out[s:e] = paged_attention_prefill(
                 query[s:e], key[s:e], value[s:e], k_cache, v_cache, chunk, scale, k_scale, v_scale, window

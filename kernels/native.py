@@ -58,6 +58,7 @@ _SRCS = [
         "elementwise_cpu.c",
         "gemv_cpu.c",
         "amx_gemm_cpu.c",
+        "amx_attention_cpu.c",
         "decoder_cpu.c",
     )
 ]
@@ -177,6 +178,14 @@ def _build() -> ctypes.CDLL | None:
     )
     lib.amx_available.restype = ctypes.c_int
     lib.amx_available.argtypes = []
+    lib.amx_prompt_attention_bf16.restype = ctypes.c_int
+    attention_args: list[Any] = (
+        [ctypes.c_void_p, ctypes.c_int64] * 4
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int] * 5
+        + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    )
+    lib.amx_prompt_attention_bf16.argtypes = attention_args
     lib.decoder_layers.restype = ctypes.c_int
     lib.decoder_layers.argtypes = [
         ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
@@ -472,6 +481,76 @@ def amx_supported() -> bool:
     ``PAGEDQ_CPU_ISA=avx2``) and the kernel granted the process the tile state."""
     lib = library()
     return lib is not None and bool(lib.amx_available())
+
+
+def prompt_attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`prompt_attention` takes these ``[tokens, heads, head_dim]`` views: bf16 on
+    a CPU with AMX (:func:`amx_supported`), head_dim a multiple of 32 up to 256, heads
+    contiguous within a row (rows may be strided: views of a fused QKV output)."""
+    d = query.shape[-1]
+    return (
+        query.device.type == "cpu"
+        and query.dim() == key.dim() == value.dim() == 3
+        and query.dtype == key.dtype == value.dtype == torch.bfloat16
+        and d % 32 == 0
+        and 0 < d <= 256
+        and key.shape[-1] == value.shape[-1] == d
+        and key.shape[1] == value.shape[1]
+        and query.shape[1] % key.shape[1] == 0
+        and all(t.stride(2) == 1 and t.stride(1) == d for t in (query, key, value))
+        and amx_supported()
+    )
+
+
+def prompt_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int,
+    out: torch.Tensor,
+) -> None:
+    """Causal attention of fresh prompts over their own K/V, into ``out`` (csrc/amx_attention_cpu.c):
+    prompt ``i`` is rows ``starts[i] .. starts[i] + lens[i]`` (int64 tensors) of ``query``
+    ``[T, H, D]`` and of ``key``/``value`` ``[T, KVH, D]`` as :func:`prompt_attention_supports`
+    takes them; ``window`` > 0 limits each query to its last ``window`` keys. Rows of ``out``
+    (``[T, H, D]`` bf16, heads contiguous) outside the prompts are left as they are."""
+    lib = library()
+    if lib is None or not prompt_attention_supports(query, key, value):
+        raise RuntimeError(
+            "prompt_attention: not available for these tensors (see prompt_attention_supports)"
+        )
+    if (
+        out.dtype != torch.bfloat16
+        or out.shape != query.shape
+        or out.stride(2) != 1
+        or out.stride(1) != query.shape[2]
+    ):
+        raise ValueError("prompt_attention: out must be bf16 of the query's shape, heads contiguous")
+    starts, lens = starts.contiguous(), lens.contiguous()
+    if (
+        starts.dtype != torch.int64
+        or lens.dtype != torch.int64
+        or starts.shape != lens.shape
+        or lens.dim() != 1
+    ):
+        raise ValueError("prompt_attention: starts and lens must be int64 vectors of one length")
+    t, h, d = query.shape
+    if key.shape[0] != t or value.shape[0] != t:
+        raise ValueError("prompt_attention: query, key and value must have the same rows")
+    status = lib.amx_prompt_attention_bf16(
+        query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+        out.data_ptr(), out.stride(0), starts.data_ptr(), lens.data_ptr(), lens.numel(), t, h, key.shape[1], d,
+        float(scale), int(window), torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -4:
+        raise ValueError(f"prompt_attention: every prompt must be a non-empty range of the {t} rows")
+    if status == -1:
+        raise MemoryError("prompt_attention: no memory for the packed K/V or a thread's scratch")
+    if status:
+        raise RuntimeError(f"prompt_attention: the kernel refused the call (status {status})")
 
 
 AMX_BLOCK = 32  # outputs per pair of tile columns and inputs per k block (csrc/amx_gemm_cpu.c)

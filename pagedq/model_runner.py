@@ -179,6 +179,10 @@ class ModelRunner:
             meta.context_lens = torch.tensor(
                 [batch[i].start + batch[i].num_new_tokens for i in cached], dtype=torch.long
             )
+            fresh = [(p.query_start, p.query_len) for p in prefills if p.block_table is None]
+            if fresh and not self.native_prompts:
+                meta.prompt_starts = torch.tensor([f[0] for f in fresh], dtype=torch.long)
+                meta.prompt_lens = torch.tensor([f[1] for f in fresh], dtype=torch.long)
         if decode_lens:
             padded, max_blocks = _pad_tables(decode_tables)
             meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(-1)

@@ -326,6 +326,129 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     assert run() == fast
 
 
+needs_amx = pytest.mark.skipif(
+    native.library() is None or not native.amx_supported(), reason="this CPU (or build) has no AMX"
+)
+
+
+def _prompt_case(h, kvh, d, lens, seed=0):
+    """Prompts packed into the rows of a fused QKV output (strided Q/K/V views, as the model
+    hands them over), two rows before the first prompt and three after the last."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens) + 5
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g).bfloat16()
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+    v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+    starts = torch.tensor([2 + sum(lens[:i]) for i in range(len(lens))])
+    return q, k, v, starts, torch.tensor(lens)
+
+
+def _prompt_reference(q, k, v, starts, lens, scale, window):
+    h, kvh = q.shape[1], k.shape[1]
+    out = torch.zeros(q.shape)
+    for s, n in zip(starts.tolist(), lens.tolist()):
+        qq, kk, vv = (x[s : s + n].float().transpose(0, 1) for x in (q, k, v))
+        kk, vv = kk.repeat_interleave(h // kvh, 0), vv.repeat_interleave(h // kvh, 0)
+        pos = torch.arange(n)
+        mask = (pos[None, :] <= pos[:, None]) & ((pos[None, :] > pos[:, None] - window) if window else True)
+        p = ((qq @ kk.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+        out[s : s + n] = (p @ vv).transpose(0, 1)
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("h", "kvh", "d", "lens", "window"),
+    [
+        (9, 3, 64, [1, 15, 16, 17, 63, 64, 65, 130], 0),  # both sides of every tile and chunk edge
+        (4, 4, 128, [33, 200], 0),
+        (8, 2, 32, [100, 7], 0),
+        (6, 2, 96, [80], 0),  # a d group of two tiles
+        (9, 3, 64, [300, 50], 37),  # a sliding window: chunks before it skipped, masks inside
+        (9, 3, 64, [150], 64),
+    ],
+)
+def test_amx_prompt_attention_matches_the_float32_reference(h, kvh, d, lens, window):
+    """Fresh prompts' causal attention through AMX tiles (``native.prompt_attention``) against
+    float32 math with an explicit mask. Tolerance: 1.5e-2 absolute and relative -- bf16 inputs,
+    the probabilities rounded to bf16 for the PV product (as torch's flash attention does) and
+    the output rounded to bf16 (2^-8 relative) after float32 sums. Rows outside the prompts are
+    not written."""
+    q, k, v, starts, n = _prompt_case(h, kvh, d, lens)
+    out = torch.full(q.shape, 7.0).bfloat16()
+    native.prompt_attention(q, k, v, starts, n, d**-0.5, window, out)
+    ref = _prompt_reference(q, k, v, starts, n, d**-0.5, window)
+    rows = torch.cat([torch.arange(s, s + m) for s, m in zip(starts.tolist(), lens)])
+    torch.testing.assert_close(out[rows].float(), ref[rows], atol=1.5e-2, rtol=1.5e-2)
+    assert bool((out[:2] == 7.0).all())
+    assert bool((out[-3:] == 7.0).all())
+
+
+@needs_amx
+def test_amx_prompt_attention_is_batch_invariant_and_checks_its_inputs():
+    """A prompt's rows are the same bits whether it is attended alone or with others (its
+    units never mix prompts); bad shapes and ranges are refused before anything is written."""
+    q, k, v, starts, n = _prompt_case(9, 3, 64, [70, 129, 16])
+    together = torch.zeros(q.shape).bfloat16()
+    native.prompt_attention(q, k, v, starts, n, 0.125, 0, together)
+    for i in range(3):
+        alone = torch.zeros(q.shape).bfloat16()
+        native.prompt_attention(q, k, v, starts[i : i + 1], n[i : i + 1], 0.125, 0, alone)
+        s, e = int(starts[i]), int(starts[i] + n[i])
+        assert torch.equal(alone[s:e], together[s:e])
+    out = torch.zeros(q.shape).bfloat16()
+    with pytest.raises(ValueError, match=r"every prompt must be a non-empty range of the 220 rows"):
+        native.prompt_attention(q, k, v, torch.tensor([200]), torch.tensor([21]), 0.125, 0, out)
+    with pytest.raises(ValueError, match=r"every prompt must be a non-empty range"):
+        native.prompt_attention(q, k, v, torch.tensor([3]), torch.tensor([0]), 0.125, 0, out)
+    with pytest.raises(ValueError, match=r"starts and lens must be int64 vectors of one length"):
+        native.prompt_attention(q, k, v, torch.tensor([3]), torch.tensor([1, 2]), 0.125, 0, out)
+    with pytest.raises(ValueError, match=r"out must be bf16 of the query's shape"):
+        native.prompt_attention(q, k, v, starts, n, 0.125, 0, out.float())
+    assert not bool(out.any())
+    # what the kernel does not take: float32, a head size that is not a multiple of 32
+    assert native.prompt_attention_supports(q, k, v)
+    assert not native.prompt_attention_supports(q.float(), k.float(), v.float())
+    q80, k80, v80, _, _ = _prompt_case(4, 2, 80, [5])
+    assert not native.prompt_attention_supports(q80, k80, v80)
+
+
+@needs_amx
+def test_a_bf16_model_attends_prompts_through_amx_as_close_to_float32_as_sdpa(model_factory, monkeypatch):
+    """Whole bf16 models: fresh prompts go through the AMX kernel, one call per layer for all the
+    step's prompts (a sliding-window model too), and every next-token distribution of the
+    prompts stays as close to the float32 model's as with torch's SDPA in their place (within
+    1.5x its largest log-probability error + 0.002; a softmax scale off by 2x fails that)."""
+    from pagedq import LLM
+
+    from .conftest import PROMPTS
+
+    # tiny models' heads are 16 wide: 32 here, the narrowest the kernel takes
+    for arch, overrides in (("llama", {"head_dim": 32}), ("mistral", {"head_dim": 32, "sliding_window": 6})):
+        model = model_factory(arch, **overrides)
+        with LLM(model, dtype="float32") as llm:
+            ref = llm.next_token_logprobs(PROMPTS)
+        calls: list[int] = []
+
+        def counted(*a, calls=calls, amx=native.prompt_attention):
+            calls.append(len(a[4]))
+            return amx(*a)
+
+        monkeypatch.setattr(native, "prompt_attention", counted)
+        with LLM(model, dtype="bfloat16") as llm:
+            fast = llm.next_token_logprobs(PROMPTS)
+        assert calls
+        assert set(calls) == {len(PROMPTS)}
+        monkeypatch.setattr(native, "prompt_attention_supports", lambda *a: False)
+        with LLM(model, dtype="bfloat16") as llm:
+            slow = llm.next_token_logprobs(PROMPTS)
+        monkeypatch.undo()
+        err_fast = max(float((f - r).abs().max()) for f, r in zip(fast, ref))
+        err_slow = max(float((s - r).abs().max()) for s, r in zip(slow, ref))
+        assert err_fast <= 1.5 * err_slow + 0.002, (arch, err_fast, err_slow)
+
+
 @needs_native
 def test_the_attention_kernels_avx2_build_equals_the_reference_too(tmp_path):
     """With AVX-512 the attention kernel runs 16-float vectors for head sizes that are multiples

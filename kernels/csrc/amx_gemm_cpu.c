@@ -59,16 +59,17 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* Tiles: 0-1 A (input rows 0-15 / 16-31 of a chunk), 2-3 B (the pair's two output blocks),
- * 4-7 C (A0B0, A0B1, A1B0, A1B1); every tile 16 rows of 64 bytes. */
-static void configure(void) {
-    TileConfig cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
+/* Every tile 16 rows of 64 bytes (amx_attention_cpu.c configures the same). Here: tiles 0-1 A
+ * (input rows 0-15 / 16-31 of a chunk), 2-3 B (the pair's two output blocks), 4-7 C (A0B0,
+ * A0B1, A1B0, A1B1). */
+void amx_configure_16x64(void) {
+    /* static and initialized: GCC 12 treats _tile_loadconfig as not reading its operand and
+     * dropped the stores of a config built on the stack (ldtilecfg then got zero rows) */
+    static const TileConfig cfg = {
+        .palette = 1,
+        .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+        .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+    };
     _tile_loadconfig(&cfg);
 }
 
@@ -143,7 +144,7 @@ int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, con
     const size_t pair_elems = (size_t)Kp * 32; /* Kp/32 k blocks x 2 tiles x 512 bf16 */
 #pragma omp parallel num_threads(nthreads) if (pairs > 1)
     {
-        configure();
+        amx_configure_16x64();
         float c[32 * 32] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int p = 0; p < pairs; p++) {

@@ -54,4 +54,9 @@ static inline float silu_approx(float g) {
     return g * ((g >= 0.f ? 1.f : e) / (1.f + e));
 }
 
+/* amx_gemm_cpu.c: whether this process may use AMX tiles (asked of Linux once), and the one
+ * tile configuration the AMX kernels use (eight tiles of 16 rows x 64 bytes; AMX builds only). */
+int amx_available(void);
+void amx_configure_16x64(void);
+
 #endif
