@@ -80,14 +80,35 @@ void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t*
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* bf16 <-> float32 for 16 values; the rounding is to nearest even, as f32_to_bf16. */
+static inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline __m512 round_bf16x16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+#define SILU_VECTOR 1
+#else
+#define SILU_VECTOR 0
+#endif
+
+/* silu_mul's rows: 16 elements a step with AVX-512 (exp512 / silu512: the scalar loop, even
+ * vectorized by GCC, divided with vdivps and took 2.2 ms for 2048 x 1536 bf16 on 2 cores). */
 void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)rows * inter >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         const float* g = gu + (int64_t)r * 2 * inter;
         const float* u = g + inter;
         float* o = out + (int64_t)r * inter;
+#if SILU_VECTOR
+        for (int i = 0; i < inter; i += 16) {
+            const __mmask16 m = inter - i >= 16 ? 0xffff : (__mmask16)((1u << (inter - i)) - 1);
+            _mm512_mask_storeu_ps(o + i, m,
+                                  _mm512_mul_ps(silu512(_mm512_maskz_loadu_ps(m, g + i)), _mm512_maskz_loadu_ps(m, u + i)));
+        }
+#else
 #pragma omp simd
         for (int i = 0; i < inter; i++) o[i] = silu_approx(g[i]) * u[i];
+#endif
     }
 }
 
@@ -97,11 +118,19 @@ void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int inter, int n
         const uint16_t* g = gu + (int64_t)r * 2 * inter;
         const uint16_t* u = g + inter;
         uint16_t* o = out + (int64_t)r * inter;
+#if SILU_VECTOR
+        for (int i = 0; i < inter; i += 16) {
+            const __mmask16 m = inter - i >= 16 ? 0xffff : (__mmask16)((1u << (inter - i)) - 1);
+            const __m512 s = round_bf16x16(silu512(load_bf16x16(g + i, m)));
+            _mm256_mask_storeu_epi16(o + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, load_bf16x16(u + i, m))));
+        }
+#else
 #pragma omp simd
         for (int i = 0; i < inter; i++) {
             const float gf = bf16_to_f32(g[i]);
             o[i] = f32_to_bf16(round_bf16(silu_approx(gf)) * bf16_to_f32(u[i]));
         }
+#endif
     }
 }
 
