@@ -203,6 +203,9 @@ def _build() -> ctypes.CDLL | None:
         + [ctypes.c_int] * 3
     )
     lib.woq_gemm_bf16.argtypes = woq_args
+    lib.woq_dequant_bf16.restype = None
+    dequant_args: list[Any] = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4
+    lib.woq_dequant_bf16.argtypes = [*dequant_args, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -636,6 +639,39 @@ def woq_isa() -> str | None:
     if lib is None or not lib.woq_available():
         return None
     return lib.woq_isa().decode()
+
+
+def woq_dequant(
+    codes: torch.Tensor,
+    bits: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    k: int,
+    out_features: int,
+) -> torch.Tensor:
+    """The weight held as :func:`woq_gemm`'s panel-packed codes, as a dense bf16 matrix, transposed
+    (``[k, out_features]``: ``x @ result`` is the product): ``(code - zero) * scale`` with the
+    scale rounded to bf16 and one rounding of the product."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available")
+    np_ = scales.shape[1]
+    if not (
+        0 < out_features <= np_
+        and k % group == 0
+        and scales.shape[0] * group == k
+        and zeros.shape == scales.shape
+    ):
+        raise ValueError(f"woq_dequant: codes of {np_} channels x {k} in groups of {group} do not fit")
+    if codes.numel() * (8 // bits) != np_ * k or scales.dtype != torch.float32 or zeros.dtype != torch.uint8:
+        raise ValueError("woq_dequant: codes, scales (float32) and zeros (uint8) must be NativeQuantLinear's")
+    w = torch.empty(k, out_features, dtype=torch.bfloat16)
+    lib.woq_dequant_bf16(
+        codes.data_ptr(), bits, scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(), group, k,
+        out_features, np_, w.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return w
 
 
 def woq_gemm(

@@ -8,8 +8,10 @@ is memory-bound, and a dequantize-then-GEMM wins beyond ``dequant_min_tokens`` r
 by ``pagedq bench quant --crossover``).
 
 * :class:`NativeQuantLinear` — 4- or 8-bit codes, any full groups, bf16 activations on a CPU with
-  AVX-512 BF16: our kernel (``kernels/csrc/woq_gemm_cpu.c``), as fast as a bf16 GEMM at every
-  token count, so it never dequantizes. The classes below serve other dtypes and CPUs.
+  AVX-512 BF16: our kernel (``kernels/csrc/woq_gemm_cpu.c``), as fast as a vdpbf16ps bf16 GEMM
+  at every token count. Where bf16 GEMMs run on AMX tiles (several times faster from a few
+  dozen rows) it dequantizes from ``AMX_DEQUANT_MIN_TOKENS`` rows on, natively, into a
+  transposed bf16 weight for one dense product. The classes below serve other dtypes and CPUs.
 * :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
   ``(8 - z) * s`` (the kernel computes ``(q - 8) * s + offset``). GPTQ act-order (``g_idx``
@@ -38,6 +40,14 @@ logger = logging.getLogger(__name__)
 # ([16384 x 2048], bf16, 2 cores): the int8 kernel costs 0.26 ms/row, its dequantize 5 ms;
 # the int4 kernel 0.19 ms/row, its dequantize 36 ms; a bf16 GEMM 0.07 ms/row.
 DEQUANT_MIN_TOKENS = 40
+
+# NativeQuantLinear on a CPU whose bf16 GEMMs run on AMX tiles: rows from which a native
+# dequantize (``native.woq_dequant``, 0.5-0.6 ms for `bench`'s int8/int4 gate_up [3072 x 576])
+# plus a dense bf16 product beats the weight-only kernel. Measured on a 2-vCPU Xeon (AMX), kernel
+# vs dequantize + product, ms: gate_up 16 rows 0.48 / 0.82, 32 rows 0.87 / 0.81, 64 rows 1.69 /
+# 0.92, 128 rows 3.3 / 1.1; down [576 x 1536] 32 rows 0.50 / 0.52, 64 rows 0.90 / 0.59 (int4
+# alike). Below it the kernel reads a half / a quarter of the bytes and wins.
+AMX_DEQUANT_MIN_TOKENS = 32
 
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes, largest first
 
@@ -269,8 +279,14 @@ class NativeQuantLinear(SortedGroupsLinear):
     zeros: torch.Tensor
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        from pagedq.kernels import cpu_linear, native
+
         n, k = w.shape
         super().__init__(k, n, bias)
+        # bf16 GEMMs on AMX tiles (not with PAGEDQ_CPU_LINEAR forcing another path): dequantize
+        # for many rows (see AMX_DEQUANT_MIN_TOKENS)
+        if dtype == torch.bfloat16 and cpu_linear.mode() == "auto" and native.amx_supported():
+            self.dequant_min_tokens = AMX_DEQUANT_MIN_TOKENS
         q = self._sort_groups(w)
         groups = w.scales.shape[0]
         self.bits, self.group_size = w.bits, k // groups
@@ -303,6 +319,23 @@ class NativeQuantLinear(SortedGroupsLinear):
             inv = torch.argsort(self.perm)
             q, g_idx = q[:, inv], g_idx[inv]
         return QuantWeight(q, self.scales[:, :n], self.zeros[:, :n].float(), g_idx, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.shape[0] < self.dequant_min_tokens:
+            return super().forward(x)
+        from pagedq.kernels import native
+
+        wt = native.woq_dequant(
+            self.codes,
+            self.bits,
+            self.scales,
+            self.zeros,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+        )
+        y = self._prepare(x) @ wt
+        return y if self.bias is None else y + self.bias
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:

@@ -107,6 +107,52 @@ def test_panel_packing_round_trips(bits):
         assert byte >> 4 == q[c, 4 * t + 2 + j]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    ("n", "k", "group", "act_order"), [(70, 96, 32, False), (128, 256, 64, True), (40, 48, 16, False)]
+)
+def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group, act_order):
+    """``native.woq_dequant`` gives the transposed weight of the layer's torch dequantization bit
+    for bit (channels past a 64-panel, several groups, act-order). Where bf16 GEMMs run on AMX
+    tiles, calls of ``AMX_DEQUANT_MIN_TOKENS`` rows and more multiply by it densely (so bias and
+    act-order permutation apply as on the kernel path), fewer rows run the kernel; with
+    ``PAGEDQ_CPU_LINEAR=onednn`` every row count runs the kernel."""
+    from pagedq.quant.linear import AMX_DEQUANT_MIN_TOKENS
+
+    q, zeros, scales, g_idx = random_weight(n, k, bits, group, False, act_order, seed=bits + n)
+    w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, bits)
+    bias = torch.randn(n).bfloat16()
+    layer = NativeQuantLinear(w, bias, torch.bfloat16)
+    ref = layer._gemm_weight(torch.bfloat16)
+    wt = native.woq_dequant(layer.codes, bits, layer.scales, layer.zeros, layer.group_size, k, n)
+    assert wt.shape == (k, n)
+    assert torch.equal(wt.t(), ref)
+    np_ = layer.scales.shape[1]
+    with pytest.raises(
+        ValueError, match=rf"woq_dequant: codes of {np_} channels x {k} in groups of {group} do not fit"
+    ):
+        native.woq_dequant(layer.codes, bits, layer.scales, layer.zeros, layer.group_size, k, np_ + 1)
+    amx = native.amx_supported()
+    assert layer.dequant_min_tokens == (AMX_DEQUANT_MIN_TOKENS if amx else 2**62)
+    calls: list[int] = []
+    real = native.woq_gemm
+    monkeypatch.setattr(native, "woq_gemm", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    for m in (AMX_DEQUANT_MIN_TOKENS - 1, AMX_DEQUANT_MIN_TOKENS, 70):
+        x = torch.randn(m, k).bfloat16()
+        calls.clear()
+        out = layer(x)
+        dense = amx and m >= AMX_DEQUANT_MIN_TOKENS
+        assert calls == ([] if dense else [m])
+        if dense:  # the product of the bf16 weight: each weight rounded once, then as a bf16 GEMM
+            assert torch.equal(out, layer._prepare(x) @ wt + bias)
+            ref = x.float() @ w.dequantize().T + bias.float()
+            assert float((out.float() - ref).abs().max()) < 2**-6 * float(ref.abs().max())
+        else:
+            assert_bf16_exact(layer, x, w.dequantize(), bias)
+    monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "onednn")
+    assert NativeQuantLinear(w, bias, torch.bfloat16).dequant_min_tokens == 2**62
+
+
 def test_fp32_activations_and_unsupported_weights_take_other_paths(monkeypatch):
     n, k = 64, 128
     q, zeros, scales, g_idx = random_weight(n, k, 4, 32, False, False, seed=9)
