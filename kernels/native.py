@@ -649,10 +649,12 @@ def woq_dequant(
     group: int,
     k: int,
     out_features: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weight held as :func:`woq_gemm`'s panel-packed codes, as a dense bf16 matrix, transposed
     (``[k, out_features]``: ``x @ result`` is the product): ``(code - zero) * scale`` with the
-    scale rounded to bf16 and one rounding of the product."""
+    scale rounded to bf16 and one rounding of the product. ``out``: a contiguous bf16 buffer of
+    that shape to write into (a fresh multi-MB tensor page-faults on every call)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available")
@@ -666,7 +668,11 @@ def woq_dequant(
         raise ValueError(f"woq_dequant: codes of {np_} channels x {k} in groups of {group} do not fit")
     if codes.numel() * (8 // bits) != np_ * k or scales.dtype != torch.float32 or zeros.dtype != torch.uint8:
         raise ValueError("woq_dequant: codes, scales (float32) and zeros (uint8) must be NativeQuantLinear's")
-    w = torch.empty(k, out_features, dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty(k, out_features, dtype=torch.bfloat16)
+    elif out.shape != (k, out_features) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"woq_dequant: out must be a contiguous bf16 [{k}, {out_features}] tensor")
+    w = out
     lib.woq_dequant_bf16(
         codes.data_ptr(), bits, scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(), group, k,
         out_features, np_, w.data_ptr(), torch.get_num_threads(),

@@ -25,6 +25,7 @@ by ``pagedq bench quant --crossover``).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import cast
 
 import torch
@@ -48,6 +49,10 @@ DEQUANT_MIN_TOKENS = 40
 # 0.92, 128 rows 3.3 / 1.1; down [576 x 1536] 32 rows 0.50 / 0.52, 64 rows 0.90 / 0.59 (int4
 # alike). Below it the kernel reads a half / a quarter of the bytes and wins.
 AMX_DEQUANT_MIN_TOKENS = 32
+
+# per thread (two engines of one process can step at once), the dense weights of the last
+# dequantize per shape: rewritten by every call, so a step's layers share them
+_dense = threading.local()
 
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes, largest first
 
@@ -325,14 +330,12 @@ class NativeQuantLinear(SortedGroupsLinear):
             return super().forward(x)
         from pagedq.kernels import native
 
+        shape = (self.in_features, self.out_features)
+        buffers = _dense.__dict__.setdefault("buffers", {})
+        if shape not in buffers:
+            buffers[shape] = torch.empty(shape, dtype=torch.bfloat16)
         wt = native.woq_dequant(
-            self.codes,
-            self.bits,
-            self.scales,
-            self.zeros,
-            self.group_size,
-            self.in_features,
-            self.out_features,
+            self.codes, self.bits, self.scales, self.zeros, self.group_size, *shape, out=buffers[shape]
         )
         y = self._prepare(x) @ wt
         return y if self.bias is None else y + self.bias

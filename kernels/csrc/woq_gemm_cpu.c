@@ -585,51 +585,60 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
  * gate_up, as long as torch's unpack / subtract / multiply). */
 void woq_dequant_bf16(const void* codes, int bits, const float* scales, const uint8_t* zeros, int group, int K,
                       int N, int Np, uint16_t* wt, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int k = 0; k < K; k++) {
-        const int g = k / group;
-        uint16_t* row = wt + (size_t)k * N;
-        for (int n0 = 0; n0 < N; n0 += 64) {
-            const int panel = n0 / 64, nc = N - n0 < 64 ? N - n0 : 64;
+    const int panels = (N + 63) / 64, groups = K / group;
+#pragma omp parallel for schedule(static) num_threads(nthreads) collapse(2)
+    for (int panel = 0; panel < panels; panel++)
+        for (int g = 0; g < groups; g++) {
+            const int n0 = panel * 64, nc = N - n0 < 64 ? N - n0 : 64;
             const float* sc = scales + (size_t)g * Np + n0;
             const uint8_t* zr = zeros + (size_t)g * Np + n0;
-            uint16_t piece[64];
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-            /* the panel's 64 channels x (k, k + 1) as 64 int16 lanes in two vectors; this k's
-             * byte of each, sign- (int8) or nibble-extended, in 16-lane quarters */
-            const size_t pair = bits == 8 ? (size_t)panel * (K / 2) + k / 2 : (size_t)panel * (K / 4) + k / 4;
-            const uint8_t* pb = (const uint8_t*)codes + pair * 128;
-            for (int h = 0; h < 2; h++) {
-                __m512i v = _mm512_loadu_si512((const void*)(pb + h * 64));
-                if (bits == 8) {
-                    v = (k & 1) ? _mm512_srai_epi16(v, 8) : _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
-                    v = _mm512_add_epi16(v, _mm512_set1_epi16(128));
-                } else {
-                    v = _mm512_srli_epi16(v, (k & 1) ? 8 : 0);
-                    v = _mm512_and_si512(_mm512_srli_epi16(v, (k & 2) ? 4 : 0), _mm512_set1_epi16(15));
-                }
-                for (int q = 0; q < 2; q++) {
-                    const int c0 = h * 32 + q * 16;
-                    const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, q)));
-                    const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zr + c0))));
-                    const __m512 scale = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + c0)));
-                    _mm256_storeu_si256((__m256i*)(piece + c0),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(scale, _mm512_sub_ps(code, zero))));
-                }
+            /* the group's scales (rounded to bf16) and zeros of the panel's 64 channels, once */
+            __m512 s4[4], z4[4];
+            for (int q = 0; q < 4; q++) {
+                s4[q] = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + q * 16)));
+                z4[q] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zr + q * 16))));
             }
-#else
-            if (bits == 8) {
-                const int8_t* p = (const int8_t*)codes + ((size_t)panel * (K / 2) + k / 2) * 128 + (k & 1);
-                for (int c = 0; c < 64; c++)
-                    piece[c] = f32_to_bf16(bf16_to_f32(f32_to_bf16(sc[c])) * ((float)(p[2 * c] + 128) - (float)zr[c]));
-            } else {
-                const uint8_t* p = (const uint8_t*)codes + ((size_t)panel * (K / 4) + k / 4) * 128 + (k & 1);
-                const int shift = (k & 2) ? 4 : 0;
-                for (int c = 0; c < 64; c++)
-                    piece[c] = f32_to_bf16(bf16_to_f32(f32_to_bf16(sc[c])) * ((float)((p[2 * c] >> shift) & 15) - (float)zr[c]));
-            }
+            const __mmask16 tail = nc >= 64 ? 0xffff : 0; /* a last panel of fewer channels: below */
 #endif
-            memcpy(row + n0, piece, sizeof(uint16_t) * nc);
+            for (int k = g * group; k < (g + 1) * group; k++) {
+                uint16_t* row = wt + (size_t)k * N + n0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+                /* the panel's 64 channels x (k, k + 1) as 64 int16 lanes in two vectors; this
+                 * k's byte of each, sign- (int8) or nibble-extended, in 16-lane quarters */
+                const size_t pair = bits == 8 ? (size_t)panel * (K / 2) + k / 2 : (size_t)panel * (K / 4) + k / 4;
+                const uint8_t* pb = (const uint8_t*)codes + pair * 128;
+                uint16_t piece[64];
+                uint16_t* dst = tail ? row : piece;
+                for (int h = 0; h < 2; h++) {
+                    __m512i v = _mm512_loadu_si512((const void*)(pb + h * 64));
+                    if (bits == 8) {
+                        v = (k & 1) ? _mm512_srai_epi16(v, 8) : _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
+                        v = _mm512_add_epi16(v, _mm512_set1_epi16(128));
+                    } else {
+                        v = _mm512_srli_epi16(v, (k & 1) ? 8 : 0);
+                        v = _mm512_and_si512(_mm512_srli_epi16(v, (k & 2) ? 4 : 0), _mm512_set1_epi16(15));
+                    }
+                    for (int q = 0; q < 2; q++) {
+                        const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, q)));
+                        const __m512 val = _mm512_mul_ps(s4[2 * h + q], _mm512_sub_ps(code, z4[2 * h + q]));
+                        _mm256_storeu_si256((__m256i*)(dst + h * 32 + q * 16), (__m256i)_mm512_cvtneps_pbh(val));
+                    }
+                }
+                if (!tail) memcpy(row, piece, sizeof(uint16_t) * nc);
+#else
+                if (bits == 8) {
+                    const int8_t* p = (const int8_t*)codes + ((size_t)panel * (K / 2) + k / 2) * 128 + (k & 1);
+                    for (int c = 0; c < nc; c++)
+                        row[c] = f32_to_bf16(bf16_to_f32(f32_to_bf16(sc[c])) * ((float)(p[2 * c] + 128) - (float)zr[c]));
+                } else {
+                    const uint8_t* p = (const uint8_t*)codes + ((size_t)panel * (K / 4) + k / 4) * 128 + (k & 1);
+                    const int shift = (k & 2) ? 4 : 0;
+                    for (int c = 0; c < nc; c++)
+                        row[c] = f32_to_bf16(bf16_to_f32(f32_to_bf16(sc[c])) *
+                                             ((float)((p[2 * c] >> shift) & 15) - (float)zr[c]));
+                }
+#endif
+            }
         }
-    }
 }
