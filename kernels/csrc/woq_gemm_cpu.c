@@ -599,7 +599,7 @@ void woq_dequant_bf16(const void* codes, int bits, const float* scales, const ui
                 s4[q] = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + q * 16)));
                 z4[q] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zr + q * 16))));
             }
-            const __mmask16 tail = nc >= 64 ? 0xffff : 0; /* a last panel of fewer channels: below */
+            const int whole = nc == 64; /* a last panel of fewer channels goes through `piece` */
 #endif
             for (int k = g * group; k < (g + 1) * group; k++) {
                 uint16_t* row = wt + (size_t)k * N + n0;
@@ -609,7 +609,7 @@ void woq_dequant_bf16(const void* codes, int bits, const float* scales, const ui
                 const size_t pair = bits == 8 ? (size_t)panel * (K / 2) + k / 2 : (size_t)panel * (K / 4) + k / 4;
                 const uint8_t* pb = (const uint8_t*)codes + pair * 128;
                 uint16_t piece[64];
-                uint16_t* dst = tail ? row : piece;
+                uint16_t* dst = whole ? row : piece;
                 for (int h = 0; h < 2; h++) {
                     __m512i v = _mm512_loadu_si512((const void*)(pb + h * 64));
                     if (bits == 8) {
@@ -625,7 +625,7 @@ void woq_dequant_bf16(const void* codes, int bits, const float* scales, const ui
                         _mm256_storeu_si256((__m256i*)(dst + h * 32 + q * 16), (__m256i)_mm512_cvtneps_pbh(val));
                     }
                 }
-                if (!tail) memcpy(row, piece, sizeof(uint16_t) * nc);
+                if (!whole) memcpy(row, piece, sizeof(uint16_t) * nc);
 #else
                 if (bits == 8) {
                     const int8_t* p = (const int8_t*)codes + ((size_t)panel * (K / 2) + k / 2) * 128 + (k & 1);
