@@ -672,12 +672,11 @@ def woq_dequant(
         out = torch.empty(k, out_features, dtype=torch.bfloat16)
     elif out.shape != (k, out_features) or out.dtype != torch.bfloat16 or not out.is_contiguous():
         raise ValueError(f"woq_dequant: out must be a contiguous bf16 [{k}, {out_features}] tensor")
-    w = out
     lib.woq_dequant_bf16(
         codes.data_ptr(), bits, scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(), group, k,
-        out_features, np_, w.data_ptr(), torch.get_num_threads(),
+        out_features, np_, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    return w
+    return out
 
 
 def woq_gemm(

@@ -43,11 +43,12 @@ logger = logging.getLogger(__name__)
 DEQUANT_MIN_TOKENS = 40
 
 # NativeQuantLinear on a CPU whose bf16 GEMMs run on AMX tiles: rows from which a native
-# dequantize (``native.woq_dequant``, 0.5-0.6 ms for `bench`'s int8/int4 gate_up [3072 x 576])
-# plus a dense bf16 product beats the weight-only kernel. Measured on a 2-vCPU Xeon (AMX), kernel
-# vs dequantize + product, ms: gate_up 16 rows 0.48 / 0.82, 32 rows 0.87 / 0.81, 64 rows 1.69 /
-# 0.92, 128 rows 3.3 / 1.1; down [576 x 1536] 32 rows 0.50 / 0.52, 64 rows 0.90 / 0.59 (int4
-# alike). Below it the kernel reads a half / a quarter of the bytes and wins.
+# dequantize (``native.woq_dequant``) plus a dense bf16 product beats the weight-only kernel.
+# Measured on a 2-vCPU Xeon (AMX) with the first version of the dequantize (0.5-0.6 ms for
+# `bench`'s int8/int4 gate_up [3072 x 576]; 0.2-0.4 now), kernel vs dequantize + product, ms:
+# gate_up 16 rows 0.48 / 0.82, 32 rows 0.87 / 0.81, 64 rows 1.69 / 0.92, 128 rows 3.3 / 1.1;
+# down [576 x 1536] 32 rows 0.50 / 0.52, 64 rows 0.90 / 0.59 (int4 alike). Below it the kernel
+# reads a half / a quarter of the bytes and wins.
 AMX_DEQUANT_MIN_TOKENS = 32
 
 # per thread (two engines of one process can step at once), the dense weights of the last

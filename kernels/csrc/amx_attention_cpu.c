@@ -38,6 +38,10 @@
 #define KC 64     /* keys per chunk: four 16-key C tiles of S */
 #define MAX_D 256 /* head dims up to this (multiples of 32) */
 
+/* A prompt of L tokens: its keys padded to whole chunks, and its blocks of 16 queries. */
+static inline int padded_keys(int64_t L) { return (int)((L + KC - 1) / KC * KC); }
+static inline int query_blocks(int64_t L) { return (int)((L + 15) / 16); }
+
 /* Which of the 16 keys from key0 a query at pos sees: key <= pos, and key > pos - window. */
 static inline __mmask16 key_mask(int key0, int pos, int window) {
     const __m512i key = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -279,9 +283,8 @@ int amx_prompt_attention_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, 
     size_t units = 0;
     koff[0] = 0;
     for (int i = 0; i < n; i++) {
-        const size_t Lp = (size_t)(lens[i] + KC - 1) / KC * KC;
-        koff[i + 1] = koff[i] + Lp * D * KVH;
-        units += (size_t)H * ((lens[i] + 15) / 16);
+        koff[i + 1] = koff[i] + (size_t)padded_keys(lens[i]) * D * KVH;
+        units += (size_t)H * query_blocks(lens[i]);
     }
     uint16_t* kt = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (koff[n] ? koff[n] : 1));
     uint16_t* vp = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (koff[n] ? koff[n] : 1));
@@ -293,10 +296,10 @@ int amx_prompt_attention_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, 
     /* units longest first: query blocks from the last, over prompts and heads */
     size_t u = 0;
     int maxb = 0;
-    for (int i = 0; i < n; i++) maxb = (lens[i] + 15) / 16 > maxb ? (lens[i] + 15) / 16 : maxb;
+    for (int i = 0; i < n; i++) maxb = query_blocks(lens[i]) > maxb ? query_blocks(lens[i]) : maxb;
     for (int b = maxb - 1; b >= 0; b--)
         for (int i = 0; i < n; i++)
-            if (b < (lens[i] + 15) / 16)
+            if (b < query_blocks(lens[i]))
                 for (int h = 0; h < H; h++) {
                     unit[3 * u] = i, unit[3 * u + 1] = h, unit[3 * u + 2] = b;
                     u++;
@@ -307,7 +310,7 @@ int amx_prompt_attention_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, 
 #pragma omp for schedule(dynamic, 1)
         for (int pk = 0; pk < n * KVH; pk++) {
             const int i = pk / KVH, g = pk % KVH;
-            const int L = (int)lens[i], Lp = (L + KC - 1) / KC * KC;
+            const int L = (int)lens[i], Lp = padded_keys(L);
             const size_t off = koff[i] + (size_t)g * Lp * D;
             pack_k(k + starts[i] * ks + (int64_t)g * D, ks, L, Lp, D, kt + off);
             pack_v(v + starts[i] * vs + (int64_t)g * D, vs, L, Lp, D, vp + off);
@@ -321,7 +324,7 @@ int amx_prompt_attention_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, 
                 continue;
             }
             const int i = unit[3 * w], h = unit[3 * w + 1], b = unit[3 * w + 2];
-            const int L = (int)lens[i], Lp = (L + KC - 1) / KC * KC, g = h / G;
+            const int L = (int)lens[i], Lp = padded_keys(L), g = h / G;
             const size_t off = koff[i] + (size_t)g * Lp * D;
             attend_block(q + starts[i] * qs + (int64_t)h * D, qs, out + starts[i] * os + (int64_t)h * D, os,
                          kt + off, vp + off, L, b * 16, D, scale, window, sc);

@@ -75,6 +75,11 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+#if defined(__AVX512BF16__)
+/* 16 floats rounded to bf16 (nearest even, as f32_to_bf16) and widened back. */
+static inline __m512 round_bf16x16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+#endif
+
 /* silu_approx for 16 floats: g * (g >= 0 ? 1 : e) / (1 + e), e = exp(-|g|), the division a
  * reciprocal estimate and one Newton step (relative error ~1e-7; a vdivps costs more than the
  * rest of the element's math). */

@@ -81,11 +81,10 @@ void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t*
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* bf16 <-> float32 for 16 values; the rounding is to nearest even, as f32_to_bf16. */
+/* 16 bf16 values (those of mask m) widened to float32. */
 static inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-static inline __m512 round_bf16x16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
 #define SILU_VECTOR 1
 #else
 #define SILU_VECTOR 0

@@ -596,7 +596,7 @@ void woq_dequant_bf16(const void* codes, int bits, const float* scales, const ui
             /* the group's scales (rounded to bf16) and zeros of the panel's 64 channels, once */
             __m512 s4[4], z4[4];
             for (int q = 0; q < 4; q++) {
-                s4[q] = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_loadu_ps(sc + q * 16)));
+                s4[q] = round_bf16x16(_mm512_loadu_ps(sc + q * 16));
                 z4[q] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zr + q * 16))));
             }
             const int whole = nc == 64; /* a last panel of fewer channels goes through `piece` */
