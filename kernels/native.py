@@ -191,6 +191,8 @@ def _build() -> ctypes.CDLL | None:
         ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
     ]  # fmt: skip
     lib.woq_available.restype = ctypes.c_int
+    lib.woq_set_amx.restype = ctypes.c_int
+    lib.woq_set_amx.argtypes = [ctypes.c_int]
     lib.woq_available.argtypes = []
     lib.woq_isa.restype = ctypes.c_char_p
     lib.woq_isa.argtypes = []
@@ -639,6 +641,16 @@ def woq_isa() -> str | None:
     if lib is None or not lib.woq_available():
         return None
     return lib.woq_isa().decode()
+
+
+def set_woq_amx(on: bool) -> bool:
+    """Whether :func:`woq_gemm` runs calls of 8 rows or more on AMX tiles where it can (the
+    default on an AMX CPU) or on the vdpbf16ps tiles; returns the previous setting. For tests and
+    A/B measurements: both paths stay tested on one machine."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.woq_set_amx(int(bool(on))))
 
 
 def woq_dequant(

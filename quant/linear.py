@@ -9,9 +9,10 @@ by ``pagedq bench quant --crossover``).
 
 * :class:`NativeQuantLinear` — 4- or 8-bit codes, any full groups, bf16 activations on a CPU with
   AVX-512 BF16: our kernel (``kernels/csrc/woq_gemm_cpu.c``), as fast as a vdpbf16ps bf16 GEMM
-  at every token count. Where bf16 GEMMs run on AMX tiles (several times faster from a few
-  dozen rows) it dequantizes from ``AMX_DEQUANT_MIN_TOKENS`` rows on, natively, into a
-  transposed bf16 weight for one dense product. The classes below serve other dtypes and CPUs.
+  at every token count, and on AMX tiles from 8 rows on a CPU that has them (faster than the
+  bf16 weights' product up to ~128 rows: it reads the codes once). There, prefill chunks of
+  ``AMX_DEQUANT_MIN_TOKENS`` rows or more dequantize natively into a transposed bf16 weight for
+  one dense product. The classes below serve other dtypes and CPUs.
 * :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
   ``(8 - z) * s`` (the kernel computes ``(q - 8) * s + offset``). GPTQ act-order (``g_idx``
@@ -43,13 +44,15 @@ logger = logging.getLogger(__name__)
 DEQUANT_MIN_TOKENS = 40
 
 # NativeQuantLinear on a CPU whose bf16 GEMMs run on AMX tiles: rows from which a native
-# dequantize (``native.woq_dequant``) plus a dense bf16 product beats the weight-only kernel.
-# Measured on a 2-vCPU Xeon (AMX) with the first version of the dequantize (0.5-0.6 ms for
-# `bench`'s int8/int4 gate_up [3072 x 576]; 0.2-0.4 now), kernel vs dequantize + product, ms:
-# gate_up 16 rows 0.48 / 0.82, 32 rows 0.87 / 0.81, 64 rows 1.69 / 0.92, 128 rows 3.3 / 1.1;
-# down [576 x 1536] 32 rows 0.50 / 0.52, 64 rows 0.90 / 0.59 (int4 alike). Below it the kernel
-# reads a half / a quarter of the bytes and wins.
-AMX_DEQUANT_MIN_TOKENS = 32
+# dequantize (``native.woq_dequant``) plus a dense bf16 product beats the weight-only kernel,
+# which runs on AMX tiles itself from 8 rows (csrc/woq_gemm_cpu.c, woq_amx). Measured on a
+# 2-vCPU Xeon (AMX), `bench`'s four decoder GEMMs (qkv, o, gate_up, down; int4 in groups of
+# 64/128, int8 per channel), kernel vs dequantize + product (vs the bf16 weights' product), ms:
+# int4 64 rows 0.48 / 1.19 (0.70), 128 rows 0.95 / 1.38 (1.42), 256 rows 2.81 / 3.06 (1.36);
+# int8 64 rows 0.50 / 1.19, 128 rows 0.78 / 1.36, 256 rows 1.42 / 1.72. (Before the kernel
+# had AMX tiles the crossover was 32 rows: vdpbf16ps alone ran 2.9-3.2 ms at 64 rows.) Prefill
+# chunks of more rows dequantize once and run oneDNN's GEMM.
+AMX_DEQUANT_MIN_TOKENS = 256
 
 # per thread (two engines of one process can step at once), the dense weights of the last
 # dequantize per shape: rewritten by every call, so a step's layers share them

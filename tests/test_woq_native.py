@@ -153,6 +153,44 @@ def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group,
     assert NativeQuantLinear(w, bias, torch.bfloat16).dequant_min_tokens == 2**62
 
 
+@pytest.mark.parametrize(
+    ("bits", "n", "k", "group"),
+    [(4, 96, 256, 64), (4, 64, 384, 128), (8, 130, 192, 192), (8, 64, 96, 32), (4, 64, 100, 4)],
+)
+def test_the_amx_kernel_equals_the_reference_at_every_row_tile_edge(bits, n, k, group):
+    """From 8 rows ``woq_gemm`` runs on AMX tiles where the CPU has them (K and the group
+    multiples of 32; else the vdpbf16ps tiles): the same exact-codes arithmetic, so the same
+    bound as the vector path (one bf16 rounding, fp32 sums) at row counts around its 16-row
+    tiles and 32-row pairs, channels past a 64-panel, one or several groups. With the AMX path
+    switched off (``native.set_woq_amx``) the vector kernel answers, and on AMX the two differ
+    only in summation order (seen in 4-bit groups of 64 or more; 8-bit ones can come out bit-equal).
+    K = 100 in groups of 4 never takes the tiles."""
+    q, zeros, scales, g_idx = random_weight(n, k, bits, group, False, False, seed=bits * 7 + k)
+    w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, bits)
+    layer = NativeQuantLinear(w, None, torch.bfloat16)
+    ref_w = w.dequantize()
+    tiles = native.amx_supported() and k % 32 == 0 and group % 32 == 0
+    differed = False
+    try:
+        for m in (7, 8, 15, 16, 17, 31, 32, 33, 48, 64):
+            x = torch.randn(m, k).bfloat16()
+            assert native.set_woq_amx(False)  # on by default
+            vector = layer._kernel(x)
+            assert not native.set_woq_amx(True)
+            assert_bf16_exact(layer, x, ref_w)
+            tiled = layer._kernel(x)
+            assert torch.equal(tiled, layer._kernel(x))  # deterministic
+            if m < 8 or not tiles:  # the same vector kernel both times
+                assert torch.equal(tiled, vector)
+            differed |= not torch.equal(tiled, vector)
+        # the tiles ran where they can: in 4-bit groups of 64 or more they sum in another order
+        # than the vector kernel's K blocks, which shows in some output's last bit
+        if bits == 4 and group >= 64:
+            assert differed == tiles
+    finally:
+        native.set_woq_amx(True)
+
+
 def test_fp32_activations_and_unsupported_weights_take_other_paths(monkeypatch):
     n, k = 64, 128
     q, zeros, scales, g_idx = random_weight(n, k, 4, 32, False, False, seed=9)

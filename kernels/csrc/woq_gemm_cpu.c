@@ -42,6 +42,16 @@
 int woq_available(void) { return 1; }
 const char* woq_isa(void) { return "avx512bf16"; }
 
+static int woq_amx_on = 1; /* woq_set_amx */
+
+/* Whether calls of AMX_MIN_ROWS rows or more may run on AMX tiles (where built; 1 by default);
+ * returns the previous setting. Tests switch it off to compare the two paths in one build. */
+int woq_set_amx(int on) {
+    const int was = woq_amx_on;
+    woq_amx_on = on != 0;
+    return was;
+}
+
 /* the 4 vdpbf16ps operands (16 channels each) of K pair kp of a panel block */
 static inline __attribute__((always_inline)) void cvt_pair(const int bits, const void* codes, const int kp, __m512bh b[4]) {
     if (bits == 8) {
@@ -141,6 +151,132 @@ static inline __attribute__((always_inline)) void tile_direct(
         default: CALL(6); break;                                                                      \
     }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define WOQ_AMX 1
+/* Rows from which the AMX path runs (below, the vdpbf16ps tiles: one weight conversion serves
+ * few rows either way, and a 16-row tile would mostly multiply padding). */
+#define AMX_MIN_ROWS 8
+
+/* The same product through AMX tiles, for calls of AMX_MIN_ROWS rows or more (K and the group
+ * multiples of 32). Why: the vdpbf16ps tiles above run out of multiply throughput beyond a few
+ * rows (a `bench` decode step of 64 rows: 25-35 ms in its quantized GEMMs against ~12 for bf16
+ * weights on AMX), and dequantizing the whole weight to bf16 for a dense product writes and
+ * reads back twice the bf16 weight's bytes every step. Here a group of a panel (group x 64
+ * channels) is converted once per call into a bf16 buffer (exact codes, as above) that the
+ * tiles read as B (16 K pairs x 16 channels), x goes in as A (16 rows x 32 K, a zero-padded
+ * copy), each 32 x 32 block of the output sums the group in four C tiles, and the group's
+ * epilogue (scale, zero point) adds it into the panel's float32 rows. The weight is read once,
+ * as codes. */
+static int woq_amx(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
+                   const uint8_t* zeros, int group, uint16_t* y, int N, int Np, const float* xs, int nthreads) {
+    const int G = K / group, panels = Np / NB, Mp = (M + 15) / 16 * 16;
+    const float off = bits == 8 ? -128.0f : 128.0f;
+    const size_t panel_bytes = (size_t)K * NB * bits / 8;
+    uint16_t* xb = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)Mp * K);
+    if (!xb) return -1;
+    memcpy(xb, x, sizeof(uint16_t) * (size_t)M * K);
+    memset(xb + (size_t)M * K, 0, sizeof(uint16_t) * (size_t)(Mp - M) * K);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t* buf = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)group * NB);
+        float* C = (float*)aligned_alloc(64, sizeof(float) * (size_t)Mp * NB);
+        float ct[32 * 32] __attribute__((aligned(64)));
+        const int ok = buf && C;
+        if (ok) amx_configure_16x64();
+#pragma omp for schedule(static)
+        for (int pn = 0; pn < panels; pn++) {
+            if (!ok) {
+                failed = 1; /* every thread still runs the loop (a worksharing construct) */
+                continue;
+            }
+            const uint8_t* pc = (const uint8_t*)codes + (size_t)pn * panel_bytes;
+            memset(C, 0, sizeof(float) * (size_t)M * NB);
+            for (int g = 0; g < G; g++) {
+                const int kp0 = g * group / 2;
+                for (int kp = 0; kp < group / 2; kp++) { /* the group's codes, as exact bf16 */
+                    __m512bh b[4];
+                    const char* ahead = (const char*)pc + (size_t)(kp0 + kp) * NB * bits / 4 + PREFETCH;
+                    _mm_prefetch(ahead, _MM_HINT_T0);
+                    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+                    cvt_pair(bits, pc, kp0 + kp, b);
+                    for (int j = 0; j < 4; j++) _mm512_store_si512(buf + (size_t)kp * 2 * NB + j * 32, (__m512i)b[j]);
+                }
+                const float* s = scales + (size_t)g * Np + (size_t)pn * NB;
+                const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB;
+                for (int r0 = 0; r0 < Mp; r0 += 32) {
+                    const int two = Mp - r0 >= 32, rows = M - r0 < (two ? 32 : 16) ? M - r0 : (two ? 32 : 16);
+                    const uint16_t* xr = xb + (size_t)r0 * K + (size_t)g * group;
+                    for (int cp = 0; cp < 2; cp++) { /* 32 of the panel's channels */
+                        _tile_zero(4);
+                        _tile_zero(5);
+                        if (two) {
+                            _tile_zero(6);
+                            _tile_zero(7);
+                        }
+                        for (int t = 0; t < group / 32; t++) {
+                            _tile_loadd(0, xr + t * 32, K * 2);
+                            _tile_loadd(2, buf + (size_t)t * 16 * 2 * NB + cp * 64, 2 * NB * 2);
+                            _tile_loadd(3, buf + (size_t)t * 16 * 2 * NB + cp * 64 + 32, 2 * NB * 2);
+                            _tile_dpbf16ps(4, 0, 2);
+                            _tile_dpbf16ps(5, 0, 3);
+                            if (two) {
+                                _tile_loadd(1, xr + (size_t)16 * K + t * 32, K * 2);
+                                _tile_dpbf16ps(6, 1, 2);
+                                _tile_dpbf16ps(7, 1, 3);
+                            }
+                        }
+                        _tile_stored(4, ct, 128);
+                        _tile_stored(5, ct + 16, 128);
+                        if (two) {
+                            _tile_stored(6, ct + 16 * 32, 128);
+                            _tile_stored(7, ct + 16 * 32 + 16, 128);
+                        }
+                        /* the group's epilogue: C += sum * s - xs * (off + z) * s */
+                        __m512 sv[2], zs[2];
+                        for (int j = 0; j < 2; j++) {
+                            const int c = cp * 32 + j * 16;
+                            sv[j] = _mm512_loadu_ps(s + c);
+                            const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + c))));
+                            zs[j] = _mm512_mul_ps(_mm512_add_ps(zf, _mm512_set1_ps(off)), sv[j]);
+                        }
+                        for (int r = 0; r < rows; r++) {
+                            const __m512 xr_s = _mm512_set1_ps(xs[(size_t)(r0 + r) * G + g]);
+                            for (int j = 0; j < 2; j++) {
+                                float* c = C + (size_t)(r0 + r) * NB + cp * 32 + j * 16;
+                                const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(ct + r * 32 + j * 16), sv[j], _mm512_load_ps(c));
+                                _mm512_store_ps(c, _mm512_fnmadd_ps(xr_s, zs[j], v));
+                            }
+                        }
+                    }
+                }
+            }
+            const int nc = N - pn * NB < NB ? N - pn * NB : NB;
+            for (int r = 0; r < M; r++) {
+                uint16_t* yr = y + (size_t)r * N + (size_t)pn * NB;
+                const float* cr = C + (size_t)r * NB;
+                if (nc == NB) {
+                    for (int j = 0; j < 4; j++)
+                        _mm256_storeu_si256((__m256i*)(yr + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cr + j * 16)));
+                } else {
+                    for (int c = 0; c < nc; c++) {
+                        __m128bh v = _mm_cvtneps_pbh(_mm_set1_ps(cr[c]));
+                        memcpy(yr + c, &v, 2);
+                    }
+                }
+            }
+        }
+        if (ok) _tile_release();
+        free(buf);
+        free(C);
+    }
+    free(xb);
+    return failed ? -1 : 0;
+}
+#else
+#define WOQ_AMX 0
+#endif
+
 /* x [M, K] bf16; y [M, N] bf16 (N <= Np, the first N channels are written) */
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
@@ -169,6 +305,13 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
             xs[(size_t)r * G + g] = t;
         }
     }
+#if WOQ_AMX
+    if (M >= AMX_MIN_ROWS && K % 32 == 0 && group % 32 == 0 && woq_amx_on && amx_available()) {
+        const int status = woq_amx(x, M, K, codes, bits, scales, zeros, group, y, N, Np, xs, nthreads);
+        free(xs);
+        return status;
+    }
+#endif
     /* tiles of nearly equal rows (7 rows: 4 + 3, not 6 + 1: a tile of one or two rows has too few
      * accumulators to hide the vdpbf16ps latency), each packed pair by pair so its broadcasts
      * read consecutive bytes (rows K apart would all fall in one L1 set) */
@@ -286,6 +429,10 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 
 int woq_available(void) { return 1; }
 const char* woq_isa(void) { return "avx2"; }
+int woq_set_amx(int on) {
+    (void)on;
+    return 0;
+}
 
 /* the 8 lanes of channels c..c+3 x a K pair, as float32, from the codes' row p (int8: the
  * pair's 128 bytes; 4-bit: the 128 bytes of a K quad, whose low nibbles hold its first pair
@@ -566,6 +713,10 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #else
 int woq_available(void) { return 0; }
 const char* woq_isa(void) { return ""; }
+int woq_set_amx(int on) {
+    (void)on;
+    return 0;
+}
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     (void)x; (void)M; (void)K; (void)codes; (void)bits; (void)scales; (void)zeros; (void)group;
