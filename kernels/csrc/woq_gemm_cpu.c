@@ -151,6 +151,24 @@ static inline __attribute__((always_inline)) void tile_direct(
         default: CALL(6); break;                                                                      \
     }
 
+/* Panel pn's float32 rows C [M][NB] into y [M][N] as bf16 (nearest even), its real channels. */
+static inline void store_panel(const float* C, int M, uint16_t* y, int N, int pn) {
+    const int nc = N - pn * NB < NB ? N - pn * NB : NB;
+    for (int r = 0; r < M; r++) {
+        uint16_t* yr = y + (size_t)r * N + (size_t)pn * NB;
+        const float* cr = C + (size_t)r * NB;
+        if (nc == NB) {
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_si256((__m256i*)(yr + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cr + j * 16)));
+        } else {
+            for (int c = 0; c < nc; c++) {
+                __m128bh v = _mm_cvtneps_pbh(_mm_set1_ps(cr[c]));
+                memcpy(yr + c, &v, 2);
+            }
+        }
+    }
+}
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define WOQ_AMX 1
 /* Rows from which the AMX path runs (below, the vdpbf16ps tiles: one weight conversion serves
@@ -251,20 +269,7 @@ static int woq_amx(const uint16_t* x, int M, int K, const void* codes, int bits,
                     }
                 }
             }
-            const int nc = N - pn * NB < NB ? N - pn * NB : NB;
-            for (int r = 0; r < M; r++) {
-                uint16_t* yr = y + (size_t)r * N + (size_t)pn * NB;
-                const float* cr = C + (size_t)r * NB;
-                if (nc == NB) {
-                    for (int j = 0; j < 4; j++)
-                        _mm256_storeu_si256((__m256i*)(yr + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cr + j * 16)));
-                } else {
-                    for (int c = 0; c < nc; c++) {
-                        __m128bh v = _mm_cvtneps_pbh(_mm_set1_ps(cr[c]));
-                        memcpy(yr + c, &v, 2);
-                    }
-                }
-            }
+            store_panel(C, M, y, N, pn);
         }
         if (ok) _tile_release();
         free(buf);
@@ -377,21 +382,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                     }
                 }
             }
-            /* fp32 -> bf16 (round to nearest even), only the real channels */
-            const int nc = N - pn * NB < NB ? N - pn * NB : NB;
-            for (int r = 0; r < M; r++) {
-                uint16_t* yr = y + (size_t)r * N + (size_t)pn * NB;
-                const float* cr = C + (size_t)r * NB;
-                if (nc == NB) {
-                    for (int j = 0; j < 4; j++)
-                        _mm256_storeu_si256((__m256i*)(yr + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cr + j * 16)));
-                } else {
-                    for (int c = 0; c < nc; c++) {
-                        __m128bh v = _mm_cvtneps_pbh(_mm_set1_ps(cr[c]));
-                        memcpy(yr + c, &v, 2);
-                    }
-                }
-            }
+            store_panel(C, M, y, N, pn);
         }
         free(C);
         free(buf);
