@@ -191,9 +191,9 @@ def _build() -> ctypes.CDLL | None:
         ctypes.POINTER(LayerPtrs), ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(StepArgs),
     ]  # fmt: skip
     lib.woq_available.restype = ctypes.c_int
+    lib.woq_available.argtypes = []
     lib.woq_set_amx.restype = ctypes.c_int
     lib.woq_set_amx.argtypes = [ctypes.c_int]
-    lib.woq_available.argtypes = []
     lib.woq_isa.restype = ctypes.c_char_p
     lib.woq_isa.argtypes = []
     lib.woq_gemm_bf16.restype = ctypes.c_int

@@ -49,7 +49,8 @@ DEQUANT_MIN_TOKENS = 40
 # 2-vCPU Xeon (AMX), `bench`'s four decoder GEMMs (qkv, o, gate_up, down; int4 in groups of
 # 64/128, int8 per channel), kernel vs dequantize + product (vs the bf16 weights' product), ms:
 # int4 64 rows 0.48 / 1.19 (0.70), 128 rows 0.95 / 1.38 (1.42), 256 rows 2.81 / 3.06 (1.36);
-# int8 64 rows 0.50 / 1.19, 128 rows 0.78 / 1.36, 256 rows 1.42 / 1.72. (Before the kernel
+# int8 64 rows 0.50 / 1.19, 128 rows 0.78 / 1.36, 256 rows 1.42 / 1.72 (a second run at 256:
+# int4 1.67 / 1.49, int8 1.21 / 1.50; at 512 the dequantize wins, 3.2 / 1.9). (Before the kernel
 # had AMX tiles the crossover was 32 rows: vdpbf16ps alone ran 2.9-3.2 ms at 64 rows.) Prefill
 # chunks of more rows dequantize once and run oneDNN's GEMM.
 AMX_DEQUANT_MIN_TOKENS = 256
