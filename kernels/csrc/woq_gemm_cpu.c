@@ -151,6 +151,15 @@ static inline __attribute__((always_inline)) void tile_direct(
         default: CALL(6); break;                                                                      \
     }
 
+/* The zero-point term of a group's epilogue for a panel's 64 channels: (off + z) * s, s and z
+ * the group's scales and zeros from the panel's first channel. */
+static inline void zero_terms(const float* s, const uint8_t* z, float off, __m512 zs[4]) {
+    for (int j = 0; j < 4; j++) {
+        const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + j * 16))));
+        zs[j] = _mm512_mul_ps(_mm512_add_ps(zf, _mm512_set1_ps(off)), _mm512_loadu_ps(s + j * 16));
+    }
+}
+
 /* Panel pn's float32 rows C [M][NB] into y [M][N] as bf16 (nearest even), its real channels. */
 static inline void store_panel(const float* C, int M, uint16_t* y, int N, int pn) {
     const int nc = N - pn * NB < NB ? N - pn * NB : NB;
@@ -221,7 +230,8 @@ static int woq_amx(const uint16_t* x, int M, int K, const void* codes, int bits,
                     for (int j = 0; j < 4; j++) _mm512_store_si512(buf + (size_t)kp * 2 * NB + j * 32, (__m512i)b[j]);
                 }
                 const float* s = scales + (size_t)g * Np + (size_t)pn * NB;
-                const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB;
+                __m512 zs[4]; /* the group's zero-point terms, for every row block */
+                zero_terms(s, zeros + (size_t)g * Np + (size_t)pn * NB, off, zs);
                 for (int r0 = 0; r0 < Mp; r0 += 32) {
                     const int two = Mp - r0 >= 32, rows = M - r0 < (two ? 32 : 16) ? M - r0 : (two ? 32 : 16);
                     const uint16_t* xr = xb + (size_t)r0 * K + (size_t)g * group;
@@ -251,19 +261,13 @@ static int woq_amx(const uint16_t* x, int M, int K, const void* codes, int bits,
                             _tile_stored(7, ct + 16 * 32 + 16, 128);
                         }
                         /* the group's epilogue: C += sum * s - xs * (off + z) * s */
-                        __m512 sv[2], zs[2];
-                        for (int j = 0; j < 2; j++) {
-                            const int c = cp * 32 + j * 16;
-                            sv[j] = _mm512_loadu_ps(s + c);
-                            const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + c))));
-                            zs[j] = _mm512_mul_ps(_mm512_add_ps(zf, _mm512_set1_ps(off)), sv[j]);
-                        }
                         for (int r = 0; r < rows; r++) {
                             const __m512 xr_s = _mm512_set1_ps(xs[(size_t)(r0 + r) * G + g]);
                             for (int j = 0; j < 2; j++) {
                                 float* c = C + (size_t)(r0 + r) * NB + cp * 32 + j * 16;
-                                const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(ct + r * 32 + j * 16), sv[j], _mm512_load_ps(c));
-                                _mm512_store_ps(c, _mm512_fnmadd_ps(xr_s, zs[j], v));
+                                const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(ct + r * 32 + j * 16),
+                                                                 _mm512_loadu_ps(s + cp * 32 + j * 16), _mm512_load_ps(c));
+                                _mm512_store_ps(c, _mm512_fnmadd_ps(xr_s, zs[2 * cp + j], v));
                             }
                         }
                     }
@@ -359,12 +363,11 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
             for (int k0 = 0; k0 < K; k0 += kc) {
                 const int g = k0 / group;
                 const float* s = scales + (size_t)g * Np + (size_t)pn * NB;
-                const uint8_t* z = zeros + (size_t)g * Np + (size_t)pn * NB;
                 __m512 zs[4]; /* the zero-point term, once per group (kc may be less than group) */
-                for (int j = 0; j < 4; j++) zs[j] = _mm512_setzero_ps();
-                for (int j = 0; j < 4 && k0 % group == 0; j++) {
-                    __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + j * 16))));
-                    zs[j] = _mm512_mul_ps(_mm512_add_ps(zf, _mm512_set1_ps(off)), _mm512_loadu_ps(s + j * 16));
+                if (k0 % group == 0) {
+                    zero_terms(s, zeros + (size_t)g * Np + (size_t)pn * NB, off, zs);
+                } else {
+                    for (int j = 0; j < 4; j++) zs[j] = _mm512_setzero_ps();
                 }
                 const void* blk = pc + (size_t)k0 * NB * bits / 8;
                 for (int tl = 0; tl < tiles; tl++) {
