@@ -83,9 +83,31 @@ void amx_configure_16x64(void) {
         for (int l = 0; l < 2048; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);     \
     } while (0)
 
+/* Where a call has more than one chunk of rows, the pair's later chunks read its weight from L2
+ * while nothing streams from memory: 64 rows (two chunks) read a `bench` step's weights at
+ * ~10-16 GB/s where 16 rows read them at ~20-27. So every k block of every chunk also asks for
+ * `lines` lines of the next pair into L2 (from `next` up to `next_end`), spread so that the
+ * next pair has been asked for once when it starts; a pair's first chunk asks for its own tiles
+ * 4 KB ahead into L1 as before (the later chunks find them in L2). A/B in one process, the 120
+ * decoder GEMMs of a `bench` step with cold weights, 2-vCPU Xeon (ms, medians of 6): 40 rows
+ * 12.6 -> 11.1, 48 11.8 -> 10.8, 64 13.2-17.2 -> 12.6-13.7, 128 21.5-23.9 -> 20.1-21.7, 8-32
+ * rows level. What is left at 64 rows (~13 ms against ~8 for 32) is the second chunk's tile
+ * loads from L2 (perf: the stalls sit on the A tiles' loads); x laid out tile by tile (1 KB
+ * contiguous A tiles) measured slower, 14.6 -> 16.1 ms. */
+typedef struct {
+    const char *next, *next_end;
+    int lines;
+} NextPair;
+
+static inline void prefetch_next(NextPair* np) {
+    for (int l = 0; l < np->lines && np->next < np->next_end; l++, np->next += 64) _mm_prefetch(np->next, _MM_HINT_T1);
+}
+
 /* One pair of output blocks (wp: its Kp/32 x 2 tiles) times one chunk of 16 (two == 0) or 32
- * input rows starting at xr (row stride Kp), into c [32][32] float32. */
-static inline void pair_chunk(const uint16_t* xr, int Kp, const uint16_t* wp, int two, float* c) {
+ * input rows starting at xr (row stride Kp), into c [32][32] float32; `first`: the pair's first
+ * chunk (its tiles come from memory). */
+static inline void pair_chunk(const uint16_t* xr, int Kp, const uint16_t* wp, int two, float* c, int first,
+                              NextPair* np) {
     const int kb_n = Kp / 32;
     const long xs = (long)Kp * 2;
     _tile_zero(4);
@@ -95,7 +117,8 @@ static inline void pair_chunk(const uint16_t* xr, int Kp, const uint16_t* wp, in
         _tile_zero(7);
         for (int kb = 0; kb < kb_n; kb++) {
             const uint16_t* w = wp + (size_t)kb * 1024;
-            PREFETCH(w);
+            if (first) PREFETCH(w);
+            prefetch_next(np);
             _tile_loadd(0, xr + kb * 32, xs);
             _tile_loadd(1, xr + 16 * (size_t)Kp + kb * 32, xs);
             _tile_loadd(2, w, 64);
@@ -110,7 +133,8 @@ static inline void pair_chunk(const uint16_t* xr, int Kp, const uint16_t* wp, in
     } else {
         for (int kb = 0; kb < kb_n; kb++) {
             const uint16_t* w = wp + (size_t)kb * 1024;
-            PREFETCH(w);
+            if (first) PREFETCH(w);
+            prefetch_next(np);
             _tile_loadd(0, xr + kb * 32, xs);
             _tile_loadd(2, w, 64);
             _tile_loadd(3, w + 512, 64);
@@ -142,6 +166,10 @@ int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, con
         }
     }
     const size_t pair_elems = (size_t)Kp * 32; /* Kp/32 k blocks x 2 tiles x 512 bf16 */
+    const int chunks = (Mp + 31) / 32;
+    /* a pair is 32 lines per k block: over `chunks` walks of it, the next pair's lines in step */
+    const int next_lines = chunks > 1 ? (32 + chunks - 1) / chunks : 0;
+    const char* w_end = (const char*)(w + (size_t)pairs * pair_elems);
 #pragma omp parallel num_threads(nthreads) if (pairs > 1)
     {
         amx_configure_16x64();
@@ -150,9 +178,11 @@ int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, con
         for (int p = 0; p < pairs; p++) {
             const uint16_t* wp = w + (size_t)p * pair_elems;
             const int n0 = p * 32, cols = n - n0 < 32 ? n - n0 : 32;
+            NextPair np = {(const char*)(wp + pair_elems), (const char*)(wp + 2 * pair_elems), next_lines};
+            if (np.next_end > w_end) np.next_end = w_end;
             for (int r0 = 0; r0 < Mp; r0 += 32) {
                 const int two = Mp - r0 >= 32;
-                pair_chunk(xb + (size_t)r0 * Kp, Kp, wp, two, c);
+                pair_chunk(xb + (size_t)r0 * Kp, Kp, wp, two, c, r0 == 0, &np);
                 const int rows = (m - r0 < 32 ? m - r0 : 32);
                 for (int r = 0; r < rows; r++) {
                     uint16_t* out = y + (size_t)(r0 + r) * n + n0;
