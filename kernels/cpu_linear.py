@@ -14,7 +14,7 @@ The path depends on the CPU, detected at run time:
 * ``bfloat16`` weights on a CPU with native bf16 dot products (AVX-512 BF16, AMX, AVX-NE-CONVERT;
   ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): packed as bf16, oneDNN picks AMX tiles
   where the CPU has them. Where it has AMX (and the native kernels build), calls of up to
-  ``PAGEDQ_CPU_GEMV_ROWS`` rows run our own AMX kernel instead (``native.gemv`` on a copy laid
+  ``AMX_TILE_ROWS`` (256; ``PAGEDQ_CPU_GEMV_ROWS``) rows run our own AMX kernel instead (``native.gemv`` on a copy laid
   out as tiles, ``native.amx_tiles``): oneDNN streamed the weights of a decode step at 12-16
   GB/s and spent ~25 us a call getting there; the tile kernel streams them at ~18-20 (2-core
   Xeon, the 120 GEMMs of a `bench` decode step with cold weights, oneDNN / tiles: 1 row 15-21 /
@@ -56,6 +56,14 @@ from . import native
 
 MODES = ("auto", "onednn", "fp32", "torch")
 GEMV_ROWS = 64
+# Calls of up to this many rows run the AMX tile kernel rather than oneDNN, by default (bf16
+# weights on an AMX CPU). Past 64 rows the tile kernel is level with oneDNN's GEMM on `bench`'s
+# decoder shapes (the 120 GEMMs of a step with cold weights, 2-vCPU Xeon: 128 rows 20-24 ms
+# against 22-30, 256 rows 36-43 against 33-35, 512 75 against 70), and it lets the whole
+# decoder stack run as one native call: decode steps of 80 sequences 82 -> 70 ms, 112 117 -> 98,
+# 160 157 -> 137 (interleaved in one process, 300-token contexts). At 2048 rows oneDNN is 2.5x
+# faster (prefill).
+AMX_TILE_ROWS = 256
 # Bumped by every pack(): whoever keeps raw pointers to packed weights or panels (the native
 # decoder stack) rebuilds them when it changes.
 generation = 0
@@ -91,11 +99,12 @@ def mode() -> str:
     return value
 
 
-def gemv_rows() -> int:
-    """Calls of at most this many rows run ``native.gemv`` on the weight's panels (0: never)."""
+def gemv_rows(tiles: bool = False) -> int:
+    """Calls of at most this many rows run ``native.gemv`` on the weight's panels, or on its AMX
+    tiles where ``tiles`` (0: never); ``PAGEDQ_CPU_GEMV_ROWS`` sets both."""
     value = os.environ.get("PAGEDQ_CPU_GEMV_ROWS", "").strip()
     if not value:
-        return GEMV_ROWS
+        return AMX_TILE_ROWS if tiles else GEMV_ROWS
     if not value.isdigit():
         raise ValueError(f"PAGEDQ_CPU_GEMV_ROWS must be a whole number of rows >= 0 (0: off); got {value!r}")
     return int(value)
@@ -155,11 +164,12 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight
     b = None if bias is None else bias.detach().to(cdt).contiguous()
     out_f, in_f = w.shape
     nbytes = w.numel() * w.element_size()
-    panels, rows = None, gemv_rows()
+    panels, tiles = None, cdt == torch.bfloat16 and mode() == "auto" and native.amx_supported()
+    rows = gemv_rows(tiles)
     if rows > 0 and native.gemv_supports(weight):
         if cdt == torch.float32:
             panels = native.panels(weight)
-        elif cdt == torch.bfloat16 and mode() == "auto" and native.amx_supported():
+        elif tiles:
             panels = native.amx_tiles(weight)
     if panels is not None:
         nbytes += panels.numel() * panels.element_size()

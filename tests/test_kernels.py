@@ -331,6 +331,41 @@ needs_amx = pytest.mark.skipif(
 )
 
 
+@needs_amx
+def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_python_paths_tokens(
+    model_factory, monkeypatch
+):
+    """bf16 weights in AMX tiles serve calls of up to ``cpu_linear.AMX_TILE_ROWS`` rows (256), and
+    so does the native decoder stack: a decode step of 70 sequences (two row chunks past the
+    64-row limit of the float32 panels) runs as one native call, with the per-layer Python
+    path's tokens and log-probabilities to the last bit."""
+    from pagedq import LLM, SamplingParams
+    from pagedq.kernels import cpu_linear
+    from pagedq.models.llama import LlamaForCausalLM
+
+    monkeypatch.delenv("PAGEDQ_CPU_GEMV_ROWS", raising=False)
+    assert cpu_linear.gemv_rows(tiles=True) == cpu_linear.AMX_TILE_ROWS == 256
+    assert cpu_linear.gemv_rows() == 64
+    model = model_factory("llama")
+    prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(3 + i % 9)]} for i in range(70)]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    calls = []
+    stack = native.decoder_layers
+    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+
+    def run():
+        with LLM(model, dtype="bfloat16") as llm:
+            out = llm.generate(prompts, sp, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out]
+
+    fast = run()
+    assert calls.count(70) == 5  # every decode step of the batch
+    calls.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
+    assert run() == fast
+    assert calls == []
+
+
 def _prompt_case(h, kvh, d, lens, seed=0):
     """Prompts packed into the rows of a fused QKV output (strided Q/K/V views, as the model
     hands them over), two rows before the first prompt and three after the last."""

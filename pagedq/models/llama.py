@@ -354,9 +354,9 @@ class LlamaForCausalLM(nn.Module):
                         lin.bits, lin.group_size, lin.kc, lin.scales.shape[1],
                     ))  # fmt: skip
                     panels.append(None)
-                    # woq_gemm serves the rows below the layer's dequantize threshold (32 where
-                    # bf16 GEMMs run on AMX tiles), within the dense layers' default limit
-                    rows.append(min(cpu_linear.GEMV_ROWS, lin.dequant_min_tokens - 1))
+                    # woq_gemm serves the rows below the layer's dequantize threshold (256 on
+                    # AMX), within the dense layers' limit on this CPU
+                    rows.append(min(cpu_linear.gemv_rows(native.amx_supported()), lin.dequant_min_tokens - 1))
                     continue
                 p = lin.packed if isinstance(lin, Linear) else None
                 if p is None or p.panels is None or p.dtype != dtype or (i and p.bias is not None):
