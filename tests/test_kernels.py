@@ -339,8 +339,9 @@ def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_pyt
     so does the native decoder stack: a decode step of 70 sequences (two row chunks past the
     64-row limit of the float32 panels) runs as one native call, with the per-layer Python
     path's tokens and log-probabilities to the last bit."""
-    from pagedq import LLM, SamplingParams
     from pagedq.kernels import cpu_linear
+
+    from pagedq import LLM, SamplingParams
     from pagedq.models.llama import LlamaForCausalLM
 
     monkeypatch.delenv("PAGEDQ_CPU_GEMV_ROWS", raising=False)
