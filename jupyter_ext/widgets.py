@@ -201,7 +201,7 @@ class KVCacheView:
             self._thread.start()
 
     def refresh(self) -> dict:
-        with self.driver.lock:
+        with self.driver.caller_lock():
             snap = kv_snapshot(self.llm.engine)
         self.snapshot = snap
         value = render_snapshot(snap)

@@ -181,7 +181,7 @@ class _Worker:
                     self.cancelled.pop(next(iter(self.cancelled)))
 
     def stats(self, ask_id) -> None:
-        with self.driver.lock:
+        with self.driver.caller_lock():
             payload = (self.engine.stats(), self.engine.user_stats(), self.engine.latency)
             self.send(("stats", ask_id, payload))
 
