@@ -243,6 +243,8 @@ _STEP_PTRS = (
     "context_lens",
     "cos_t",
     "sin_t",
+    "prompt_starts",
+    "prompt_lens",
 )
 
 
@@ -253,6 +255,7 @@ class StepArgs(ctypes.Structure):
         [(n, ctypes.c_int64) for n in _STEP_INTS]
         + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
         + [(n, ctypes.c_void_p) for n in _STEP_PTRS]
+        + [("n_prompts", ctypes.c_int64)]
     )
 
 
@@ -488,22 +491,26 @@ def amx_supported() -> bool:
     return lib is not None and bool(lib.amx_available())
 
 
+def prompt_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether :func:`prompt_attention` (and the native decoder stack's fresh prompts) serve
+    this head layout in bf16 here: a CPU with AMX, head_dim a multiple of 32 up to 256, whole
+    groups of query heads per KV head."""
+    return head_dim % 32 == 0 and 0 < head_dim <= 256 and kv_heads > 0 and heads % kv_heads == 0 and amx_supported()
+
+
 def prompt_attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`prompt_attention` takes these ``[tokens, heads, head_dim]`` views: bf16 on
-    a CPU with AMX (:func:`amx_supported`), head_dim a multiple of 32 up to 256, heads
-    contiguous within a row (rows may be strided: views of a fused QKV output)."""
+    """Whether :func:`prompt_attention` takes these ``[tokens, heads, head_dim]`` views: bf16,
+    :func:`prompt_attention_fits` their heads, heads contiguous within a row (rows may be
+    strided: views of a fused QKV output)."""
     d = query.shape[-1]
     return (
         query.device.type == "cpu"
         and query.dim() == key.dim() == value.dim() == 3
         and query.dtype == key.dtype == value.dtype == torch.bfloat16
-        and d % 32 == 0
-        and 0 < d <= 256
         and key.shape[-1] == value.shape[-1] == d
         and key.shape[1] == value.shape[1]
-        and query.shape[1] % key.shape[1] == 0
         and all(t.stride(2) == 1 and t.stride(1) == d for t in (query, key, value))
-        and amx_supported()
+        and prompt_attention_fits(query.shape[1], key.shape[1], d)
     )
 
 

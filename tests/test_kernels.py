@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pagedq.kernels import AttentionMetadata, native
@@ -278,7 +280,7 @@ def test_rope_cache_is_the_torch_rotation_and_cache_write_to_the_last_bit(dtype,
 def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     model_factory, monkeypatch, dtype, arch, overrides, linear
 ):
-    """Few-row decode steps run all layers in one native call (``native.decoder_layers``): the
+    """Few-row steps run all layers in one native call (``native.decoder_layers``): the
     same kernels in the same order, so greedy tokens and their log-probabilities are those of the
     per-layer Python path to the last bit, one sequence and five at once (QKV bias, a sliding
     window). Granite's scaled layers and Qwen3's per-head norms are not what the C code does:
@@ -317,11 +319,19 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
         return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
 
     fast = run()
+    # the prompts' steps too: fresh prompts attend through the native kernel where the runner
+    # sends them there (float32, bf16 packed as float32 on a CPU without native bf16), through
+    # the AMX prompt kernel inside the stack on an AMX CPU, else the step is the Python path's
+    with open(f"{model}/config.json") as f:
+        cfg = json.load(f)
+    h, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    fits = native.prompt_attention_fits(h, kvh, cfg.get("head_dim") or cfg["hidden_size"] // h)
+    prompts_native = dtype == "float32" or not cpu_linear.bf16_native() or fits
     if arch in ("granite", "qwen3") or not panels:
         assert calls == []
     else:
-        assert sorted(set(calls)) == [1, 5]  # every decode step, never a prompt
-        assert len(calls) == 2 * 11
+        assert calls.count(1) == calls.count(5) == 11  # every decode step
+        assert len(calls) == 2 * 11 + (2 if prompts_native else 0)
     monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
     assert run() == fast
 
@@ -361,6 +371,51 @@ def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_pyt
 
     fast = run()
     assert calls.count(70) == 5  # every decode step of the batch
+    calls.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
+    assert run() == fast
+    assert calls == []
+
+
+@needs_amx
+@pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_on_amx_a_mixed_step_of_decodes_and_new_prompts_runs_the_native_stack_with_the_python_paths_tokens(
+    model_factory, monkeypatch, arch, overrides
+):
+    """A step of five decodes and three fresh prompts (a server's usual step) runs as one native
+    call: the prompts' rows attend to their own K/V through the AMX prompt kernel inside the
+    stack, as ``_paged_attention_native`` does for the Python path; greedy tokens and
+    log-probabilities are the Python path's to the last bit (with a sliding window too)."""
+    from pagedq import LLM, SamplingParams
+    from pagedq.models.llama import LlamaForCausalLM
+
+    model = model_factory(arch, num_attention_heads=2, num_key_value_heads=1, head_dim=32, **overrides)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    first = [[1 + (5 * i + j) % 150 for j in range(4 + i)] for i in range(5)]
+    later = [[2 + (11 * i + j) % 170 for j in range(20 + 9 * i)] for i in range(3)]
+    calls = []
+    stack = native.decoder_layers
+    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+
+    def run():
+        done = {}
+        with LLM(model, dtype="bfloat16") as llm:
+            eng = llm.engine
+            for i, p in enumerate(first):
+                eng.add_request({"prompt_token_ids": p}, sp, request_id=f"a{i}")
+            for _ in range(2):  # the prompts, then a decode step
+                eng.step()
+            for i, p in enumerate(later):
+                eng.add_request({"prompt_token_ids": p}, sp, request_id=f"b{i}")
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    if out.finished:
+                        done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
+        return done
+
+    fast = run()
+    assert len(fast) == 8
+    assert 5 + sum(map(len, later)) in calls  # the mixed step, natively
     calls.clear()
     monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
     assert run() == fast

@@ -45,6 +45,10 @@ int paged_attention_bf16(const uint16_t* q, const void* kc, const void* vc, cons
                           const int64_t* context_lens, uint16_t* out, int kind, int B, int H, int KVH, int D, int BS,
                           int MAXB, float scale, int window, int nthreads);
 
+int amx_prompt_attention_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, int64_t ks, const uint16_t* v,
+                              int64_t vs, uint16_t* out, int64_t os, const int64_t* starts, const int64_t* lens,
+                              int n, int T, int H, int KVH, int D, float scale, int window, int nthreads);
+
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads);
 
@@ -88,6 +92,11 @@ typedef struct {
     const int64_t* context_lens;
     const void* cos_t;
     const void* sin_t;
+    /* fresh prompts (rows not in the cache's tables): n_prompts ranges of rows attended to their
+     * own K/V through amx_prompt_attention_bf16, as the Python path does on an AMX CPU */
+    const int64_t* prompt_starts;
+    const int64_t* prompt_lens;
+    int64_t n_prompts;
 } StepArgs;
 
 /* y [m][n] = x [m][k] @ W^T (+ bias) for a weight w in panels or quantized codes q; tmp holds
@@ -155,11 +164,17 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
                            a->slots, (float*)p->k_cache, (float*)p->v_cache, nt);
         for (int r = 0; r < m; r++) /* the Q heads of each row, contiguous for the attention */
             memcpy(q + es * (size_t)r * qsz, qkv + es * (size_t)r * qkv_n, es * (size_t)qsz);
-        if (x_bf16)
+        if (x_bf16 && a->B > 0)
             status |= paged_attention_bf16((const uint16_t*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                  a->query_start, a->query_lens, a->context_lens, (uint16_t*)attn, 0, (int)a->B, H,
                                  KVH, D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
-        else
+        if (x_bf16 && a->n_prompts > 0) { /* Q, K, V: strided views of the rotated qkv rows */
+            const uint16_t* qv = (const uint16_t*)qkv;
+            status |= amx_prompt_attention_bf16(qv, qkv_n, qv + qsz, qkv_n, qv + qsz + KVH * D, qkv_n, (uint16_t*)attn,
+                                                qsz, a->prompt_starts, a->prompt_lens, (int)a->n_prompts, m, H, KVH, D,
+                                                a->scale, (int)p->window, nt) != 0;
+        }
+        if (!x_bf16 && a->B > 0)
             status |= paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                 a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
                                 D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);

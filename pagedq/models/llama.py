@@ -287,13 +287,14 @@ class LlamaForCausalLM(nn.Module):
         """Run every decoder layer in one native call (``native.decoder_layers``) where a step
         has few rows and this layer stack is exactly what the C code does: plain Llama layers
         whose dense weights cpu_linear keeps for few-row calls (panels, or AMX tiles for bf16 on
-        an AMX CPU) or that are int8/int4 codes, a cache of the model's
-        dtype, and every row attending through the native kernel (no fresh prompt). Updates
-        ``x`` in place; False (nothing done) elsewhere. The tokens are the Python path's."""
+        an AMX CPU) or that are int8/int4 codes, a cache of the model's dtype, and every row
+        attending through the native kernel or, for fresh bf16 prompts on an AMX CPU, through
+        ``native.prompt_attention`` as the Python path does (a mixed step of decodes and new
+        prompts). Updates ``x`` in place; False (nothing done) elsewhere. The tokens are the
+        Python path's."""
         if (
             meta.backend != "torch"
             or meta.block_tables is None
-            or any(c.block_table is None for c in meta.prefills)
             or not x.is_contiguous()
             or kv_caches[0][0].dtype != x.dtype
             or len(kv_caches[0]) != 2
@@ -306,13 +307,25 @@ class LlamaForCausalLM(nn.Module):
         bt, qs, ql, cl = meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens
         if qs is None or ql is None or cl is None:
             return False
-        step = (positions, meta.slot_mapping, bt, qs, ql, cl)
+        step = [positions, meta.slot_mapping, bt, qs, ql, cl]
+        fresh = not meta.native_prompts and any(c.block_table is None for c in meta.prefills)
+        if fresh:  # the rows of new prompts attend to their own K/V, as _paged_attention_native does
+            ps, pl = meta.prompt_starts, meta.prompt_lens
+            if (
+                ps is None
+                or pl is None
+                or x.dtype != torch.bfloat16
+                or not native.prompt_attention_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+            ):
+                return False
+            step += [ps, pl]
         if not all(t.dtype == torch.int64 and t.is_contiguous() for t in step):
             return False
         args = native.StepArgs(
             x.shape[0], cfg.hidden_size, cfg.intermediate_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
             kv_caches[0][0].shape[1], cl.shape[0], bt.shape[1], torch.get_num_threads(), self.norm.eps, attn.scale,
-            *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
+            *(t.data_ptr() for t in step[:6]), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
+            *((step[6].data_ptr(), step[7].data_ptr(), step[7].numel()) if fresh else (None, None, 0)),
         )  # fmt: skip
         native.decoder_layers(stack.layers, x, args)
         return True
