@@ -495,7 +495,13 @@ def prompt_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether :func:`prompt_attention` (and the native decoder stack's fresh prompts) serve
     this head layout in bf16 here: a CPU with AMX, head_dim a multiple of 32 up to 256, whole
     groups of query heads per KV head."""
-    return head_dim % 32 == 0 and 0 < head_dim <= 256 and kv_heads > 0 and heads % kv_heads == 0 and amx_supported()
+    return (
+        head_dim % 32 == 0
+        and 0 < head_dim <= 256
+        and kv_heads > 0
+        and heads % kv_heads == 0
+        and amx_supported()
+    )
 
 
 def prompt_attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
