@@ -510,8 +510,11 @@ def test_a_bf16_model_attends_prompts_through_amx_as_close_to_float32_as_sdpa(mo
     """Whole bf16 models: fresh prompts go through the AMX kernel, one call per layer for all the
     step's prompts (a sliding-window model too), and every next-token distribution of the
     prompts stays as close to the float32 model's as with torch's SDPA in their place (within
-    1.5x its largest log-probability error + 0.002; a softmax scale off by 2x fails that)."""
+    1.5x its largest log-probability error + 0.002; a softmax scale off by 2x fails that). On
+    the per-layer Python path, where the calls can be counted: the native decoder stack calls
+    the same kernel from C and gives that path's tokens to the bit (the mixed-step test above)."""
     from pagedq import LLM
+    from pagedq.models.llama import LlamaForCausalLM
 
     from .conftest import PROMPTS
 
@@ -521,6 +524,7 @@ def test_a_bf16_model_attends_prompts_through_amx_as_close_to_float32_as_sdpa(mo
         with LLM(model, dtype="float32") as llm:
             ref = llm.next_token_logprobs(PROMPTS)
         calls: list[int] = []
+        monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
 
         def counted(*a, calls=calls, amx=native.prompt_attention):
             calls.append(len(a[4]))
