@@ -310,3 +310,14 @@ class AppThread:
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def count_stack_calls(monkeypatch) -> list[int]:
+    """The rows of every ``native.decoder_layers`` call (the native decoder stack) from here on,
+    the calls themselves unchanged."""
+    from pagedq.kernels import native
+
+    calls: list[int] = []
+    stack = native.decoder_layers
+    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+    return calls

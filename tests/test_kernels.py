@@ -15,6 +15,8 @@ from pagedq.kernels.attention import (
     reshape_and_cache,
 )
 
+from .conftest import count_stack_calls
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -306,9 +308,7 @@ def test_the_native_decoder_stack_gives_the_python_paths_tokens_and_logprobs(
     )
     model = model_factory(arch, **overrides)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
-    calls = []
-    stack = native.decoder_layers
-    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+    calls = count_stack_calls(monkeypatch)
 
     def run():
         with LLM(model, dtype=dtype) as llm:
@@ -360,9 +360,7 @@ def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_pyt
     model = model_factory("llama")
     prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(3 + i % 9)]} for i in range(70)]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
-    calls = []
-    stack = native.decoder_layers
-    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+    calls = count_stack_calls(monkeypatch)
 
     def run():
         with LLM(model, dtype="bfloat16") as llm:
@@ -393,9 +391,7 @@ def test_on_amx_a_mixed_step_of_decodes_and_new_prompts_runs_the_native_stack_wi
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     first = [[1 + (5 * i + j) % 150 for j in range(4 + i)] for i in range(5)]
     later = [[2 + (11 * i + j) % 170 for j in range(20 + 9 * i)] for i in range(3)]
-    calls = []
-    stack = native.decoder_layers
-    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+    calls = count_stack_calls(monkeypatch)
 
     def run():
         done = {}

@@ -10,7 +10,7 @@ from pagedq.quant.linear import Int4Linear, NativeQuantLinear, make_quant_linear
 
 from pagedq import LLM, SamplingParams
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, count_stack_calls
 from .test_quant import (
     GPTQ_CASES,
     MODEL_CASES,
@@ -256,9 +256,7 @@ def test_the_native_stack_runs_quantized_layers_with_the_python_paths_tokens(
     qdir = str(tmp_path / "q")
     write_quantized(src, qdir, str(tmp_path / "d"), fmt, bits, group, sym, act_order)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
-    calls = []
-    stack = native.decoder_layers
-    monkeypatch.setattr(native, "decoder_layers", lambda *a: (calls.append(a[1].shape[0]), stack(*a)))
+    calls = count_stack_calls(monkeypatch)
 
     def run():
         with LLM(qdir, dtype="bfloat16") as llm:
