@@ -164,20 +164,20 @@ int decoder_layers(const LayerPtrs* layers, int L, void* x, int x_bf16, const St
                            a->slots, (float*)p->k_cache, (float*)p->v_cache, nt);
         for (int r = 0; r < m; r++) /* the Q heads of each row, contiguous for the attention */
             memcpy(q + es * (size_t)r * qsz, qkv + es * (size_t)r * qkv_n, es * (size_t)qsz);
-        if (x_bf16 && a->B > 0)
+        if (a->B > 0 && x_bf16) /* the rows that read the cache (none in a step of new prompts only) */
             status |= paged_attention_bf16((const uint16_t*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
                                  a->query_start, a->query_lens, a->context_lens, (uint16_t*)attn, 0, (int)a->B, H,
                                  KVH, D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
-        if (x_bf16 && a->n_prompts > 0) { /* Q, K, V: strided views of the rotated qkv rows */
+        else if (a->B > 0)
+            status |= paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
+                                a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
+                                D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
+        if (x_bf16 && a->n_prompts > 0) { /* new prompts; Q, K, V: strided views of the rotated qkv rows */
             const uint16_t* qv = (const uint16_t*)qkv;
             status |= amx_prompt_attention_bf16(qv, qkv_n, qv + qsz, qkv_n, qv + qsz + KVH * D, qkv_n, (uint16_t*)attn,
                                                 qsz, a->prompt_starts, a->prompt_lens, (int)a->n_prompts, m, H, KVH, D,
                                                 a->scale, (int)p->window, nt) != 0;
         }
-        if (!x_bf16 && a->B > 0)
-            status |= paged_attention_f32((const float*)q, p->k_cache, p->v_cache, NULL, NULL, a->block_tables,
-                                a->query_start, a->query_lens, a->context_lens, (float*)attn, 0, (int)a->B, H, KVH,
-                                D, (int)a->BS, (int)a->MAXB, a->scale, (int)p->window, nt);
         status |= dense(attn, x_bf16, m, qsz, p->w_o, wb, p->q[1], hid, NULL, h, tmp, nt);
         if (x_bf16)
             add_rms_norm_bf16((const uint16_t*)x, (const uint16_t*)h, (const uint16_t*)p->ln2, (uint16_t*)x,

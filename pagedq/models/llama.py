@@ -307,9 +307,10 @@ class LlamaForCausalLM(nn.Module):
         bt, qs, ql, cl = meta.block_tables, meta.query_start, meta.query_lens, meta.context_lens
         if qs is None or ql is None or cl is None:
             return False
-        step = [positions, meta.slot_mapping, bt, qs, ql, cl]
-        fresh = not meta.native_prompts and any(c.block_table is None for c in meta.prefills)
-        if fresh:  # the rows of new prompts attend to their own K/V, as _paged_attention_native does
+        step = (positions, meta.slot_mapping, bt, qs, ql, cl)
+        prompts: tuple[torch.Tensor, ...] = ()  # (starts, lens) of the step's new prompts
+        if not meta.native_prompts and any(c.block_table is None for c in meta.prefills):
+            # their rows attend to their own K/V, as _paged_attention_native does
             ps, pl = meta.prompt_starts, meta.prompt_lens
             if (
                 ps is None
@@ -318,14 +319,14 @@ class LlamaForCausalLM(nn.Module):
                 or not native.prompt_attention_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim)
             ):
                 return False
-            step += [ps, pl]
-        if not all(t.dtype == torch.int64 and t.is_contiguous() for t in step):
+            prompts = (ps, pl)
+        if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (*step, *prompts)):
             return False
         args = native.StepArgs(
             x.shape[0], cfg.hidden_size, cfg.intermediate_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
             kv_caches[0][0].shape[1], cl.shape[0], bt.shape[1], torch.get_num_threads(), self.norm.eps, attn.scale,
-            *(t.data_ptr() for t in step[:6]), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
-            *((step[6].data_ptr(), step[7].data_ptr(), step[7].numel()) if fresh else (None, None, 0)),
+            *(t.data_ptr() for t in step), self.rope.cos.data_ptr(), self.rope.sin.data_ptr(),
+            *((prompts[0].data_ptr(), prompts[1].data_ptr(), prompts[1].numel()) if prompts else (None, None, 0)),
         )  # fmt: skip
         native.decoder_layers(stack.layers, x, args)
         return True
