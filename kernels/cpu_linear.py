@@ -14,7 +14,7 @@ The path depends on the CPU, detected at run time:
 * ``bfloat16`` weights on a CPU with native bf16 dot products (AVX-512 BF16, AMX, AVX-NE-CONVERT;
   ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): packed as bf16, oneDNN picks AMX tiles
   where the CPU has them. Where it has AMX (and the native kernels build), calls of up to
-  ``AMX_TILE_ROWS`` (256; ``PAGEDQ_CPU_GEMV_ROWS``) rows run our own AMX kernel instead (``native.gemv`` on a copy laid
+  ``AMX_TILE_ROWS`` (512; ``PAGEDQ_CPU_GEMV_ROWS``) rows run our own AMX kernel instead (``native.gemv`` on a copy laid
   out as tiles, ``native.amx_tiles``): oneDNN streamed the weights of a decode step at 12-16
   GB/s and spent ~25 us a call getting there; the tile kernel streams them at ~18-20 (2-core
   Xeon, the 120 GEMMs of a `bench` decode step with cold weights, oneDNN / tiles: 1 row 15-21 /
@@ -57,13 +57,15 @@ from . import native
 MODES = ("auto", "onednn", "fp32", "torch")
 GEMV_ROWS = 64
 # Calls of up to this many rows run the AMX tile kernel rather than oneDNN, by default (bf16
-# weights on an AMX CPU). Past 64 rows the tile kernel is level with oneDNN's GEMM on `bench`'s
-# decoder shapes (the 120 GEMMs of a step with cold weights, 2-vCPU Xeon: 128 rows 20-24 ms
-# against 22-30, 256 rows 36-43 against 33-35, 512 75 against 70), and it lets the whole
-# decoder stack run as one native call: decode steps of 80 sequences 82 -> 70 ms, 112 117 -> 98,
-# 160 157 -> 137 (interleaved in one process, 300-token contexts). At 2048 rows oneDNN is 2.5x
-# faster (prefill).
-AMX_TILE_ROWS = 256
+# weights on an AMX CPU). Past 64 rows the tile kernel is about level with oneDNN's GEMM on
+# `bench`'s decoder shapes (the 120 GEMMs of a step, 2-vCPU Xeon: 128 rows 20-24 ms against
+# 22-30, 256 36-49 against 33-37, 384 60 against 72, 512 75-82 against 70-75), and it lets the
+# whole decoder stack run as one native call, which is what pays: decode steps of 80 sequences
+# 82 -> 70 ms, 112 117 -> 98, 160 157 -> 137 (limit 64 -> 256); a served step of 3 decodes and
+# a 257-token prompt 86-90 -> 75 ms, 40 decodes and two 200-token prompts 152-185 -> 125-143,
+# 100 decodes and a 257-token prompt 195-209 -> 133-155 (limit 256 -> 512; separate processes,
+# alternated, medians of 6 steps). At 1024 rows and more oneDNN is 1.4-2x faster (prefill).
+AMX_TILE_ROWS = 512
 # Bumped by every pack(): whoever keeps raw pointers to packed weights or panels (the native
 # decoder stack) rebuilds them when it changes.
 generation = 0

@@ -345,7 +345,7 @@ needs_amx = pytest.mark.skipif(
 def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_python_paths_tokens(
     model_factory, monkeypatch
 ):
-    """bf16 weights in AMX tiles serve calls of up to ``cpu_linear.AMX_TILE_ROWS`` rows (256), and
+    """bf16 weights in AMX tiles serve calls of up to ``cpu_linear.AMX_TILE_ROWS`` rows (512), and
     so does the native decoder stack: a decode step of 70 sequences (two row chunks past the
     64-row limit of the float32 panels) runs as one native call, with the per-layer Python
     path's tokens and log-probabilities to the last bit."""
@@ -355,7 +355,7 @@ def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_pyt
     from pagedq.models.llama import LlamaForCausalLM
 
     monkeypatch.delenv("PAGEDQ_CPU_GEMV_ROWS", raising=False)
-    assert cpu_linear.gemv_rows(tiles=True) == cpu_linear.AMX_TILE_ROWS == 256
+    assert cpu_linear.gemv_rows(tiles=True) == cpu_linear.AMX_TILE_ROWS == 512
     assert cpu_linear.gemv_rows() == 64
     model = model_factory("llama")
     prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 200 for j in range(3 + i % 9)]} for i in range(70)]
@@ -380,8 +380,8 @@ def test_on_amx_decode_steps_past_64_sequences_run_the_native_stack_with_the_pyt
 def test_on_amx_a_mixed_step_of_decodes_and_new_prompts_runs_the_native_stack_with_the_python_paths_tokens(
     model_factory, monkeypatch, arch, overrides
 ):
-    """A step of five decodes and three fresh prompts (a server's usual step) runs as one native
-    call: the prompts' rows attend to their own K/V through the AMX prompt kernel inside the
+    """A step of five decodes and three fresh prompts (a server's usual step; 344 rows, within
+    ``cpu_linear.AMX_TILE_ROWS``) runs as one native call: the prompts' rows attend to their own K/V through the AMX prompt kernel inside the
     stack, as ``_paged_attention_native`` does for the Python path; greedy tokens and
     log-probabilities are the Python path's to the last bit (with a sliding window too)."""
     from pagedq import LLM, SamplingParams
@@ -390,7 +390,8 @@ def test_on_amx_a_mixed_step_of_decodes_and_new_prompts_runs_the_native_stack_wi
     model = model_factory(arch, num_attention_heads=2, num_key_value_heads=1, head_dim=32, **overrides)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     first = [[1 + (5 * i + j) % 150 for j in range(4 + i)] for i in range(5)]
-    later = [[2 + (11 * i + j) % 170 for j in range(20 + 9 * i)] for i in range(3)]
+    later = [[2 + (11 * i + j) % 170 for j in range(20 + 9 * i)] for i in range(2)]
+    later.append([3 + 13 * j % 160 for j in range(290)])  # the step: 344 rows, past 256
     calls = count_stack_calls(monkeypatch)
 
     def run():
