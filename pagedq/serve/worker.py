@@ -25,6 +25,7 @@ This module imports no torch at import time: the server imports its message type
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -162,14 +163,27 @@ class _Worker:
                     return
                 self.trackers[rid] = DeltaTracker(params.stop_strings)
                 prepared = {"prompt": text, "prompt_token_ids": ids}
-                self.driver.add(prepared, params, user=user, request_id=rid)
+                # added by the driver's loop before its next step, without waiting for the
+                # running one; the answer goes back from there (see _admitted)
+                self.driver.enqueue(
+                    prepared,
+                    params,
+                    rid,
+                    user=user,
+                    done=functools.partial(self._admitted, rid, len(ids), param),
+                )
         except Exception as e:  # bad input (ValueError), or a template that refuses the messages
-            self.trackers.pop(rid, None)
-            if not isinstance(e, ValueError):
-                logger.warning("request %s refused: %s: %s", rid, type(e).__name__, e)
-            self.send(("rejected", rid, _message(e), param))
+            self._admitted(rid, 0, param, e)
+
+    def _admitted(self, rid: str, num_tokens: int, param: str, error: BaseException | None) -> None:
+        """Tell the server whether request ``rid`` is in the engine."""
+        if error is None:
+            self.send(("accepted", rid, num_tokens))
             return
-        self.send(("accepted", rid, len(ids)))
+        self.trackers.pop(rid, None)
+        if not isinstance(error, ValueError):
+            logger.warning("request %s refused: %s: %s", rid, type(error).__name__, error)
+        self.send(("rejected", rid, _message(error), param))
 
     def abort(self, rid: str) -> None:
         with self.requests_lock:
@@ -214,7 +228,7 @@ class _Worker:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _message(e: Exception) -> str:
+def _message(e: BaseException) -> str:
     return (
         str(e) if isinstance(e, ValueError) else f"the prompt could not be prepared: {type(e).__name__}: {e}"
     )
