@@ -24,6 +24,7 @@ from .sequence import Request, Sequence
 class OutputProcessor:
     def __init__(self, tokenizer, finish: Callable[[Sequence], None], latency: dict):
         self.tokenizer = tokenizer
+        self.decode = detokenizer.decoder(tokenizer)
         self.finish = finish  # end a sequence and free its blocks (the scheduler's)
         self.latency = latency
 
@@ -37,7 +38,7 @@ class OutputProcessor:
         if lp is not None and seq.logprobs is not None:
             seq.logprobs.append(self.logprob_dict(token, lp))
             seq.cumulative_logprob += lp[0]
-        delta = detokenizer.detokenize_step(self.tokenizer, seq)
+        delta = detokenizer.detokenize_step(self.decode, seq)
         p = seq.params
         if not (p.stop_strings and delta) or seq.finish_reason not in (None, "length"):
             return
