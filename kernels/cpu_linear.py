@@ -14,7 +14,8 @@ The path depends on the CPU, detected at run time:
 * ``bfloat16`` weights on a CPU with native bf16 dot products (AVX-512 BF16, AMX, AVX-NE-CONVERT;
   ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): packed as bf16, oneDNN picks AMX tiles
   where the CPU has them. Where it has AMX (and the native kernels build), calls of up to
-  ``AMX_TILE_ROWS`` (512; ``PAGEDQ_CPU_GEMV_ROWS``) rows run our own AMX kernel instead (``native.gemv`` on a copy laid
+  ``AMX_TILE_ROWS`` (512; ``PAGEDQ_CPU_GEMV_ROWS``) rows, or ``NARROW_TILE_ROWS`` (1024) for
+  weights of at most ``NARROW_OUTPUTS`` outputs, run our own AMX kernel instead (``native.gemv`` on a copy laid
   out as tiles, ``native.amx_tiles``): oneDNN streamed the weights of a decode step at 12-16
   GB/s and spent ~25 us a call getting there; the tile kernel streams them at ~18-20 (2-core
   Xeon, the 120 GEMMs of a `bench` decode step with cold weights, oneDNN / tiles: 1 row 15-21 /
@@ -66,6 +67,15 @@ GEMV_ROWS = 64
 # 100 decodes and a 257-token prompt 195-209 -> 133-155 (limit 256 -> 512; separate processes,
 # alternated, medians of 6 steps). At 1024 rows and more oneDNN is 1.4-2x faster (prefill).
 AMX_TILE_ROWS = 512
+# ... and for weights of at most NARROW_OUTPUTS outputs, calls of up to NARROW_TILE_ROWS rows:
+# below 2048 rows oneDNN ran some of `bench`'s narrow GEMMs on one of the two threads (1 thread
+# against 2, two runs: 512 rows o_proj 576x576 and down 576x1536 1.0x; 1024 rows qkv 960x576
+# 1.0x and 0.43x, down 1.02-1.08x; gate_up 3072x576 1.8-2.0x everywhere). Served mixed steps of
+# 770-1040 rows with the narrow three on tiles, alternated in one process: medians 351 -> 314,
+# 348 -> 327, 262 -> 239 ms; at 1490 rows the tiles lost (450 -> 738), hence the bound. The
+# native decoder stack keeps the smallest of its weights' limits (AMX_TILE_ROWS).
+NARROW_OUTPUTS = 1024
+NARROW_TILE_ROWS = 1024
 # Bumped by every pack(): whoever keeps raw pointers to packed weights or panels (the native
 # decoder stack) rebuilds them when it changes.
 generation = 0
@@ -168,6 +178,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight
     nbytes = w.numel() * w.element_size()
     panels, tiles = None, cdt == torch.bfloat16 and mode() == "auto" and native.amx_supported()
     rows = gemv_rows(tiles)
+    if tiles and out_f <= NARROW_OUTPUTS and not os.environ.get("PAGEDQ_CPU_GEMV_ROWS", "").strip():
+        rows = max(rows, NARROW_TILE_ROWS)
     if rows > 0 and native.gemv_supports(weight):
         if cdt == torch.float32:
             panels = native.panels(weight)

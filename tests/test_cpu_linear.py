@@ -140,6 +140,39 @@ def test_the_amx_kernel_equals_the_float32_product_at_every_tile_edge():
         native.gemv(torch.ones(1, 64).bfloat16(), native.amx_tiles(w), None, 65)
 
 
+@pytest.mark.skipif(
+    native.library() is None or not native.amx_supported(), reason="this CPU (or build) has no AMX"
+)
+def test_on_amx_narrow_weights_keep_the_tile_kernel_up_to_1024_rows(monkeypatch):
+    """Weights of at most ``NARROW_OUTPUTS`` outputs run the tile kernel for calls of up to
+    ``NARROW_TILE_ROWS`` rows (oneDNN ran such GEMMs on one of two threads below 2048 rows), wider
+    ones up to ``AMX_TILE_ROWS``; past the limit oneDNN runs the call. Results: the float32
+    product within one bf16 rounding. ``PAGEDQ_CPU_GEMV_ROWS`` sets one limit for both."""
+    monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "auto")
+    monkeypatch.delenv("PAGEDQ_CPU_GEMV_ROWS", raising=False)
+    g = torch.Generator().manual_seed(0)
+    narrow_w = torch.randn(576, 1536, generator=g).bfloat16() * 0.05
+    wide_w = torch.randn(3072, 576, generator=g).bfloat16() * 0.05
+    narrow, wide = cpu_linear.pack(narrow_w), cpu_linear.pack(wide_w)
+    assert narrow is not None
+    assert wide is not None
+    assert narrow.gemv_rows == cpu_linear.NARROW_TILE_ROWS == 1024
+    assert wide.gemv_rows == cpu_linear.AMX_TILE_ROWS == 512
+    calls: list[int] = []
+    gemv = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda x, *a: calls.append(x.shape[0]) or gemv(x, *a))
+    for p, w, rows in ((narrow, narrow_w, (700, 1024, 1025)), (wide, wide_w, (512, 513))):
+        for m in rows:
+            calls.clear()
+            x = torch.randn(m, w.shape[1], generator=g).bfloat16()
+            got = cpu_linear.linear(x, p)
+            assert calls == ([m] if m <= p.gemv_rows else [])
+            ref = x.float() @ w.float().T
+            torch.testing.assert_close(got.float(), ref.bfloat16().float(), atol=1e-2, rtol=8e-3)
+    monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", "100")
+    assert cpu_linear.pack(narrow_w).gemv_rows == cpu_linear.pack(wide_w).gemv_rows == 100
+
+
 def test_a_bad_gemv_rows_setting_names_what_is_allowed(monkeypatch):
     monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", "-1")
     with pytest.raises(
