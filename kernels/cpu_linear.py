@@ -111,12 +111,16 @@ def mode() -> str:
     return value
 
 
-def gemv_rows(tiles: bool = False) -> int:
+def gemv_rows(tiles: bool = False, out_features: int | None = None) -> int:
     """Calls of at most this many rows run ``native.gemv`` on the weight's panels, or on its AMX
-    tiles where ``tiles`` (0: never); ``PAGEDQ_CPU_GEMV_ROWS`` sets both."""
+    tiles where ``tiles`` (0: never; a weight of at most ``NARROW_OUTPUTS`` ``out_features``
+    keeps them to ``NARROW_TILE_ROWS``); ``PAGEDQ_CPU_GEMV_ROWS`` sets all of them."""
     value = os.environ.get("PAGEDQ_CPU_GEMV_ROWS", "").strip()
     if not value:
-        return AMX_TILE_ROWS if tiles else GEMV_ROWS
+        if not tiles:
+            return GEMV_ROWS
+        narrow = out_features is not None and out_features <= NARROW_OUTPUTS
+        return NARROW_TILE_ROWS if narrow else AMX_TILE_ROWS
     if not value.isdigit():
         raise ValueError(f"PAGEDQ_CPU_GEMV_ROWS must be a whole number of rows >= 0 (0: off); got {value!r}")
     return int(value)
@@ -177,9 +181,7 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight
     out_f, in_f = w.shape
     nbytes = w.numel() * w.element_size()
     panels, tiles = None, cdt == torch.bfloat16 and mode() == "auto" and native.amx_supported()
-    rows = gemv_rows(tiles)
-    if tiles and out_f <= NARROW_OUTPUTS and not os.environ.get("PAGEDQ_CPU_GEMV_ROWS", "").strip():
-        rows = max(rows, NARROW_TILE_ROWS)
+    rows = gemv_rows(tiles, out_f)
     if rows > 0 and native.gemv_supports(weight):
         if cdt == torch.float32:
             panels = native.panels(weight)
