@@ -32,6 +32,17 @@
 
 #include "cpu_math.h"
 
+static int woq_amx_on = 1; /* woq_set_amx */
+
+/* Whether calls of AMX_MIN_ROWS rows or more may run on AMX tiles (1 by default); returns the
+ * previous setting. Tests switch it off to compare the two paths in one build. Every build
+ * keeps the setting, so the tests run alike everywhere; only an AMX build reads it. */
+int woq_set_amx(int on) {
+    const int was = woq_amx_on;
+    woq_amx_on = on != 0;
+    return was;
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 
@@ -41,16 +52,6 @@
 
 int woq_available(void) { return 1; }
 const char* woq_isa(void) { return "avx512bf16"; }
-
-static int woq_amx_on = 1; /* woq_set_amx */
-
-/* Whether calls of AMX_MIN_ROWS rows or more may run on AMX tiles (where built; 1 by default);
- * returns the previous setting. Tests switch it off to compare the two paths in one build. */
-int woq_set_amx(int on) {
-    const int was = woq_amx_on;
-    woq_amx_on = on != 0;
-    return was;
-}
 
 /* the 4 vdpbf16ps operands (16 channels each) of K pair kp of a panel block */
 static inline __attribute__((always_inline)) void cvt_pair(const int bits, const void* codes, const int kp, __m512bh b[4]) {
@@ -423,10 +424,6 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 
 int woq_available(void) { return 1; }
 const char* woq_isa(void) { return "avx2"; }
-int woq_set_amx(int on) {
-    (void)on;
-    return 0;
-}
 
 /* the 8 lanes of channels c..c+3 x a K pair, as float32, from the codes' row p (int8: the
  * pair's 128 bytes; 4-bit: the 128 bytes of a K quad, whose low nibbles hold its first pair
@@ -707,10 +704,6 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #else
 int woq_available(void) { return 0; }
 const char* woq_isa(void) { return ""; }
-int woq_set_amx(int on) {
-    (void)on;
-    return 0;
-}
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     (void)x; (void)M; (void)K; (void)codes; (void)bits; (void)scales; (void)zeros; (void)group;
