@@ -12,7 +12,7 @@ The path depends on the CPU, detected at run time:
 
 * ``float32`` weights: packed as they are (any x86 CPU with oneDNN, AVX2 and up);
 * ``bfloat16`` weights on a CPU with native bf16 dot products (AVX-512 BF16, AMX, AVX-NE-CONVERT;
-  ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``): packed as bf16, oneDNN picks AMX tiles
+  ``bf16_native()``): packed as bf16, oneDNN picks AMX tiles
   where the CPU has them. Where it has AMX (and the native kernels build), calls of up to
   ``AMX_TILE_ROWS`` (512; ``PAGEDQ_CPU_GEMV_ROWS``) rows, or ``NARROW_TILE_ROWS`` (1024) for
   weights of at most ``NARROW_OUTPUTS`` outputs, run our own AMX kernel instead (``native.gemv`` on a copy laid
@@ -21,8 +21,8 @@ The path depends on the CPU, detected at run time:
   Xeon, the 120 GEMMs of a `bench` decode step with cold weights, oneDNN / tiles: 1 row 15-21 /
   11-12 ms, 16 rows 15-26 / 11-12, 32 rows 28 / 17-18; from ~48 rows they are level), and
   it lets the whole decoder stack of a decode step run as one native call (``native.decoder_layers``);
-* ``bfloat16`` weights elsewhere (AVX2 only): torch emulates bf16 GEMMs there at ~15 GFLOP/s
-  whatever the size, so the weight is packed as float32 instead (twice the bytes, ~6x the
+* ``bfloat16`` weights elsewhere (AVX2, or AVX-512 without BF16): bf16 GEMMs are emulated there
+  (AVX2: ~15 GFLOP/s whatever the size; AVX-512: ~62, a fifth of float32), so the weight is packed as float32 instead (twice the bytes, ~6x the
   speed); activations are converted at the call and the output rounded back to bf16, which is
   what a bf16 GEMM with float32 accumulation returns.
 
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +129,25 @@ def gemv_rows(tiles: bool = False, out_features: int | None = None) -> int:
 
 @functools.cache
 def bf16_native() -> bool:
-    """Whether oneDNN runs bf16 GEMMs natively here (AVX-512 BF16, AMX or AVX-NE-CONVERT)."""
+    """Whether oneDNN runs bf16 GEMMs natively here (AVX-512 BF16, AMX or AVX-NE-CONVERT).
+
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` alone says yes on any x86 CPU with
+    AVX-512 BW/VL/DQ, where oneDNN emulates bf16 by converting to float32: on an AVX-512 Xeon
+    without AVX-512 BF16 (2 cores, 2026-12-01) `bench`'s four decoder GEMMs ran at 62 GFLOP/s
+    in bf16 and 320 as float32 at 256-2048 rows (5x), and 3.5x slower at 16 rows. So on x86
+    the CPU must have a bf16 dot-product instruction too."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
     except (AttributeError, RuntimeError):
         return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # Arm: mkldnn's answer is the CPU's bf16 extension
+    return (
+        torch.cpu._is_avx512_bf16_supported()
+        or torch.cpu._is_amx_tile_supported()
+        or "avx_ne_convert" in native.cpu_flags()
+    )
 
 
 @dataclass

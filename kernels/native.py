@@ -35,6 +35,7 @@ implementation instead; both are tested against each other.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -88,13 +89,19 @@ def _cache_dir() -> str:
     return os.path.join(root, "native")
 
 
-def _cpu_id() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
+def _cpu_id() -> str:
+    return platform.machine() + " ".join(sorted(cpu_flags()))
 
 
 def _read(path: str) -> bytes:

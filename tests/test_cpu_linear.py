@@ -55,6 +55,35 @@ def test_packed_linear_equals_f_linear(monkeypatch, mode, dtype, rows, bias, gem
     assert cpu_linear.linear(x3, packed).shape == (1, rows, 200)
 
 
+@pytest.mark.parametrize(
+    ("machine", "mkldnn", "avx512_bf16", "amx", "flags", "expect"),
+    [
+        ("x86_64", True, False, False, "avx512f avx512bw avx512vl avx512dq", False),  # emulated
+        ("x86_64", True, True, False, "avx512f avx512_bf16", True),
+        ("x86_64", True, False, True, "amx_tile amx_bf16", True),
+        ("x86_64", True, False, False, "avx2 avx_ne_convert", True),
+        ("x86_64", False, True, True, "", False),  # torch built without it
+        ("aarch64", True, False, False, "", True),  # Arm: mkldnn's answer
+    ],
+)
+def test_bf16_counts_as_native_only_with_a_bf16_dot_product(
+    monkeypatch, machine, mkldnn, avx512_bf16, amx, flags, expect
+):
+    """oneDNN "supports" bf16 on any AVX-512 BW/VL/DQ CPU by emulating it (a fifth of the
+    float32 speed there): such a CPU packs bf16 weights as float32, like an AVX2 one."""
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(flags.split()))
+    cpu_linear.bf16_native.cache_clear()
+    try:
+        assert cpu_linear.bf16_native() is expect
+    finally:
+        monkeypatch.undo()
+        cpu_linear.bf16_native.cache_clear()
+
+
 def test_row_buckets_are_exact_to_64_rows_then_pad_under_a_sixteenth():
     """Few primitives per GEMM shape (oneDNN caches 1024), little padded work per call."""
     buckets = [cpu_linear.rows_bucket(m) for m in range(1, 4097)]
