@@ -271,3 +271,13 @@ def test_the_engine_packs_on_cpu_and_its_tokens_do_not_change(tiny_llama, monkey
         assert (kept > 0) == (gemv_rows != "0" and native.library() is not None)
         if model.lm_head is not None:  # untied: every packed weight replaced its plain copy, panels added
             assert weight_bytes == ref_bytes + kept
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernels are off")
+def test_the_panels_of_the_avx2_build_equal_f_linear_too(tmp_path):
+    """With AVX-512 the few-row kernel takes two panels per call (a panel is one 16-float
+    vector); ``PAGEDQ_CPU_ISA=avx2`` compiles it without, one panel as two 8-float halves, so an
+    AVX-512 CPU checks both: the packed-linear tests in a fresh process with that build."""
+    from .conftest import run_on_avx2_build
+
+    run_on_avx2_build(tmp_path, "test_cpu_linear.py", "packed_linear_equals")
