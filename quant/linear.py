@@ -12,7 +12,9 @@ by ``pagedq bench quant --crossover``).
   at every token count, and on AMX tiles from 8 rows on a CPU that has them (faster than the
   bf16 weights' product up to ~128 rows: it reads the codes once). There, prefill chunks of
   ``AMX_DEQUANT_MIN_TOKENS`` rows or more dequantize natively into a transposed bf16 weight for
-  one dense product. The classes below serve other dtypes and CPUs.
+  one dense product; on a CPU without bf16 dot products (AVX2, or AVX-512 without BF16) chunks
+  of ``FP32_DEQUANT_MIN_TOKENS`` rows or more do so into a float32 product. The classes below
+  serve other dtypes and CPUs.
 * :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
   ``(8 - z) * s`` (the kernel computes ``(q - 8) * s + offset``). GPTQ act-order (``g_idx``
@@ -54,6 +56,14 @@ DEQUANT_MIN_TOKENS = 40
 # had AMX tiles the crossover was 32 rows: vdpbf16ps alone ran 2.9-3.2 ms at 64 rows.) Prefill
 # chunks of more rows dequantize once and run oneDNN's GEMM.
 AMX_DEQUANT_MIN_TOKENS = 256
+
+# ... and on a CPU without native bf16 dot products (AVX2, or AVX-512 without BF16), where the
+# dense layers run float32 GEMMs (kernels/cpu_linear.py): from this many rows the layer
+# dequantizes and runs a float32 product. 2-vCPU AVX-512 Xeon without BF16, `bench`'s four
+# decoder GEMMs, the kernel (AVX-512 tiles over dequantized chunks) vs dequantize + float32
+# product, ms (either bit width alike): 384 rows 9.8 / 12.3, 512 13.5 / 14.9, 768 22.0 / 20.2,
+# 1024 31.6 / 27.0, 2048 68.5 / 52.7 (the bf16 weights' packed product: 8.6, 11.2, 17.5, 23.5, 48).
+FP32_DEQUANT_MIN_TOKENS = 640
 
 # per thread (two engines of one process can step at once), the dense weights of the last
 # dequantize per shape: rewritten by every call, so a step's layers share them
@@ -293,10 +303,16 @@ class NativeQuantLinear(SortedGroupsLinear):
 
         n, k = w.shape
         super().__init__(k, n, bias)
-        # bf16 GEMMs on AMX tiles (not with PAGEDQ_CPU_LINEAR forcing another path): dequantize
-        # for many rows (see AMX_DEQUANT_MIN_TOKENS)
-        if dtype == torch.bfloat16 and cpu_linear.mode() == "auto" and native.amx_supported():
-            self.dequant_min_tokens = AMX_DEQUANT_MIN_TOKENS
+        # many rows dequantize for a dense product (not with PAGEDQ_CPU_LINEAR forcing another
+        # path): in bf16 where GEMMs run on AMX tiles (AMX_DEQUANT_MIN_TOKENS), in float32 where
+        # the CPU has no bf16 dot product (FP32_DEQUANT_MIN_TOKENS)
+        self.dense_dtype = torch.bfloat16
+        if dtype == torch.bfloat16 and cpu_linear.mode() == "auto":
+            if native.amx_supported():
+                self.dequant_min_tokens = AMX_DEQUANT_MIN_TOKENS
+            elif not cpu_linear.bf16_native():
+                self.dequant_min_tokens = FP32_DEQUANT_MIN_TOKENS
+                self.dense_dtype = torch.float32
         q = self._sort_groups(w)
         groups = w.scales.shape[0]
         self.bits, self.group_size = w.bits, k // groups
@@ -342,7 +358,13 @@ class NativeQuantLinear(SortedGroupsLinear):
         wt = native.woq_dequant(
             self.codes, self.bits, self.scales, self.zeros, self.group_size, *shape, out=buffers[shape]
         )
-        y = self._prepare(x) @ wt
+        if self.dense_dtype == torch.float32:  # exact widening; one rounding of the float32 product
+            key = (*shape, torch.float32)
+            if key not in buffers:
+                buffers[key] = torch.empty(shape, dtype=torch.float32)
+            y = (self._prepare(x).float() @ buffers[key].copy_(wt)).to(torch.bfloat16)
+        else:
+            y = self._prepare(x) @ wt
         return y if self.bias is None else y + self.bias
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,10 +114,12 @@ def test_panel_packing_round_trips(bits):
 def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group, act_order):
     """``native.woq_dequant`` gives the transposed weight of the layer's torch dequantization bit
     for bit (channels past a 64-panel, several groups, act-order). Where bf16 GEMMs run on AMX
-    tiles, calls of ``AMX_DEQUANT_MIN_TOKENS`` rows and more multiply by it densely (so bias and
-    act-order permutation apply as on the kernel path), fewer rows run the kernel; with
-    ``PAGEDQ_CPU_LINEAR=onednn`` every row count runs the kernel."""
-    from pagedq.quant.linear import AMX_DEQUANT_MIN_TOKENS
+    tiles, calls of ``AMX_DEQUANT_MIN_TOKENS`` rows and more multiply by it densely in bf16; on
+    a CPU without bf16 dot products calls of ``FP32_DEQUANT_MIN_TOKENS`` rows and more do so in
+    float32 (so bias and act-order permutation apply as on the kernel path); fewer rows run the
+    kernel. With ``PAGEDQ_CPU_LINEAR=onednn`` every row count runs the kernel."""
+    from pagedq.kernels import cpu_linear
+    from pagedq.quant.linear import AMX_DEQUANT_MIN_TOKENS, FP32_DEQUANT_MIN_TOKENS
 
     q, zeros, scales, g_idx = random_weight(n, k, bits, group, False, act_order, seed=bits + n)
     w = QuantWeight(q.to(torch.uint8), scales.float(), zeros.float(), g_idx, bits)
@@ -132,25 +134,41 @@ def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group,
         ValueError, match=rf"woq_dequant: codes of {np_} channels x {k} in groups of {group} do not fit"
     ):
         native.woq_dequant(layer.codes, bits, layer.scales, layer.zeros, layer.group_size, k, np_ + 1)
-    amx = native.amx_supported()
-    assert layer.dequant_min_tokens == (AMX_DEQUANT_MIN_TOKENS if amx else 2**62)
+    amx, fp32 = native.amx_supported(), not cpu_linear.bf16_native()
+    threshold = AMX_DEQUANT_MIN_TOKENS if amx else FP32_DEQUANT_MIN_TOKENS if fp32 else None
+    assert layer.dequant_min_tokens == (threshold or 2**62)
+    assert layer.dense_dtype == (torch.float32 if fp32 and not amx else torch.bfloat16)
     calls: list[int] = []
     real = native.woq_gemm
     monkeypatch.setattr(native, "woq_gemm", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
-    for m in (AMX_DEQUANT_MIN_TOKENS - 1, AMX_DEQUANT_MIN_TOKENS, 70):
+    at = threshold or AMX_DEQUANT_MIN_TOKENS
+    for m in (at - 1, at, 70):
         x = torch.randn(m, k).bfloat16()
         calls.clear()
         out = layer(x)
-        dense = amx and m >= AMX_DEQUANT_MIN_TOKENS
+        dense = threshold is not None and m >= threshold
         assert calls == ([] if dense else [m])
-        if dense:  # the product of the bf16 weight: each weight rounded once, then as a bf16 GEMM
-            assert torch.equal(out, layer._prepare(x) @ wt + bias)
+        if dense:  # the product of the bf16 weight: each weight rounded once, then one GEMM
+            if layer.dense_dtype == torch.float32:  # float32 sums, the product rounded once
+                assert torch.equal(out, (layer._prepare(x).float() @ wt.float()).bfloat16() + bias)
+            else:
+                assert torch.equal(out, layer._prepare(x) @ wt + bias)
             ref = x.float() @ w.dequantize().T + bias.float()
             assert float((out.float() - ref).abs().max()) < 2**-6 * float(ref.abs().max())
         else:
             assert_bf16_exact(layer, x, w.dequantize(), bias)
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "onednn")
     assert NativeQuantLinear(w, bias, torch.bfloat16).dequant_min_tokens == 2**62
+    # the float32 dense path on any machine: as a CPU without bf16 dot products builds it
+    monkeypatch.delenv("PAGEDQ_CPU_LINEAR")
+    monkeypatch.setattr(native, "amx_supported", lambda: False)
+    monkeypatch.setattr(cpu_linear, "bf16_native", lambda: False)
+    layer = NativeQuantLinear(w, bias, torch.bfloat16)
+    assert (layer.dequant_min_tokens, layer.dense_dtype) == (FP32_DEQUANT_MIN_TOKENS, torch.float32)
+    x = torch.randn(FP32_DEQUANT_MIN_TOKENS, k).bfloat16()
+    calls.clear()
+    assert torch.equal(layer(x), (layer._prepare(x).float() @ wt.float()).bfloat16() + bias)
+    assert calls == []
 
 
 @pytest.mark.parametrize(
@@ -257,10 +275,12 @@ def test_the_native_stack_runs_quantized_layers_with_the_python_paths_tokens(
     write_quantized(src, qdir, str(tmp_path / "d"), fmt, bits, group, sym, act_order)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
     calls = count_stack_calls(monkeypatch)
+    native_prompts = []
 
     def run():
         with LLM(qdir, dtype="bfloat16") as llm:
             assert isinstance(llm.engine.runner.model.layers[0].self_attn.qkv_proj, NativeQuantLinear)
+            native_prompts.append(llm.engine.runner.native_prompts)
             outs = [
                 llm.generate(PROMPTS[:1], sp, use_tqdm=False),
                 llm.generate(PROMPTS[:3], sp, use_tqdm=False),
@@ -268,8 +288,11 @@ def test_the_native_stack_runs_quantized_layers_with_the_python_paths_tokens(
         return [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out] for out in outs]
 
     fast = run()
-    assert sorted(set(calls)) == [1, 3]  # every decode step, never a prompt
-    assert len(calls) == 2 * 9
+    # every decode step; the prompts too (9 and 24 rows) where they attend through the native
+    # kernel (a CPU without native bf16 dot products: model_runner.native_prompts)
+    prompts = [9, 24] if native_prompts[0] else []
+    assert sorted(set(calls)) == sorted([1, 3, *prompts])
+    assert len(calls) == 2 * 9 + len(prompts)
     monkeypatch.setattr(LlamaForCausalLM, "_native_stack", lambda *a: False)
     assert run() == fast
 
