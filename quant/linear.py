@@ -59,11 +59,12 @@ AMX_DEQUANT_MIN_TOKENS = 256
 
 # ... and on a CPU without native bf16 dot products (AVX2, or AVX-512 without BF16), where the
 # dense layers run float32 GEMMs (kernels/cpu_linear.py): from this many rows the layer
-# dequantizes and runs a float32 product. 2-vCPU AVX-512 Xeon without BF16, `bench`'s four
-# decoder GEMMs, the kernel (AVX-512 tiles over dequantized chunks) vs dequantize + float32
-# product, ms (either bit width alike): 384 rows 9.8 / 12.3, 512 13.5 / 14.9, 768 22.0 / 20.2,
-# 1024 31.6 / 27.0, 2048 68.5 / 52.7 (the bf16 weights' packed product: 8.6, 11.2, 17.5, 23.5, 48).
-FP32_DEQUANT_MIN_TOKENS = 640
+# dequantizes (natively, 0.4 ms for the four below) and runs a float32 product. 2-vCPU AVX-512
+# Xeon without BF16, `bench`'s four decoder GEMMs, the kernel (AVX-512 tiles over dequantized
+# chunks) vs dequantize + float32 product, ms (either bit width alike): 256 rows 6.6 / 7.8,
+# 384 10.1 / 10.6, 512 14.0 / 13.1, 640 18.0 / 16.3, 2048 71.5 / 49.4 (the bf16 weights'
+# packed float32 product: 6.1, 8.6, 11.8, 14.6, 46.3).
+FP32_DEQUANT_MIN_TOKENS = 448
 
 # per thread (two engines of one process can step at once), the dense weights of the last
 # dequantize per shape: rewritten by every call, so a step's layers share them

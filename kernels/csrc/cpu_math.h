@@ -75,10 +75,24 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 floats as bf16, rounded to nearest even as f32_to_bf16 (vcvtneps2bf16 where the CPU has
+ * AVX-512 BF16; else the same integer rounding, a NaN kept quiet), and widened back. */
 #if defined(__AVX512BF16__)
-/* 16 floats rounded to bf16 (nearest even, as f32_to_bf16) and widened back. */
-static inline __m512 round_bf16x16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+static inline __m256i cvt_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+#else
+static inline __m256i cvt_bf16x16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 is_nan =
+        _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan));
+}
 #endif
+static inline __m512 round_bf16x16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(cvt_bf16x16(x)), 16));
+}
 
 /* silu_approx for 16 floats: g * (g >= 0 ? 1 : e) / (1 + e), e = exp(-|g|), the division a
  * reciprocal estimate and one Newton step (relative error ~1e-7; a vdivps costs more than the
