@@ -536,69 +536,62 @@ static inline __attribute__((always_inline)) void dequant_chunk(
     }
 }
 
-#if defined(__AVX512F__)
-/* up to MRD = 6 rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]. With
- * AVX-512 (a CPU without AVX-512 BF16: the float32 path serves it) a K pair of the unit is two
- * vectors: 12 accumulators, 8 loads per 12 FMAs of twice AVX2's width (the AVX2 version below
- * takes the unit in two halves). `bench`'s four decoder GEMMs, int8 or int4, 2-vCPU Xeon with
- * AVX-512 and no BF16, AVX2 / this, ms: 16 rows 0.93 / 0.64, 64 rows 2.84 / 1.72, 256 rows
- * 11.1 / 6.4, 2048 rows 109 / 78 (68.5 with TILE_BLOCK; dense float32 GEMMs of the bf16
+/* up to MRD = 6 rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]. A K pair
+ * of the unit is 32 floats: with AVX-512 two vectors, 12 accumulators, 8 loads per 12 FMAs;
+ * with AVX2 each half of the unit (8 channels, 2 vectors) in turn, the same 12 accumulators
+ * and loads (a 3 x 4 tile needs 15). AVX-512 (a CPU without AVX-512 BF16: this float32 path
+ * serves it) runs FMAs twice as wide: `bench`'s four decoder GEMMs, int8 or int4, 2-vCPU Xeon
+ * with AVX-512 and no BF16, AVX2 / AVX-512, ms: 16 rows 0.93 / 0.64, 64 rows 2.84 / 1.72, 256
+ * rows 11.1 / 6.4, 2048 rows 109 / 78 (68.5 with TILE_BLOCK; dense float32 GEMMs of the bf16
  * weights: 0.61, 1.70, 5.8, 48). */
-static inline __attribute__((always_inline)) void tile_dq(
-    const int mr, const double* xt, const int kp0, const int n, const float* buf, float* C, const int ldc) {
-    __m512 acc[MRD][2];
-#pragma GCC unroll 6
-    for (int r = 0; r < MRD; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int i = 0; i < n; i++) {
-        const __m512 b0 = _mm512_load_ps(buf + (size_t)i * 32), b1 = _mm512_load_ps(buf + (size_t)i * 32 + 16);
-        const double* xk = xt + (size_t)(kp0 + i) * MRD;
-#pragma GCC unroll 6
-        for (int r = 0; r < mr; r++) {
-            const __m512 xr = _mm512_castpd_ps(_mm512_set1_pd(xk[r]));
-            acc[r][0] = _mm512_fmadd_ps(b0, xr, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(b1, xr, acc[r][1]);
-        }
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < mr; r++)
-#pragma GCC unroll 2
-        for (int j = 0; j < 2; j++) {
-            float* c = C + (size_t)r * ldc + j * 16;
-            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), acc[r][j]));
-        }
-}
+#if defined(__AVX512F__)
+typedef __m512 dq_vec;
+#define DQ_W 16 /* floats per vector: a K pair of the unit is 32 / DQ_W / 2 halves of two vectors */
+#define DQ_ZERO() _mm512_setzero_ps()
+#define DQ_LOAD(p) _mm512_load_ps(p)
+#define DQ_LOADU(p) _mm512_loadu_ps(p)
+#define DQ_STOREU(p, v) _mm512_storeu_ps(p, v)
+#define DQ_ADD(a, b) _mm512_add_ps(a, b)
+#define DQ_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define DQ_PAIR(p) _mm512_castpd_ps(_mm512_set1_pd(*(p))) /* a row's (x0, x1) in every lane pair */
 #else
-/* up to MRD = 6 rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]; each
- * half of the unit (8 channels, 2 vectors) in turn: 12 accumulators, the 2 weight vectors in
- * registers and one broadcast per row, i.e. 8 loads per 12 FMAs (a 3 x 4 tile needs 15) */
+typedef __m256 dq_vec;
+#define DQ_W 8
+#define DQ_ZERO() _mm256_setzero_ps()
+#define DQ_LOAD(p) _mm256_load_ps(p)
+#define DQ_LOADU(p) _mm256_loadu_ps(p)
+#define DQ_STOREU(p, v) _mm256_storeu_ps(p, v)
+#define DQ_ADD(a, b) _mm256_add_ps(a, b)
+#define DQ_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define DQ_PAIR(p) _mm256_castpd_ps(_mm256_broadcast_sd(p))
+#endif
 static inline __attribute__((always_inline)) void tile_dq(
     const int mr, const double* xt, const int kp0, const int n, const float* buf, float* C, const int ldc) {
 #pragma GCC unroll 2
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[MRD][2];
+    for (int half = 0; half < 16 / DQ_W; half++) {
+        dq_vec acc[MRD][2];
 #pragma GCC unroll 6
-        for (int r = 0; r < MRD; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        const float* b = buf + half * 16;
+        for (int r = 0; r < MRD; r++) acc[r][0] = acc[r][1] = DQ_ZERO();
+        const float* b = buf + half * 2 * DQ_W;
         for (int i = 0; i < n; i++) {
-            const __m256 b0 = _mm256_load_ps(b + (size_t)i * 32), b1 = _mm256_load_ps(b + (size_t)i * 32 + 8);
+            const dq_vec b0 = DQ_LOAD(b + (size_t)i * 32), b1 = DQ_LOAD(b + (size_t)i * 32 + DQ_W);
             const double* xk = xt + (size_t)(kp0 + i) * MRD;
 #pragma GCC unroll 6
             for (int r = 0; r < mr; r++) {
-                const __m256 xr = _mm256_castpd_ps(_mm256_broadcast_sd(xk + r));
-                acc[r][0] = _mm256_fmadd_ps(b0, xr, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(b1, xr, acc[r][1]);
+                const dq_vec xr = DQ_PAIR(xk + r);
+                acc[r][0] = DQ_FMA(b0, xr, acc[r][0]);
+                acc[r][1] = DQ_FMA(b1, xr, acc[r][1]);
             }
         }
 #pragma GCC unroll 6
         for (int r = 0; r < mr; r++)
 #pragma GCC unroll 2
             for (int j = 0; j < 2; j++) {
-                float* c = C + (size_t)r * ldc + half * 16 + j * 8;
-                _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r][j]));
+                float* c = C + (size_t)r * ldc + half * 2 * DQ_W + j * DQ_W;
+                DQ_STOREU(c, DQ_ADD(DQ_LOADU(c), acc[r][j]));
             }
     }
 }
-#endif
 
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
