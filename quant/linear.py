@@ -12,8 +12,8 @@ by ``pagedq bench quant --crossover``).
   at every token count, and on AMX tiles from 8 rows on a CPU that has them (faster than the
   bf16 weights' product up to ~128 rows: it reads the codes once). There, prefill chunks of
   ``AMX_DEQUANT_MIN_TOKENS`` rows or more dequantize natively into a transposed bf16 weight for
-  one dense product; on a CPU without bf16 dot products (AVX2, or AVX-512 without BF16) chunks
-  of ``FP32_DEQUANT_MIN_TOKENS`` rows or more do so into a float32 product. The classes below
+  one dense product; on an AVX-512 CPU without bf16 dot products chunks of
+  ``FP32_DEQUANT_MIN_TOKENS`` rows or more do so into a float32 product. The classes below
   serve other dtypes and CPUs.
 * :class:`Int4Linear` — 4-bit codes with per-group scale and zero (GPTQ 4-bit, AWQ, RTN int4):
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Zeros are folded into a float offset
@@ -57,13 +57,15 @@ DEQUANT_MIN_TOKENS = 40
 # chunks of more rows dequantize once and run oneDNN's GEMM.
 AMX_DEQUANT_MIN_TOKENS = 256
 
-# ... and on a CPU without native bf16 dot products (AVX2, or AVX-512 without BF16), where the
-# dense layers run float32 GEMMs (kernels/cpu_linear.py): from this many rows the layer
+# ... and on an AVX-512 CPU without native bf16 dot products, where the dense layers run
+# float32 GEMMs (kernels/cpu_linear.py): from this many rows the layer
 # dequantizes (natively, 0.4 ms for the four below) and runs a float32 product. 2-vCPU AVX-512
 # Xeon without BF16, `bench`'s four decoder GEMMs, the kernel (AVX-512 tiles over dequantized
 # chunks) vs dequantize + float32 product, ms (either bit width alike): 256 rows 6.6 / 7.8,
 # 384 10.1 / 10.6, 512 14.0 / 13.1, 640 18.0 / 16.3, 2048 71.5 / 49.4 (the bf16 weights'
-# packed float32 product: 6.1, 8.6, 11.8, 14.6, 46.3).
+# packed float32 product: 6.1, 8.6, 11.8, 14.6, 46.3). An AVX2-only CPU keeps the kernel at
+# every row count: there its tiles ran 0.95-1.15x of oneDNN's packed float32 GEMM at 64-1024
+# rows (2-vCPU AMD EPYC), and no dequantize path was measured against them.
 FP32_DEQUANT_MIN_TOKENS = 448
 
 # per thread (two engines of one process can step at once), the dense weights of the last
@@ -305,13 +307,13 @@ class NativeQuantLinear(SortedGroupsLinear):
         n, k = w.shape
         super().__init__(k, n, bias)
         # many rows dequantize for a dense product (not with PAGEDQ_CPU_LINEAR forcing another
-        # path): in bf16 where GEMMs run on AMX tiles (AMX_DEQUANT_MIN_TOKENS), in float32 where
-        # the CPU has no bf16 dot product (FP32_DEQUANT_MIN_TOKENS)
+        # path): in bf16 where GEMMs run on AMX tiles (AMX_DEQUANT_MIN_TOKENS), in float32 on an
+        # AVX-512 CPU without bf16 dot products (FP32_DEQUANT_MIN_TOKENS)
         self.dense_dtype = torch.bfloat16
         if dtype == torch.bfloat16 and cpu_linear.mode() == "auto":
             if native.amx_supported():
                 self.dequant_min_tokens = AMX_DEQUANT_MIN_TOKENS
-            elif not cpu_linear.bf16_native():
+            elif not cpu_linear.bf16_native() and torch.cpu._is_avx512_supported():
                 self.dequant_min_tokens = FP32_DEQUANT_MIN_TOKENS
                 self.dense_dtype = torch.float32
         q = self._sort_groups(w)

@@ -115,8 +115,8 @@ def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group,
     """``native.woq_dequant`` gives the transposed weight of the layer's torch dequantization bit
     for bit (channels past a 64-panel, several groups, act-order). Where bf16 GEMMs run on AMX
     tiles, calls of ``AMX_DEQUANT_MIN_TOKENS`` rows and more multiply by it densely in bf16; on
-    a CPU without bf16 dot products calls of ``FP32_DEQUANT_MIN_TOKENS`` rows and more do so in
-    float32 (so bias and act-order permutation apply as on the kernel path); fewer rows run the
+    an AVX-512 CPU without bf16 dot products calls of ``FP32_DEQUANT_MIN_TOKENS`` rows and more
+    do so in float32 (so bias and act-order permutation apply as on the kernel path); fewer rows run the
     kernel. With ``PAGEDQ_CPU_LINEAR=onednn`` every row count runs the kernel."""
     from pagedq.kernels import cpu_linear
     from pagedq.quant.linear import AMX_DEQUANT_MIN_TOKENS, FP32_DEQUANT_MIN_TOKENS
@@ -134,7 +134,8 @@ def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group,
         ValueError, match=rf"woq_dequant: codes of {np_} channels x {k} in groups of {group} do not fit"
     ):
         native.woq_dequant(layer.codes, bits, layer.scales, layer.zeros, layer.group_size, k, np_ + 1)
-    amx, fp32 = native.amx_supported(), not cpu_linear.bf16_native()
+    amx = native.amx_supported()
+    fp32 = not cpu_linear.bf16_native() and torch.cpu._is_avx512_supported()
     threshold = AMX_DEQUANT_MIN_TOKENS if amx else FP32_DEQUANT_MIN_TOKENS if fp32 else None
     assert layer.dequant_min_tokens == (threshold or 2**62)
     assert layer.dense_dtype == (torch.float32 if fp32 and not amx else torch.bfloat16)
@@ -159,10 +160,14 @@ def test_native_dequantize_and_the_many_row_path(monkeypatch, bits, n, k, group,
             assert_bf16_exact(layer, x, w.dequantize(), bias)
     monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "onednn")
     assert NativeQuantLinear(w, bias, torch.bfloat16).dequant_min_tokens == 2**62
-    # the float32 dense path on any machine: as a CPU without bf16 dot products builds it
+    # an AVX2-only CPU keeps the kernel at every row count
     monkeypatch.delenv("PAGEDQ_CPU_LINEAR")
     monkeypatch.setattr(native, "amx_supported", lambda: False)
     monkeypatch.setattr(cpu_linear, "bf16_native", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    assert NativeQuantLinear(w, bias, torch.bfloat16).dequant_min_tokens == 2**62
+    # the float32 dense path on any machine: as an AVX-512 CPU without bf16 dot products builds it
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
     layer = NativeQuantLinear(w, bias, torch.bfloat16)
     assert (layer.dequant_min_tokens, layer.dense_dtype) == (FP32_DEQUANT_MIN_TOKENS, torch.float32)
     x = torch.randn(FP32_DEQUANT_MIN_TOKENS, k).bfloat16()
