@@ -75,6 +75,11 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 bf16 values widened to float32 (exact: the bf16 bits are the float's upper half). */
+static inline __m512 widen_bf16x16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* 16 floats as bf16, rounded to nearest even as f32_to_bf16 (vcvtneps2bf16 where the CPU has
  * AVX-512 BF16; else the same integer rounding, a NaN kept quiet), and widened back. */
 #if defined(__AVX512BF16__)
@@ -90,9 +95,7 @@ static inline __m256i cvt_bf16x16(__m512 x) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan));
 }
 #endif
-static inline __m512 round_bf16x16(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(cvt_bf16x16(x)), 16));
-}
+static inline __m512 round_bf16x16(__m512 x) { return widen_bf16x16(cvt_bf16x16(x)); }
 
 /* silu_approx for 16 floats: g * (g >= 0 ? 1 : e) / (1 + e), e = exp(-|g|), the division a
  * reciprocal estimate and one Newton step (relative error ~1e-7; a vdivps costs more than the

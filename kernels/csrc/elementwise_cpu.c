@@ -83,7 +83,7 @@ void add_rms_norm_bf16(const uint16_t* x, const uint16_t* delta, const uint16_t*
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* 16 bf16 values (those of mask m) widened to float32. */
 static inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    return widen_bf16x16(_mm256_maskz_loadu_epi16(m, p));
 }
 #define SILU_VECTOR 1
 #else

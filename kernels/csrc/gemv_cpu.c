@@ -51,12 +51,8 @@ typedef __m512 vec_t;
 #define VSTORE(p, v) _mm512_storeu_ps(p, v)
 #define VLANES 16
 #define SECOND(p) ((p) + (int64_t)k * PANEL) /* the next panel's row kk */
-static inline __m512 widen_bf16(const uint16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
 #define LOAD_F32(p) _mm512_loadu_ps(p)
-#define LOAD_BF16(p) widen_bf16(p)
+#define LOAD_BF16(p) widen_bf16x16(_mm256_loadu_si256((const __m256i*)(p)))
 #elif defined(__AVX2__) && defined(__FMA__)
 #define NPU 1
 typedef __m256 vec_t;
@@ -92,25 +88,20 @@ static inline __m256 widen_bf16(const uint16_t* p) {
  * vanish). Prefetches run 1 KB ahead in each stream. */
 #define PANEL_KERNEL(NAME, WT, LOAD)                                                               \
     static void NAME(const float* x, int R_, int k, const WT* pw, int np, float acc[MR][NPU * PANEL]) { \
-        if (NPU == 1 || np > 1) {                                                                  \
-            switch (R_) {                                                                          \
-            case 6: PANEL_BODY(6, 2, WT, LOAD) break;                                               \
-            case 5: PANEL_BODY(5, 2, WT, LOAD) break;                                               \
-            case 4: PANEL_BODY(4, 2, WT, LOAD) break;                                               \
-            case 3: PANEL_BODY(3, 2, WT, LOAD) break;                                               \
-            case 2: PANEL_BODY(2, 2, WT, LOAD) break;                                               \
-            default: PANEL_BODY(1, 2, WT, LOAD) break;                                              \
-            }                                                                                      \
-        } else {                                                                                   \
-            switch (R_) {                                                                          \
-            case 6: PANEL_BODY(6, 1, WT, LOAD) break;                                               \
-            case 5: PANEL_BODY(5, 1, WT, LOAD) break;                                               \
-            case 4: PANEL_BODY(4, 1, WT, LOAD) break;                                               \
-            case 3: PANEL_BODY(3, 1, WT, LOAD) break;                                               \
-            case 2: PANEL_BODY(2, 1, WT, LOAD) break;                                               \
-            default: PANEL_BODY(1, 1, WT, LOAD) break;                                              \
-            }                                                                                      \
-        }                                                                                          \
+        if (NPU == 1 || np > 1)                                                                    \
+            PANEL_ROWS(2, WT, LOAD)                                                                \
+        else                                                                                       \
+            PANEL_ROWS(1, WT, LOAD)                                                                \
+    }
+/* one instance per row count R_ (1..MR) */
+#define PANEL_ROWS(NVV, WT, LOAD)                           \
+    switch (R_) {                                           \
+    case 6: PANEL_BODY(6, NVV, WT, LOAD) break;             \
+    case 5: PANEL_BODY(5, NVV, WT, LOAD) break;             \
+    case 4: PANEL_BODY(4, NVV, WT, LOAD) break;             \
+    case 3: PANEL_BODY(3, NVV, WT, LOAD) break;             \
+    case 2: PANEL_BODY(2, NVV, WT, LOAD) break;             \
+    default: PANEL_BODY(1, NVV, WT, LOAD) break;            \
     }
 #define PANEL_BODY(RV, NVV, WT, LOAD)                                                              \
     {                                                                                              \

@@ -363,8 +363,7 @@ ATT_LOOPS(, __m256, 8, load8, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_fmadd_p
  * Xeon: see the file's head). */
 static inline __attribute__((always_inline)) __m512 load16(const void* p, int64_t i, const int BF) {
     if (BF) {
-        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        return widen_bf16x16(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
     }
     return _mm512_loadu_ps((const float*)p + i);
 }

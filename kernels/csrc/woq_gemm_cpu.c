@@ -418,10 +418,8 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #define MR 3  /* x's packing stride (rows per K pair) for calls of up to 3 rows: denser than MRD */
 #define MRD 6 /* the most rows of a tile (direct or over dequantized weights), x's stride beyond 3 */
 #define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
-#ifndef TILE_BLOCK
 #define TILE_BLOCK 32 /* row tiles (of MRD rows) per block of x kept in L2: at 2048 rows 78 -> 68.5 ms
                          (the four GEMMs above; 8 tiles 80, 16 72) */
-#endif
 /* rows of codes (128 bytes) prefetched ahead: ~100 ns of work at one row, where a row of int8
  * codes takes half the time of a 4-bit one (a 4-bit row holds two K pairs) */
 #define PREFETCH(bits) ((bits) == 8 ? 24 * 2 * NB : 12 * 2 * NB)
@@ -546,7 +544,7 @@ static inline __attribute__((always_inline)) void dequant_chunk(
  * weights: 0.61, 1.70, 5.8, 48). */
 #if defined(__AVX512F__)
 typedef __m512 dq_vec;
-#define DQ_W 16 /* floats per vector: a K pair of the unit is 32 / DQ_W / 2 halves of two vectors */
+#define DQ_W 16 /* floats per vector: a K pair of the unit (32 floats) is 16 / DQ_W halves of two vectors */
 #define DQ_ZERO() _mm512_setzero_ps()
 #define DQ_LOAD(p) _mm512_load_ps(p)
 #define DQ_LOADU(p) _mm512_loadu_ps(p)
