@@ -60,7 +60,7 @@ def _step_case(h, kvh, d, bs, dtype, cache_dtype, seed=0):
     several."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(1, 1), (1, 3 * bs), (1, 2 * bs + 5), (1, 37), (5, 29), (bs + 3, 2 * bs + 7), (9, 9), (1, 2)]
-    shapes += [(1, 4 * bs + 70), (20, 150)]
+    shapes += [(1, 4 * bs + 70), (20, 150), (70, 200)]
     nblocks = sum((ctx + bs - 1) // bs for _, ctx in shapes) + 2
     k = torch.randn(nblocks, bs, kvh, d, generator=g)
     v = torch.randn(nblocks, bs, kvh, d, generator=g)
@@ -105,14 +105,19 @@ def _reference(q, kc, vc, ks, vs, tables, starts, shapes, scale, window):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cache", ["same", "int8", "fp8"])
-@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 3, 80)])
+@pytest.mark.parametrize(
+    ("h", "kvh", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 3, 80), (10, 2, 64)]
+)
 @pytest.mark.parametrize("bs", [1, 16])
 @pytest.mark.parametrize("window", [0, 7])
 def test_native_attention_matches_the_reference_for_every_kind_of_row(dtype, cache, h, kvh, d, bs, window):
     """Decodes, chunks after a cached context and fresh prompts in one call, for float32 and
     bf16 queries over a cache of their dtype, int8 codes with scales, or fp8 bytes; head sizes
-    that are multiples of 32 run the AVX2 path where the CPU has it, 80 the portable one. Tolerance:
-    1e-5 in float32; bf16 outputs are rounded to bf16 (2^-8 relative) after float32 math."""
+    that are multiples of 32 run the AVX2 path where the CPU has it, 80 the portable one. With
+    AVX-512, tasks of several query tokens run the rows of a KV head down the vector lanes: full
+    tiles of 48 rows (16 tokens x 3 query heads), partial ones, and 5 query heads per KV head (9
+    tokens: 45 rows in 48 lanes). Tolerance: 1e-5 in float32; bf16 outputs are rounded to bf16
+    (2^-8 relative) after float32 math."""
     cache_dtype = {"same": dtype, "int8": torch.int8, "fp8": torch.uint8}[cache]
     q, kc, vc, ks, vs, tables, starts, shapes = _step_case(h, kvh, d, bs, dtype, cache_dtype)
     lens = torch.tensor([n for n, _ in shapes])
