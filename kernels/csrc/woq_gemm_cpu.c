@@ -524,12 +524,31 @@ static inline __attribute__((always_inline)) void dequant_chunk(
 #pragma GCC unroll 2
         for (int h = 0; h < per_row; h++) {
             float* o = buf + (size_t)(row * per_row + h - kp0) * 32;
+#if defined(__AVX512F__)
+            /* 8 channels x 2 k a vector (cvt16): half the instructions of cvt8's (bench's four
+             * decoder GEMMs, 2-vCPU Xeon without BF16, int8: 8 rows 0.43 -> 0.40 ms, 16 rows
+             * 0.59 -> 0.55; int4: 0.42 -> 0.37, 0.57 -> 0.52) */
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; j++) {
+                const __m128i raw = _mm_loadu_si128((const __m128i*)(p + 2 * (c0 + 8 * j)));
+                __m512i wi;
+                if (bits == 8) {
+                    wi = _mm512_cvtepi8_epi32(raw);
+                } else {
+                    wi = _mm512_cvtepu8_epi32(raw);
+                    wi = h ? _mm512_srli_epi32(wi, 4) : _mm512_and_si512(wi, _mm512_set1_epi32(0xF));
+                }
+                const __m512 w = _mm512_sub_ps(_mm512_cvtepi32_ps(wi), _mm512_loadu_ps(zg + j * 16));
+                _mm512_store_ps(o + j * 16, _mm512_mul_ps(w, _mm512_loadu_ps(sg + j * 16)));
+            }
+#else
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m256 q = cvt8(bits, p, h, c0 + 4 * j);
                 const __m256 w = _mm256_sub_ps(q, _mm256_loadu_ps(zg + j * 8));
                 _mm256_store_ps(o + j * 8, _mm256_mul_ps(w, _mm256_loadu_ps(sg + j * 8)));
             }
+#endif
         }
     }
 }
