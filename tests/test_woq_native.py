@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 CPU = torch.device("cpu")
-# rows: the direct path (1-6), uneven tiles (7 = 4 + 3, 13 = 5 + 4 + 4), the converted-block path
-ROWS = (1, 3, 6, 7, 13, 40)
+# rows: the direct path (1-6; with AVX-512 1-10: 7 and 10 too), then tiles over converted
+# blocks of up to 6 rows (AVX2: 7 = 4 + 3, 13 = 5 + 4 + 4) or 12 (AVX-512: 11, 13 = 7 + 6,
+# 25 = 9 + 8 + 8), and many (40)
+ROWS = (1, 3, 6, 7, 10, 11, 13, 25, 40)
 
 
 def assert_bf16_exact(layer, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:

@@ -416,7 +416,18 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 
 #define NB 64
 #define MR 3  /* x's packing stride (rows per K pair) for calls of up to 3 rows: denser than MRD */
-#define MRD 6 /* the most rows of a tile (direct or over dequantized weights), x's stride beyond 3 */
+/* MRD: the most rows of a tile (direct or over dequantized weights), x's stride beyond 3;
+ * DIRECT_MAX: calls of up to this many rows run direct tiles. With AVX-512 a direct tile holds
+ * 12 rows (2 vectors x 12 of the 32 registers) and pays off up to 10 (bench's four decoder
+ * GEMMs, int8, 2-vCPU Xeon without BF16, direct / over dequantized weights: 8 rows 0.33 / 0.40
+ * ms, 10 rows 0.40 / 0.42, 12 rows 0.48 / 0.45). */
+#if defined(__AVX512F__)
+#define MRD 12
+#define DIRECT_MAX 10
+#else
+#define MRD 6
+#define DIRECT_MAX 6
+#endif
 #define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
 #define TILE_BLOCK 32 /* row tiles (of MRD rows) per block of x kept in L2: at 2048 rows 78 -> 68.5 ms
                          (the four GEMMs above; 8 tiles 80, 16 72) */
@@ -437,12 +448,55 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
     return _mm256_cvtepi32_ps(w);
 }
 
+
+#if defined(__AVX512F__)
+/* cvt8 for channels c..c+7: 16 lanes from 16 bytes of the row (half the instructions) */
+static inline __attribute__((always_inline)) __m512 cvt16(const int bits, const uint8_t* p, const int half, const int c) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(p + 2 * c));
+    if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    const __m512i w = _mm512_cvtepu8_epi32(raw);
+    return _mm512_cvtepi32_ps(half ? _mm512_srli_epi32(w, 4) : _mm512_and_si512(w, _mm512_set1_epi32(0xF)));
+}
+#endif
+
+/* The vector width of the float32 paths: AVX-512's 16 lanes where the CPU has them (a CPU
+ * without AVX-512 BF16 runs this file's float32 kernels), else AVX2's 8. */
+#if defined(__AVX512F__)
+typedef __m512 dq_vec;
+#define DQ_W 16 /* floats per vector: a K pair of the unit (32 floats) is 16 / DQ_W halves of two vectors */
+#define DQ_ZERO() _mm512_setzero_ps()
+#define DQ_SET1(v) _mm512_set1_ps(v)
+#define DQ_FNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define DQ_LOAD(p) _mm512_load_ps(p)
+#define DQ_LOADU(p) _mm512_loadu_ps(p)
+#define DQ_STOREU(p, v) _mm512_storeu_ps(p, v)
+#define DQ_ADD(a, b) _mm512_add_ps(a, b)
+#define DQ_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define DQ_PAIR(p) _mm512_castpd_ps(_mm512_set1_pd(*(p))) /* a row's (x0, x1) in every lane pair */
+#define DQ_CH 8 /* channels per vector (x the 2 k of a pair) */
+#define DQ_CVT cvt16
+#else
+typedef __m256 dq_vec;
+#define DQ_W 8
+#define DQ_ZERO() _mm256_setzero_ps()
+#define DQ_SET1(v) _mm256_set1_ps(v)
+#define DQ_FNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define DQ_LOAD(p) _mm256_load_ps(p)
+#define DQ_LOADU(p) _mm256_loadu_ps(p)
+#define DQ_STOREU(p, v) _mm256_storeu_ps(p, v)
+#define DQ_ADD(a, b) _mm256_add_ps(a, b)
+#define DQ_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define DQ_PAIR(p) _mm256_castpd_ps(_mm256_broadcast_sd(p))
+#define DQ_CH 4
+#define DQ_CVT cvt8
+#endif
+
 /* acc[r][j] += b * x[r] for the pair kp of the tile's packed rows (xt[kp * ld + r]) */
 #define FMA_ROWS(mr, ld, xt, kp, j, b)                                                                  \
     {                                                                                                   \
-        const __m256 b_ = (b);                                                                          \
-        _Pragma("GCC unroll 6") for (int r = 0; r < (mr); r++) acc[r][j] = _mm256_fmadd_ps(             \
-            b_, _mm256_castpd_ps(_mm256_broadcast_sd((xt) + (size_t)(kp) * (ld) + r)), acc[r][j]);     \
+        const dq_vec b_ = (b);                                                                          \
+        _Pragma("GCC unroll 12") for (int r = 0; r < (mr); r++) acc[r][j] =                              \
+            DQ_FMA(b_, DQ_PAIR((xt) + (size_t)(kp) * (ld) + r), acc[r][j]);                             \
     }
 
 /* up to 6 rows x a whole panel (64 channels) over one K block of kc, x packed ld rows per
@@ -457,17 +511,17 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
 static inline __attribute__((always_inline)) void tile_panel(
     const int mr, const int nv, const int ld, const int bits, const double* xt, const int k0, const uint8_t* codes,
     const int kc, float* C, const int ldc, const float* s, const float* zs, const float* xs, const int xs_ld) {
-    enum { MAXV = 16 * MRD };
-    __m256 acc_mem[MAXV]; /* [part][r][j] */
-    const int parts = 16 / nv;
-    for (int i = 0; i < parts * mr * nv; i++) acc_mem[i] = _mm256_setzero_ps();
+    enum { VECS = NB / DQ_CH, MAXV = VECS * MRD }; /* vectors per K pair of the panel */
+    dq_vec acc_mem[MAXV]; /* [part][r][j] */
+    const int parts = VECS / nv;
+    for (int i = 0; i < parts * mr * nv; i++) acc_mem[i] = DQ_ZERO();
     const int per_row = bits == 8 ? 1 : 2, rows = kc / 2 / per_row;
     for (int rb = 0; rb < rows; rb += RB) {
         const int re = rb + RB < rows ? rb + RB : rows;
         for (int part = 0; part < parts; part++) {
-            __m256 acc[MRD][8];
-            __m256* am = acc_mem + (size_t)part * mr * nv;
-#pragma GCC unroll 6
+            dq_vec acc[MRD][8];
+            dq_vec* am = acc_mem + (size_t)part * mr * nv;
+#pragma GCC unroll 12
             for (int r = 0; r < mr; r++)
 #pragma GCC unroll 8
                 for (int j = 0; j < nv; j++) acc[r][j] = am[r * nv + j];
@@ -481,26 +535,26 @@ static inline __attribute__((always_inline)) void tile_panel(
                 for (int h = 0; h < per_row; h++) {
                     const int kp = k0 / 2 + row * per_row + h;
 #pragma GCC unroll 8
-                    for (int j = 0; j < nv; j++) FMA_ROWS(mr, ld, xt, kp, j, cvt8(bits, p, h, part * nv * 4 + 4 * j))
+                    for (int j = 0; j < nv; j++)
+                        FMA_ROWS(mr, ld, xt, kp, j, DQ_CVT(bits, p, h, (part * nv + j) * DQ_CH))
                 }
             }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
             for (int r = 0; r < mr; r++)
 #pragma GCC unroll 8
                 for (int j = 0; j < nv; j++) am[r * nv + j] = acc[r][j];
         }
     }
     for (int part = 0; part < parts; part++)
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int r = 0; r < mr; r++) {
-            const __m256 xr = _mm256_set1_ps(xs[(size_t)r * xs_ld]);
+            const dq_vec xr = DQ_SET1(xs[(size_t)r * xs_ld]);
 #pragma GCC unroll 8
             for (int j = 0; j < nv; j++) {
-                const int o = part * nv * 8 + j * 8;
+                const int o = (part * nv + j) * DQ_W;
                 float* c = C + (size_t)r * ldc + o;
-                const __m256 v = _mm256_fmadd_ps(acc_mem[((size_t)part * mr + r) * nv + j], _mm256_loadu_ps(s + o),
-                                                 _mm256_loadu_ps(c));
-                _mm256_storeu_ps(c, _mm256_fnmadd_ps(xr, _mm256_loadu_ps(zs + o), v));
+                const dq_vec v = DQ_FMA(acc_mem[((size_t)part * mr + r) * nv + j], DQ_LOADU(s + o), DQ_LOADU(c));
+                DQ_STOREU(c, DQ_FNMA(xr, DQ_LOADU(zs + o), v));
             }
         }
 }
@@ -530,15 +584,7 @@ static inline __attribute__((always_inline)) void dequant_chunk(
              * 0.59 -> 0.55; int4: 0.42 -> 0.37, 0.57 -> 0.52) */
 #pragma GCC unroll 2
             for (int j = 0; j < 2; j++) {
-                const __m128i raw = _mm_loadu_si128((const __m128i*)(p + 2 * (c0 + 8 * j)));
-                __m512i wi;
-                if (bits == 8) {
-                    wi = _mm512_cvtepi8_epi32(raw);
-                } else {
-                    wi = _mm512_cvtepu8_epi32(raw);
-                    wi = h ? _mm512_srli_epi32(wi, 4) : _mm512_and_si512(wi, _mm512_set1_epi32(0xF));
-                }
-                const __m512 w = _mm512_sub_ps(_mm512_cvtepi32_ps(wi), _mm512_loadu_ps(zg + j * 16));
+                const __m512 w = _mm512_sub_ps(cvt16(bits, p, h, c0 + 8 * j), _mm512_loadu_ps(zg + j * 16));
                 _mm512_store_ps(o + j * 16, _mm512_mul_ps(w, _mm512_loadu_ps(sg + j * 16)));
             }
 #else
@@ -553,7 +599,7 @@ static inline __attribute__((always_inline)) void dequant_chunk(
     }
 }
 
-/* up to MRD = 6 rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]. A K pair
+/* up to MRD rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]. A K pair
  * of the unit is 32 floats: with AVX-512 two vectors, 12 accumulators, 8 loads per 12 FMAs;
  * with AVX2 each half of the unit (8 channels, 2 vectors) in turn, the same 12 accumulators
  * and loads (a 3 x 4 tile needs 15). AVX-512 (a CPU without AVX-512 BF16: this float32 path
@@ -561,46 +607,25 @@ static inline __attribute__((always_inline)) void dequant_chunk(
  * with AVX-512 and no BF16, AVX2 / AVX-512, ms: 16 rows 0.93 / 0.64, 64 rows 2.84 / 1.72, 256
  * rows 11.1 / 6.4, 2048 rows 109 / 78 (68.5 with TILE_BLOCK; dense float32 GEMMs of the bf16
  * weights: 0.61, 1.70, 5.8, 48). */
-#if defined(__AVX512F__)
-typedef __m512 dq_vec;
-#define DQ_W 16 /* floats per vector: a K pair of the unit (32 floats) is 16 / DQ_W halves of two vectors */
-#define DQ_ZERO() _mm512_setzero_ps()
-#define DQ_LOAD(p) _mm512_load_ps(p)
-#define DQ_LOADU(p) _mm512_loadu_ps(p)
-#define DQ_STOREU(p, v) _mm512_storeu_ps(p, v)
-#define DQ_ADD(a, b) _mm512_add_ps(a, b)
-#define DQ_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define DQ_PAIR(p) _mm512_castpd_ps(_mm512_set1_pd(*(p))) /* a row's (x0, x1) in every lane pair */
-#else
-typedef __m256 dq_vec;
-#define DQ_W 8
-#define DQ_ZERO() _mm256_setzero_ps()
-#define DQ_LOAD(p) _mm256_load_ps(p)
-#define DQ_LOADU(p) _mm256_loadu_ps(p)
-#define DQ_STOREU(p, v) _mm256_storeu_ps(p, v)
-#define DQ_ADD(a, b) _mm256_add_ps(a, b)
-#define DQ_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define DQ_PAIR(p) _mm256_castpd_ps(_mm256_broadcast_sd(p))
-#endif
 static inline __attribute__((always_inline)) void tile_dq(
     const int mr, const double* xt, const int kp0, const int n, const float* buf, float* C, const int ldc) {
 #pragma GCC unroll 2
     for (int half = 0; half < 16 / DQ_W; half++) {
         dq_vec acc[MRD][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int r = 0; r < MRD; r++) acc[r][0] = acc[r][1] = DQ_ZERO();
         const float* b = buf + half * 2 * DQ_W;
         for (int i = 0; i < n; i++) {
             const dq_vec b0 = DQ_LOAD(b + (size_t)i * 32), b1 = DQ_LOAD(b + (size_t)i * 32 + DQ_W);
             const double* xk = xt + (size_t)(kp0 + i) * MRD;
-#pragma GCC unroll 6
+#pragma GCC unroll 12
             for (int r = 0; r < mr; r++) {
                 const dq_vec xr = DQ_PAIR(xk + r);
                 acc[r][0] = DQ_FMA(b0, xr, acc[r][0]);
                 acc[r][1] = DQ_FMA(b1, xr, acc[r][1]);
             }
         }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int r = 0; r < mr; r++)
 #pragma GCC unroll 2
             for (int j = 0; j < 2; j++) {
@@ -615,7 +640,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
     const int G = K / group, panels = Np / NB;
     const float off = bits == 8 ? -128.0f : 0.0f; /* code value = q + off */
     const size_t panel_bytes = (size_t)K * NB * bits / 8;
-    const int direct = M <= MRD;
+    const int direct = M <= DIRECT_MAX;
     /* a unit: a whole panel (direct: see tile_panel), or 16 channels (dequantized: 4 __m256) */
     const int unit_ch = direct ? NB : 16, per_panel = NB / unit_ch;
     const int units = panels * per_panel;
@@ -685,14 +710,32 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                     }
                     const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
 #define DIRECT(R, V, B) tile_panel(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, kc, C, ldc, sdup, zsdup, xs + g, G)
-#define DIRECT_ROWS(B)                  \
-    switch (M) {                        \
-        case 1: DIRECT(1, 8, B); break; \
-        case 2: DIRECT(2, 4, B); break; \
-        case 3: DIRECT(3, 4, B); break; \
-        case 4: DIRECT(4, 2, B); break; \
-        case 5: DIRECT(5, 2, B); break; \
-        default: DIRECT(6, 2, B); break; \
+/* vectors per part: as many accumulators as the registers hold (16 ymm: one row 8, three 12,
+ * six 12; 32 zmm: a whole panel's 8 up to three rows, 4 a part for four to six, 2 beyond) */
+#if defined(__AVX512F__)
+#define NV_FEW 8
+#define NV_MANY 4
+#define NV_TOP 2
+#define DIRECT_ABOVE_5(B)                   \
+    case 6: DIRECT(6, NV_MANY, B); break;   \
+    case 7: DIRECT(7, NV_TOP, B); break;    \
+    case 8: DIRECT(8, NV_TOP, B); break;    \
+    case 9: DIRECT(9, NV_TOP, B); break;
+#else
+#define NV_FEW 4
+#define NV_MANY 2
+#define NV_TOP 2
+#define DIRECT_ABOVE_5(B)
+#endif
+#define DIRECT_ROWS(B)                                 \
+    switch (M) {                                       \
+        case 1: DIRECT(1, 8, B); break;                \
+        case 2: DIRECT(2, NV_FEW, B); break;           \
+        case 3: DIRECT(3, NV_FEW, B); break;           \
+        case 4: DIRECT(4, NV_MANY, B); break;          \
+        case 5: DIRECT(5, NV_MANY, B); break;          \
+        DIRECT_ABOVE_5(B)                              \
+        default: DIRECT(DIRECT_MAX, NV_TOP, B); break; \
     }
                     if (bits == 8) {
                         DIRECT_ROWS(8)
@@ -723,6 +766,14 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         const double* xt = xp + (size_t)tl * MRD * (K / 2);
                         float* Ct = C + (size_t)m0 * ldc;
                         switch (mr) {
+#if MRD > 6
+                            case 12: tile_dq(12, xt, kp0, n, buf, Ct, ldc); break;
+                            case 11: tile_dq(11, xt, kp0, n, buf, Ct, ldc); break;
+                            case 10: tile_dq(10, xt, kp0, n, buf, Ct, ldc); break;
+                            case 9: tile_dq(9, xt, kp0, n, buf, Ct, ldc); break;
+                            case 8: tile_dq(8, xt, kp0, n, buf, Ct, ldc); break;
+                            case 7: tile_dq(7, xt, kp0, n, buf, Ct, ldc); break;
+#endif
                             case 1: tile_dq(1, xt, kp0, n, buf, Ct, ldc); break;
                             case 2: tile_dq(2, xt, kp0, n, buf, Ct, ldc); break;
                             case 3: tile_dq(3, xt, kp0, n, buf, Ct, ldc); break;
