@@ -185,8 +185,6 @@ def _build() -> ctypes.CDLL | None:
     )
     lib.amx_available.restype = ctypes.c_int
     lib.amx_available.argtypes = []
-    lib.gemv_bf16_pairs.restype = ctypes.c_int
-    lib.gemv_bf16_pairs.argtypes = []
     lib.amx_prompt_attention_bf16.restype = ctypes.c_int
     attention_args: list[Any] = (
         [ctypes.c_void_p, ctypes.c_int64] * 4
@@ -484,23 +482,13 @@ PANEL = 16  # output rows per panel of :func:`panels` (csrc/gemv_cpu.c's PANEL)
 def panels(weight: torch.Tensor) -> torch.Tensor:
     """``weight [n, k]`` laid out for :func:`gemv`: panels of 16 output rows, k-major
     (``[ceil(n / 16), k, 16]``, the last panel padded with zeros), in the weight's dtype. A
-    panel streams as one sequential read, and per k its 16 weights meet every input row.
-
-    bf16 panels where the library runs two panels per call with AVX-512 (``gemv_bf16_pairs``)
-    come in pairs, each pair's two panels interleaved element by element (per k: panel 0's
-    weight 0, panel 1's weight 0, ...), so that one 64-byte load serves both and each widens to
-    float32 in one instruction; an odd last panel stays as it is."""
+    panel streams as one sequential read, and per k its 16 weights meet every input row."""
     n, k = weight.shape
     padded = -(-n // PANEL) * PANEL
     w = weight.detach()
     if padded != n:
         w = torch.cat([w, w.new_zeros(padded - n, k)])
-    out = w.reshape(padded // PANEL, PANEL, k).transpose(1, 2).contiguous()
-    lib = library()
-    pairs = (out.shape[0] // 2) * 2
-    if out.dtype == torch.bfloat16 and pairs and lib is not None and lib.gemv_bf16_pairs():
-        out[:pairs] = out[:pairs].reshape(pairs // 2, 2, k, PANEL).permute(0, 2, 3, 1).reshape(pairs, k, PANEL)
-    return out
+    return w.reshape(padded // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
 def amx_supported() -> bool:

@@ -18,11 +18,12 @@
  * accumulators, each FMA twice as wide). Measured on a 2-vCPU AVX-512 Xeon without BF16 (bf16
  * weights, `bench`'s four decoder GEMMs, warm; AVX2 kernel / AVX-512 kernel / oneDNN float32
  * packed, ms): 1 row 0.215 / 0.123 / 0.301, 16 rows 0.803 / 0.519 / 0.601, 64 rows
- * 3.12 / 1.89 / 1.80. There bf16 panels then come in interleaved pairs (one load, one
- * instruction to widen each panel instead of two) and a call takes twelve rows (24 of the 32
- * registers; a panel is re-read from L1/L2 half as often): 16 rows 0.52 -> 0.44, 32 rows
- * 0.99 -> 0.80, 64 rows 1.91 -> 1.54 ms (oneDNN float32 1.65); the LM head (49152 x 576) at
- * 64 rows 20.3 -> 13.0 ms.
+ * 3.12 / 1.89 / 1.80. A call there takes twelve rows (24 of the 32 registers; a panel is
+ * re-read from L1/L2 half as often): 32 rows 0.99 -> 0.90 ms, 64 rows 1.91 -> 1.69 (16 rows
+ * level). (Tried, not kept: the two panels of a call interleaved element by element, so that
+ * one 64-byte load and one instruction per panel widen them: another 10% at 16-64 rows, but
+ * one stream instead of two cut the cold read at one row from 22 to 20 GB/s, batch-1 decode
+ * 87 -> 77 tok/s.)
  *
  * bf16 weights are widened in registers (half the bytes to stream); inputs are widened to
  * float32 once per call, outputs written in the input's dtype (bf16 rounded to nearest even,
@@ -61,14 +62,6 @@ typedef __m512 vec_t;
 #define SECOND(p) ((p) + (int64_t)k * PANEL) /* the next panel's row kk */
 #define LOAD_F32(p) _mm512_loadu_ps(p)
 #define LOAD_BF16(p) widen_bf16x16(_mm256_loadu_si256((const __m256i*)(p)))
-/* bf16 panels in pairs (native.panels): per k the two panels' 16 weights interleaved, so one
- * 64-byte load holds both and each widens with one instruction (the even halves shifted up, the
- * odd ones masked) where LOAD_BF16 takes two (a shuffle and a shift) per panel */
-#define BF16_PAIRS 1
-#define PAIR_LOADS(p, b0, b1)                                                       \
-    const __m512i pair_ = _mm512_loadu_si512((const void*)(p));                     \
-    const vec_t b0 = _mm512_castsi512_ps(_mm512_slli_epi32(pair_, 16));             \
-    const vec_t b1 = _mm512_castsi512_ps(_mm512_and_si512(pair_, _mm512_set1_epi32((int)0xffff0000u)));
 #elif defined(__AVX2__) && defined(__FMA__)
 #define NPU 1
 typedef __m256 vec_t;
@@ -102,37 +95,25 @@ static inline __m256 widen_bf16(const uint16_t* p) {
     }
 /* R input rows and NV vectors (constants in each instance, so the unused accumulators
  * vanish). Prefetches run 1 KB ahead in each stream. */
-#define PANEL_KERNEL(NAME, WT, LOAD, PAIRS)                                                        \
+#define PANEL_KERNEL(NAME, WT, LOAD)                                                               \
     static void NAME(const float* x, int R_, int k, const WT* pw, int np, float acc[MR][NPU * PANEL]) { \
         if (NPU == 1 || np > 1)                                                                    \
-            PANEL_ROWS(2, WT, LOAD, PAIRS)                                                         \
+            PANEL_ROWS(2, WT, LOAD)                                                                \
         else                                                                                       \
-            PANEL_ROWS(1, WT, LOAD, 0)                                                             \
+            PANEL_ROWS(1, WT, LOAD)                                                                \
     }
 /* one instance per row count R_ (1..MR) */
-#define PANEL_ROWS(NVV, WT, LOAD, PAIRS)                    \
+#define PANEL_ROWS(NVV, WT, LOAD)                           \
     switch (R_) {                                           \
-    ROWS_ABOVE_6(NVV, WT, LOAD, PAIRS)                      \
-    case 6: PANEL_BODY(6, NVV, WT, LOAD, PAIRS) break;      \
-    case 5: PANEL_BODY(5, NVV, WT, LOAD, PAIRS) break;      \
-    case 4: PANEL_BODY(4, NVV, WT, LOAD, PAIRS) break;      \
-    case 3: PANEL_BODY(3, NVV, WT, LOAD, PAIRS) break;      \
-    case 2: PANEL_BODY(2, NVV, WT, LOAD, PAIRS) break;      \
-    default: PANEL_BODY(1, NVV, WT, LOAD, PAIRS) break;     \
+    ROWS_ABOVE_6(NVV, WT, LOAD)                             \
+    case 6: PANEL_BODY(6, NVV, WT, LOAD) break;             \
+    case 5: PANEL_BODY(5, NVV, WT, LOAD) break;             \
+    case 4: PANEL_BODY(4, NVV, WT, LOAD) break;             \
+    case 3: PANEL_BODY(3, NVV, WT, LOAD) break;             \
+    case 2: PANEL_BODY(2, NVV, WT, LOAD) break;             \
+    default: PANEL_BODY(1, NVV, WT, LOAD) break;            \
     }
-#if MR > 6
-#define ROWS_ABOVE_6(NVV, WT, LOAD, PAIRS)                  \
-    case 12: PANEL_BODY(12, NVV, WT, LOAD, PAIRS) break;    \
-    case 11: PANEL_BODY(11, NVV, WT, LOAD, PAIRS) break;    \
-    case 10: PANEL_BODY(10, NVV, WT, LOAD, PAIRS) break;    \
-    case 9: PANEL_BODY(9, NVV, WT, LOAD, PAIRS) break;      \
-    case 8: PANEL_BODY(8, NVV, WT, LOAD, PAIRS) break;      \
-    case 7: PANEL_BODY(7, NVV, WT, LOAD, PAIRS) break;
-#else
-#define ROWS_ABOVE_6(NVV, WT, LOAD, PAIRS)
-#endif
-/* PAIRS: two panels interleaved, one stream of 32 weights per k (PAIR_LOADS) */
-#define PANEL_BODY(RV, NVV, WT, LOAD, PAIRS)                                                       \
+#define PANEL_BODY(RV, NVV, WT, LOAD)                                                              \
     {                                                                                              \
         enum { R = RV, NV = NVV };                                                                 \
         vec_t c00 = VZERO(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00;                \
@@ -140,10 +121,10 @@ static inline __m256 widen_bf16(const uint16_t* p) {
         vec_t c06 = c00, c07 = c00, c08 = c00, c09 = c00, c010 = c00, c011 = c00;                  \
         vec_t c16 = c00, c17 = c00, c18 = c00, c19 = c00, c110 = c00, c111 = c00;                  \
         for (int kk = 0; kk < k; kk++) {                                                           \
-            const WT* p = pw + (int64_t)kk * PANEL * (PAIRS ? 2 : 1);                              \
+            const WT* p = pw + (int64_t)kk * PANEL;                                                \
             _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);                                      \
-            if (NPU > 1 && NV > 1 && !PAIRS) _mm_prefetch((const char*)SECOND(p) + 1024, _MM_HINT_T0); \
-            PANEL_LOADS(PAIRS, p, b0, b1, LOAD)                                                    \
+            if (NPU > 1 && NV > 1) _mm_prefetch((const char*)SECOND(p) + 1024, _MM_HINT_T0);       \
+            const vec_t b0 = LOAD(p), b1 = NV > 1 ? LOAD(SECOND(p)) : b0;                          \
             (void)b1;                                                                              \
             ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)                      \
             ROW_FMA(6) ROW_FMA(7) ROW_FMA(8) ROW_FMA(9) ROW_FMA(10) ROW_FMA(11)                    \
@@ -155,23 +136,19 @@ static inline __m256 widen_bf16(const uint16_t* p) {
         (void)c06, (void)c07, (void)c08, (void)c09, (void)c010, (void)c011;                        \
         (void)c16, (void)c17, (void)c18, (void)c19, (void)c110, (void)c111;                        \
     }
-#ifdef BF16_PAIRS
-#define PANEL_LOADS(PAIRS, p, b0, b1, LOAD)                                  \
-    vec_t b0, b1;                                                            \
-    if (PAIRS) {                                                             \
-        PAIR_LOADS(p, p0_, p1_)                                              \
-        b0 = p0_;                                                            \
-        b1 = p1_;                                                            \
-    } else {                                                                 \
-        b0 = LOAD(p);                                                        \
-        b1 = NV > 1 ? LOAD(SECOND(p)) : b0;                                  \
-    }
+#if MR > 6
+#define ROWS_ABOVE_6(NVV, WT, LOAD)                         \
+    case 12: PANEL_BODY(12, NVV, WT, LOAD) break;           \
+    case 11: PANEL_BODY(11, NVV, WT, LOAD) break;           \
+    case 10: PANEL_BODY(10, NVV, WT, LOAD) break;           \
+    case 9: PANEL_BODY(9, NVV, WT, LOAD) break;             \
+    case 8: PANEL_BODY(8, NVV, WT, LOAD) break;             \
+    case 7: PANEL_BODY(7, NVV, WT, LOAD) break;
 #else
-#define BF16_PAIRS 0
-#define PANEL_LOADS(PAIRS, p, b0, b1, LOAD) const vec_t b0 = LOAD(p), b1 = NV > 1 ? LOAD(SECOND(p)) : b0;
+#define ROWS_ABOVE_6(NVV, WT, LOAD)
 #endif
-PANEL_KERNEL(panel_f32, float, LOAD_F32, 0)
-PANEL_KERNEL(panel_bf16, uint16_t, LOAD_BF16, BF16_PAIRS)
+PANEL_KERNEL(panel_f32, float, LOAD_F32)
+PANEL_KERNEL(panel_bf16, uint16_t, LOAD_BF16)
 #else
 /* Portable: the same sums in the same order (one accumulator per output, k ascending; without
  * FMA each product is rounded once more). One panel per call. */
@@ -192,12 +169,6 @@ PANEL_KERNEL(panel_bf16, uint16_t, LOAD_BF16, BF16_PAIRS)
 PANEL_KERNEL(panel_f32, float, AS_F32)
 PANEL_KERNEL(panel_bf16, uint16_t, bf16_to_f32)
 #endif
-
-#ifndef BF16_PAIRS
-#define BF16_PAIRS 0
-#endif
-/* Whether bf16 panels come in interleaved pairs here (native.panels asks). */
-int gemv_bf16_pairs(void) { return BF16_PAIRS; }
 
 int amx_gemm_bf16(const uint16_t* x, int m, int k, const uint16_t* w, int n, const float* bias, uint16_t* y,
                   int nthreads);
