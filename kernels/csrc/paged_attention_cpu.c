@@ -602,7 +602,9 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
                    float scale, int window, int nthreads) {
     const int G = H / KVH, CK = chunk_keys(BS);
 #ifdef ATT_AVX512
-    const int lanes = D % 16 == 0 && G <= 16 * RV_MAX; /* prefill/extend tasks run lanes_chunk */
+    /* prefill/extend tasks run lanes_chunk (tiles of at least two tokens: up to 24 query heads
+     * per KV head) */
+    const int lanes = D % 16 == 0 && 2 * G <= 16 * RV_MAX;
 #else
     const int lanes = 0;
 #endif
@@ -610,10 +612,15 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
      * LANES_MIN_ROWS rows per KV head, and decodes, run the grouped rows (R rows at most) */
     const int QT = lanes ? 16 * RV_MAX / G : tile_tokens(H);
     const int grouped_tokens = lanes ? ((LANES_MIN_ROWS + G - 1) / G - 1 > 1 ? (LANES_MIN_ROWS + G - 1) / G - 1 : 1) : QT;
-    const int R = H * grouped_tokens, RPT = lanes ? (QT * G + 15) / 16 * 16 : 0;
+    const int R = H * grouped_tokens;
     int ntasks = 0;
-    for (int b = 0; b < B; b++) ntasks += (int)((query_lens[b] + QT - 1) / QT);
+    int lane_tasks = 0; /* whether a task runs lanes_chunk (its scratch is allocated only then) */
+    for (int b = 0; b < B; b++) {
+        ntasks += (int)((query_lens[b] + QT - 1) / QT);
+        lane_tasks |= lanes && query_lens[b] > 1 && (query_lens[b] < QT ? query_lens[b] : QT) * G >= LANES_MIN_ROWS;
+    }
     if (ntasks == 0) return 0;
+    const int RPT = lane_tasks ? (QT * G + 15) / 16 * 16 : 0; /* lanes of a full tile */
     Task* tasks = (Task*)malloc(sizeof(Task) * (size_t)ntasks);
     if (!tasks) return -1;
     int failed = 0;
@@ -639,7 +646,7 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
     /* read in place: a float32 cache, and a bf16 one where chunk_avx2 widens it in registers
      * (lanes_chunk converts bf16 chunks: it broadcasts single float32 elements) */
     const int in_place = kind == KV_SAME && (!q_bf16 || wide);
-    const int convert = !in_place || (lanes && q_bf16);
+    const int convert = !in_place || (lane_tasks && q_bf16);
 
 #pragma omp parallel num_threads(nthreads)
     {
