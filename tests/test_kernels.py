@@ -105,9 +105,7 @@ def _reference(q, kc, vc, ks, vs, tables, starts, shapes, scale, window):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cache", ["same", "int8", "fp8"])
-@pytest.mark.parametrize(
-    ("h", "kvh", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 3, 80), (10, 2, 64)]
-)
+@pytest.mark.parametrize(("h", "kvh", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 3, 80), (10, 2, 64)])
 @pytest.mark.parametrize("bs", [1, 16])
 @pytest.mark.parametrize("window", [0, 7])
 def test_native_attention_matches_the_reference_for_every_kind_of_row(dtype, cache, h, kvh, d, bs, window):
