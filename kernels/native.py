@@ -655,8 +655,9 @@ def woq_supported() -> bool:
 
 
 def woq_isa() -> str | None:
-    """The instruction set the weight-only-quantized GEMM was built for (``avx512bf16`` or
-    ``avx2``), None where it is not available (see ``PAGEDQ_CPU_ISA``)."""
+    """The instruction set the weight-only-quantized GEMM was built for (``avx512bf16``;
+    ``avx512``: its float32 path on AVX-512 without BF16; or ``avx2``), None where it is not
+    available (see ``PAGEDQ_CPU_ISA``)."""
     lib = library()
     if lib is None or not lib.woq_available():
         return None

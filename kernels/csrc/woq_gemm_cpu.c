@@ -397,20 +397,20 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
-/* AVX2 + FMA (no bf16 dot product): the same layouts in float32. A __m256 holds 4 channels x
- * the 2 k of a pair, as the codes lie ([c0k0, c0k1, c1k0, ...]); x is broadcast as its pair
- * ([x0, x1] four times), so each lane accumulates one channel's even or odd k and the two are
- * added once per call.
+/* AVX2 + FMA, or AVX-512 without BF16 (no bf16 dot product): the same layouts in float32. A
+ * __m256 holds 4 channels x the 2 k of a pair, as the codes lie ([c0k0, c0k1, c1k0, ...]), a
+ * __m512 8 channels (dq_vec, DQ_CH); x is broadcast as its pair ([x0, x1] in every lane pair),
+ * so each lane accumulates one channel's even or odd k and the two are added once per call.
  *
- * Two paths, both threads splitting units of NV * 4 channels of a panel:
- * - up to 6 rows (batch-1 decode, the memory-bound case): codes become float32 in
- *   registers, exactly (c = q - 128 for int8, u for 4-bit), and the group epilogue of the
- *   AVX-512 kernel applies scale and zero once per group; threads split whole panels, each
- *   read in order (tile_panel).
+ * Two paths, both threads splitting units of channels of a panel:
+ * - up to DIRECT_MAX rows (6; 10 with AVX-512; batch-1 decode, the memory-bound case): codes
+ *   become float32 in registers, exactly (c = q - 128 for int8, u for 4-bit), and the group
+ *   epilogue of the AVX-512 BF16 kernel applies scale and zero once per group; threads split
+ *   whole panels, each read in order (tile_panel).
  * - more rows: a unit's codes are dequantized chunk by chunk into an L1 buffer as float32
  *   weights, (q - z) * s with one rounding (dequantize(float32) exactly), and tiles of up to
- *   6 rows x 8 channels (12 accumulators, see tile_dq) run over them with no per-group
- *   epilogue: the conversion is paid once per call, not per row.
+ *   MRD rows x 16 channels (12 or 24 accumulators, see tile_dq) run over them with no
+ *   per-group epilogue: the conversion is paid once per call, not per row.
  * Either way only fp32 summation and the final bf16 rounding differ from x @ W^T in float64. */
 #include <immintrin.h>
 
@@ -429,14 +429,19 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
 #define DIRECT_MAX 6
 #endif
 #define CHUNK 128     /* K pairs per dequantized chunk: 16 KB of float32 for a 16-channel unit */
-#define TILE_BLOCK 32 /* row tiles (of MRD rows) per block of x kept in L2: at 2048 rows 78 -> 68.5 ms
-                         (the four GEMMs above; 8 tiles 80, 16 72) */
+/* row tiles per block of x kept in L2, 192 rows (32 tiles of 6): at 2048 rows 78 -> 68.5 ms (the
+ * four GEMMs above; 8 tiles 80, 16 72) */
+#define TILE_BLOCK (192 / MRD)
 /* rows of codes (128 bytes) prefetched ahead: ~100 ns of work at one row, where a row of int8
  * codes takes half the time of a 4-bit one (a 4-bit row holds two K pairs) */
 #define PREFETCH(bits) ((bits) == 8 ? 24 * 2 * NB : 12 * 2 * NB)
 
 int woq_available(void) { return 1; }
+#if defined(__AVX512F__)
+const char* woq_isa(void) { return "avx512"; }
+#else
 const char* woq_isa(void) { return "avx2"; }
+#endif
 
 /* the 8 lanes of channels c..c+3 x a K pair, as float32, from the codes' row p (int8: the
  * pair's 128 bytes; 4-bit: the 128 bytes of a K quad, whose low nibbles hold its first pair
