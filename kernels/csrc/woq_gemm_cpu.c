@@ -453,7 +453,6 @@ static inline __attribute__((always_inline)) __m256 cvt8(const int bits, const u
     return _mm256_cvtepi32_ps(w);
 }
 
-
 #if defined(__AVX512F__)
 /* cvt8 for channels c..c+7: 16 lanes from 16 bytes of the row (half the instructions) */
 static inline __attribute__((always_inline)) __m512 cvt16(const int bits, const uint8_t* p, const int half, const int c) {
@@ -474,8 +473,11 @@ typedef __m512 dq_vec;
 #define DQ_FNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
 #define DQ_LOAD(p) _mm512_load_ps(p)
 #define DQ_LOADU(p) _mm512_loadu_ps(p)
+#define DQ_STORE(p, v) _mm512_store_ps(p, v)
 #define DQ_STOREU(p, v) _mm512_storeu_ps(p, v)
 #define DQ_ADD(a, b) _mm512_add_ps(a, b)
+#define DQ_SUB(a, b) _mm512_sub_ps(a, b)
+#define DQ_MUL(a, b) _mm512_mul_ps(a, b)
 #define DQ_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define DQ_PAIR(p) _mm512_castpd_ps(_mm512_set1_pd(*(p))) /* a row's (x0, x1) in every lane pair */
 #define DQ_CH 8 /* channels per vector (x the 2 k of a pair) */
@@ -488,8 +490,11 @@ typedef __m256 dq_vec;
 #define DQ_FNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
 #define DQ_LOAD(p) _mm256_load_ps(p)
 #define DQ_LOADU(p) _mm256_loadu_ps(p)
+#define DQ_STORE(p, v) _mm256_store_ps(p, v)
 #define DQ_STOREU(p, v) _mm256_storeu_ps(p, v)
 #define DQ_ADD(a, b) _mm256_add_ps(a, b)
+#define DQ_SUB(a, b) _mm256_sub_ps(a, b)
+#define DQ_MUL(a, b) _mm256_mul_ps(a, b)
 #define DQ_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define DQ_PAIR(p) _mm256_castpd_ps(_mm256_broadcast_sd(p))
 #define DQ_CH 4
@@ -504,10 +509,11 @@ typedef __m256 dq_vec;
             DQ_FMA(b_, DQ_PAIR((xt) + (size_t)(kp) * (ld) + r), acc[r][j]);                             \
     }
 
-/* up to 6 rows x a whole panel (64 channels) over one K block of kc, x packed ld rows per
- * pair; the codes become float32 in registers. A panel's lanes need more accumulators than
- * there are registers, so it is taken in parts of nv vectors (16 / nv parts: one row 2 x 8,
- * two or three rows 4 x 4, four to six 8 x 2): rows of codes in blocks of RB, each block's parts
+/* up to DIRECT_MAX rows x a whole panel (64 channels) over one K block of kc, x packed ld rows
+ * per pair; the codes become float32 in registers. A panel's lanes need more accumulators than
+ * there are registers, so it is taken in parts of nv vectors (VECS / nv parts; AVX2: one row
+ * 2 x 8, two or three rows 4 x 4, four to six 8 x 2; AVX-512: up to three rows 1 x 8, four to
+ * six 2 x 4, seven to ten 4 x 2): rows of codes in blocks of RB, each block's parts
  * in turn with their accumulators reloaded from acc_mem. The codes then stream in order (a part
  * per pass over the block would read at a stride, every other cache line at one row: 9 GB/s of
  * int8 codes there against 14-17 this way) for a few loads and stores per block. Then the group
@@ -583,29 +589,21 @@ static inline __attribute__((always_inline)) void dequant_chunk(
 #pragma GCC unroll 2
         for (int h = 0; h < per_row; h++) {
             float* o = buf + (size_t)(row * per_row + h - kp0) * 32;
-#if defined(__AVX512F__)
-            /* 8 channels x 2 k a vector (cvt16): half the instructions of cvt8's (bench's four
-             * decoder GEMMs, 2-vCPU Xeon without BF16, int8: 8 rows 0.43 -> 0.40 ms, 16 rows
-             * 0.59 -> 0.55; int4: 0.42 -> 0.37, 0.57 -> 0.52) */
-#pragma GCC unroll 2
-            for (int j = 0; j < 2; j++) {
-                const __m512 w = _mm512_sub_ps(cvt16(bits, p, h, c0 + 8 * j), _mm512_loadu_ps(zg + j * 16));
-                _mm512_store_ps(o + j * 16, _mm512_mul_ps(w, _mm512_loadu_ps(sg + j * 16)));
-            }
-#else
+            /* the unit's 16 channels x 2 k in 32 / DQ_W vectors (AVX-512: half the instructions
+             * of AVX2's; bench's four decoder GEMMs, 2-vCPU Xeon without BF16, int8: 8 rows
+             * 0.43 -> 0.40 ms, 16 rows 0.59 -> 0.55; int4: 0.42 -> 0.37, 0.57 -> 0.52) */
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                const __m256 q = cvt8(bits, p, h, c0 + 4 * j);
-                const __m256 w = _mm256_sub_ps(q, _mm256_loadu_ps(zg + j * 8));
-                _mm256_store_ps(o + j * 8, _mm256_mul_ps(w, _mm256_loadu_ps(sg + j * 8)));
+            for (int j = 0; j < 32 / DQ_W; j++) {
+                const dq_vec w = DQ_SUB(DQ_CVT(bits, p, h, c0 + DQ_CH * j), DQ_LOADU(zg + j * DQ_W));
+                DQ_STORE(o + j * DQ_W, DQ_MUL(w, DQ_LOADU(sg + j * DQ_W)));
             }
-#endif
         }
     }
 }
 
 /* up to MRD rows x 16 channels over n dequantized K pairs from buf: C[r] += acc[r]. A K pair
- * of the unit is 32 floats: with AVX-512 two vectors, 12 accumulators, 8 loads per 12 FMAs;
+ * of the unit is 32 floats: with AVX-512 two vectors, up to 12 rows (24 accumulators, 2 loads
+ * and 12 broadcasts per 24 FMAs; 12-row tiles measured level with 6-row ones);
  * with AVX2 each half of the unit (8 channels, 2 vectors) in turn, the same 12 accumulators
  * and loads (a 3 x 4 tile needs 15). AVX-512 (a CPU without AVX-512 BF16: this float32 path
  * serves it) runs FMAs twice as wide: `bench`'s four decoder GEMMs, int8 or int4, 2-vCPU Xeon
