@@ -210,8 +210,20 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight
     )  # fmt: skip
 
 
-def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
-    """``x [..., in] @ weight.T + bias`` in the model's dtype."""
+def float32_output(p: PackedWeight, rows: int) -> bool:
+    """Whether :func:`linear` of ``rows`` rows computes a bf16 weight's product in float32
+    (packed as float32, past the few-row kernel), so that ``keep_float32`` saves a rounding pass."""
+    return (
+        p.dtype == torch.bfloat16
+        and p.compute_dtype == torch.float32
+        and not (rows <= p.gemv_rows and p.panels is not None)
+    )
+
+
+def linear(x: torch.Tensor, p: PackedWeight, keep_float32: bool = False) -> torch.Tensor:
+    """``x [..., in] @ weight.T + bias`` in the model's dtype; with ``keep_float32``, where the
+    product ran in float32 (:func:`float32_output`), its float32 result unrounded (a consumer
+    that rounds to bf16 as it reads then sees the same values)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, p.in_features)
     if x2.shape[0] == 0:
@@ -231,6 +243,6 @@ def linear(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     y = torch.ops.mkldnn._linear_pointwise(x2, p.weight, p.bias, "none", [], "")
     if rows != m:
         y = y[:m]
-    if y.dtype != p.dtype:
+    if y.dtype != p.dtype and not (keep_float32 and y.dtype == torch.float32):
         y = y.to(p.dtype)
     return y.reshape(*lead, p.out_features)

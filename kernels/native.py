@@ -164,6 +164,7 @@ def _build() -> ctypes.CDLL | None:
         rope = getattr(lib, f"rope_cache_{suffix}")
         rope.restype = None
         rope.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+    for suffix in ("f32", "bf16", "f32r"):
         silu = getattr(lib, f"silu_mul_{suffix}")
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
@@ -388,15 +389,23 @@ def add_rms_norm(
     return res, out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of rows ``[gate | up]`` (``[..., 2 * I]`` -> ``[..., I]``)."""
+def silu_mul(gate_up: torch.Tensor, round_bf16: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of rows ``[gate | up]`` (``[..., 2 * I]`` -> ``[..., I]``).
+
+    ``round_bf16`` (float32 ``gate_up`` only): the bf16 result of a bf16 model whose GEMMs run in
+    float32 — ``gate_up`` rounded to bf16 as it is read, the result bf16 values held in float32,
+    bit for bit the bf16 kernel's on ``gate_up.bfloat16()`` — so that neither side of the MLP
+    converts."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see elementwise_supports)")
+    if round_bf16 and gate_up.dtype != torch.float32:
+        raise ValueError(f"silu_mul: round_bf16 takes a float32 gate_up, got {gate_up.dtype}")
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
     rows = gate_up.numel() // (2 * inter) if inter else 0
-    getattr(lib, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(
+    suffix = "f32r" if round_bf16 else _SUFFIX[gate_up.dtype]
+    getattr(lib, f"silu_mul_{suffix}")(
         gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
     )
     return out

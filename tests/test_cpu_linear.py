@@ -282,3 +282,48 @@ def test_the_panels_of_the_avx2_build_equal_f_linear_too(tmp_path):
     from .conftest import run_on_avx2_build
 
     run_on_avx2_build(tmp_path, "test_cpu_linear.py", "packed_linear_equals")
+
+
+@pytest.mark.skipif(native.library() is None, reason="the native CPU kernels cannot be built here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_mlp_of_a_bf16_model_on_float32_gemms_keeps_float32_between_them(monkeypatch, bias):
+    """Where a bf16 model's GEMMs run in float32 (``PAGEDQ_CPU_LINEAR=fp32`` forces that path on
+    any CPU), calls past the few-row kernel keep gate_up's product in float32 into SiLU·mul, which
+    rounds it to bf16 as it reads and hands its bf16 values to down_proj as float32: the MLP's
+    output equals, bit for bit, the one with both round trips through bf16. Few-row calls (the
+    panels) keep the bf16 path."""
+    from types import SimpleNamespace
+
+    from pagedq.models.llama import MLP
+
+    monkeypatch.setenv("PAGEDQ_CPU_LINEAR", "fp32")
+    monkeypatch.setenv("PAGEDQ_CPU_GEMV_ROWS", "8")
+    g = torch.Generator().manual_seed(0)
+    mlp = MLP(SimpleNamespace(hidden_size=96, intermediate_size=160))
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.weight.data = (torch.randn(layer.weight.shape, generator=g) * 0.3).bfloat16()
+        if bias:
+            layer.bias = torch.nn.Parameter((torch.randn(layer.out_features, generator=g)).bfloat16(), False)
+        assert layer.pack()
+        assert layer.packed.compute_dtype == torch.float32
+    calls = []
+    real = native.silu_mul
+    monkeypatch.setattr(
+        native, "silu_mul", lambda t, round_bf16=False: calls.append(round_bf16) or real(t, round_bf16)
+    )
+    for rows in (8, 9, 100):
+        x = (torch.randn(rows, 96, generator=g) * 2).bfloat16()
+        calls.clear()
+        got = mlp(x)
+        assert calls == [rows > 8]
+        assert got.dtype == torch.bfloat16
+        with monkeypatch.context() as m:
+            m.setattr(cpu_linear, "float32_output", lambda p, rows: False)
+            calls.clear()
+            ref = mlp(x)
+            assert calls == [False]
+        assert torch.equal(got, ref), rows
+    with pytest.raises(
+        ValueError, match=r"silu_mul: round_bf16 takes a float32 gate_up, got torch\.bfloat16"
+    ):
+        real(torch.ones(2, 4).bfloat16(), round_bf16=True)

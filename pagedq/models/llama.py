@@ -209,11 +209,25 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        up, down = self.gate_up_proj, self.down_proj
+        if (  # a bf16 model whose GEMMs run in float32: gate_up stays float32 into SiLU·mul,
+            # whose bf16 values reach down_proj as float32 (no conversion on either side)
+            isinstance(up, Linear)
+            and isinstance(down, Linear)
+            and up.packed is not None
+            and down.packed is not None
+            and x.dtype == torch.bfloat16
+            and cpu_linear.float32_output(up.packed, x.numel() // x.shape[-1])
+            and cpu_linear.float32_output(down.packed, x.numel() // x.shape[-1])
+            and native.library() is not None
+        ):
+            gate_up = cpu_linear.linear(x, up.packed, keep_float32=True).contiguous()
+            return down(native.silu_mul(gate_up, round_bf16=True))
+        gate_up = up(x)
         if native.elementwise_supports(gate_up):
-            return self.down_proj(native.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            return down(native.silu_mul(gate_up))
+        gate, up_half = gate_up.split(self.intermediate_size, dim=-1)
+        return down(F.silu(gate) * up_half)
 
 
 class DecoderLayer(nn.Module):
