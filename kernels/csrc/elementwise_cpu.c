@@ -91,8 +91,16 @@ static inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
 #endif
 
 /* silu_mul's rows: 16 elements a step with AVX-512 (exp512 / silu512: the scalar loop, even
- * vectorized by GCC, divided with vdivps and took 2.2 ms for 2048 x 1536 bf16 on 2 cores). */
-void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads) {
+ * vectorized by GCC, divided with vdivps and took 2.2 ms for 2048 x 1536 bf16 on 2 cores).
+ *
+ * With R (silu_mul_f32r), silu_mul_bf16's result for a bf16 model whose GEMMs run in float32 (a
+ * CPU without bf16 dot products): gate_up as the float32 GEMM output, rounded to bf16 on reading
+ * (as the bf16 GEMM output would be), the result written as float32 holding bf16 values -- bit
+ * for bit what silu_mul_bf16 gives, without the two conversions around it (gate_up's to bf16,
+ * the down projection's input back to float32): 2048 x 1536, 2-core Xeon without BF16, 3.5 ms
+ * for the bf16 kernel and the two conversions, 1.7 ms so. */
+static inline __attribute__((always_inline)) void silu_mul_rows_f32(const float* gu, float* out, int rows, int inter,
+                                                                    int nthreads, const int R) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)rows * inter >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         const float* g = gu + (int64_t)r * 2 * inter;
@@ -101,39 +109,34 @@ void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads
 #if SILU_VECTOR
         for (int i = 0; i < inter; i += 16) {
             const __mmask16 m = inter - i >= 16 ? 0xffff : (__mmask16)((1u << (inter - i)) - 1);
-            _mm512_mask_storeu_ps(o + i, m,
-                                  _mm512_mul_ps(silu512(_mm512_maskz_loadu_ps(m, g + i)), _mm512_maskz_loadu_ps(m, u + i)));
+            __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+            if (R) {
+                gv = round_bf16x16(gv);
+                uv = round_bf16x16(uv);
+            }
+            const __m512 sv = silu512(gv);
+            const __m512 ov = _mm512_mul_ps(R ? round_bf16x16(sv) : sv, uv);
+            _mm512_mask_storeu_ps(o + i, m, R ? round_bf16x16(ov) : ov);
         }
 #else
+        if (R) {
 #pragma omp simd
-        for (int i = 0; i < inter; i++) o[i] = silu_approx(g[i]) * u[i];
+            for (int i = 0; i < inter; i++)
+                o[i] = round_bf16(round_bf16(silu_approx(round_bf16(g[i]))) * round_bf16(u[i]));
+        } else {
+#pragma omp simd
+            for (int i = 0; i < inter; i++) o[i] = silu_approx(g[i]) * u[i];
+        }
 #endif
     }
 }
 
-/* silu_mul_bf16's result for a bf16 model whose GEMMs run in float32 (a CPU without bf16 dot
- * products): gate_up as the float32 GEMM output, rounded to bf16 on reading (as the bf16 GEMM
- * output would be), the result written as float32 holding bf16 values -- bit for bit what
- * silu_mul_bf16 gives, without the two conversions around it (gate_up's to bf16, the down
- * projection's input back to float32): 2048 x 1536, 2-core Xeon without BF16, 3.5 ms for the
- * bf16 kernel and the two conversions, 1.7 ms so. */
+void silu_mul_f32(const float* gu, float* out, int rows, int inter, int nthreads) {
+    silu_mul_rows_f32(gu, out, rows, inter, nthreads, 0);
+}
+
 void silu_mul_f32r(const float* gu, float* out, int rows, int inter, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if ((int64_t)rows * inter >= PARALLEL_MIN)
-    for (int r = 0; r < rows; r++) {
-        const float* g = gu + (int64_t)r * 2 * inter;
-        const float* u = g + inter;
-        float* o = out + (int64_t)r * inter;
-#if SILU_VECTOR
-        for (int i = 0; i < inter; i += 16) {
-            const __mmask16 m = inter - i >= 16 ? 0xffff : (__mmask16)((1u << (inter - i)) - 1);
-            const __m512 s = round_bf16x16(silu512(round_bf16x16(_mm512_maskz_loadu_ps(m, g + i))));
-            _mm512_mask_storeu_ps(o + i, m, round_bf16x16(_mm512_mul_ps(s, round_bf16x16(_mm512_maskz_loadu_ps(m, u + i)))));
-        }
-#else
-#pragma omp simd
-        for (int i = 0; i < inter; i++) o[i] = round_bf16(round_bf16(silu_approx(round_bf16(g[i]))) * round_bf16(u[i]));
-#endif
-    }
+    silu_mul_rows_f32(gu, out, rows, inter, nthreads, 1);
 }
 
 void silu_mul_bf16(const uint16_t* gu, uint16_t* out, int rows, int inter, int nthreads) {
