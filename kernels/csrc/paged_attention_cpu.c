@@ -58,6 +58,9 @@ enum { KV_SAME = 0, KV_INT8 = 1, KV_FP8 = 2 };
 #define RV_MAX 3
 #define LANES_MIN_ROWS 8
 
+/* Whether a task of nq query tokens runs lanes_chunk (where the call may: lanes). */
+static inline int runs_lanes(int lanes, int nq, int G) { return lanes && nq > 1 && nq * G >= LANES_MIN_ROWS; }
+
 static float half_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
@@ -611,13 +614,14 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
     /* a tile's rows per KV head fill up to RV_MAX vectors of lanes; tasks of fewer than
      * LANES_MIN_ROWS rows per KV head, and decodes, run the grouped rows (R rows at most) */
     const int QT = lanes ? 16 * RV_MAX / G : tile_tokens(H);
-    const int grouped_tokens = lanes ? ((LANES_MIN_ROWS + G - 1) / G - 1 > 1 ? (LANES_MIN_ROWS + G - 1) / G - 1 : 1) : QT;
+    int grouped_tokens = QT; /* the most query tokens of a task that runs the grouped rows */
+    while (grouped_tokens > 1 && runs_lanes(lanes, grouped_tokens, G)) grouped_tokens--;
     const int R = H * grouped_tokens;
     int ntasks = 0;
     int lane_tasks = 0; /* whether a task runs lanes_chunk (its scratch is allocated only then) */
     for (int b = 0; b < B; b++) {
         ntasks += (int)((query_lens[b] + QT - 1) / QT);
-        lane_tasks |= lanes && query_lens[b] > 1 && (query_lens[b] < QT ? query_lens[b] : QT) * G >= LANES_MIN_ROWS;
+        lane_tasks |= runs_lanes(lanes, query_lens[b] < QT ? (int)query_lens[b] : QT, G); /* its first tile */
     }
     if (ntasks == 0) return 0;
     const int RPT = lane_tasks ? (QT * G + 15) / 16 * 16 : 0; /* lanes of a full tile */
@@ -686,7 +690,7 @@ static int attend(const void* q, const void* kc, const void* vc, const uint16_t*
             const int rows = tk.nq * H;
             const int64_t* table = block_tables + (int64_t)tk.b * MAXB;
             const int64_t qoff = (query_start[tk.b] + tk.q0) * H * (int64_t)D;
-            const int use_lanes = lanes && tk.nq > 1 && tk.nq * G >= LANES_MIN_ROWS;
+            const int use_lanes = runs_lanes(lanes, tk.nq, G);
             const int RV = (tk.nq * G + 15) / 16, RP = 16 * RV, nr = tk.nq * G;
             if (use_lanes) {
                 for (int g = 0; g < KVH; g++) {

@@ -210,6 +210,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.gate_up_proj, self.down_proj
+        rows = x.numel() // x.shape[-1]
         if (  # a bf16 model whose GEMMs run in float32: gate_up stays float32 into SiLU·mul,
             # whose bf16 values reach down_proj as float32 (no conversion on either side)
             isinstance(up, Linear)
@@ -217,8 +218,8 @@ class MLP(nn.Module):
             and up.packed is not None
             and down.packed is not None
             and x.dtype == torch.bfloat16
-            and cpu_linear.float32_output(up.packed, x.numel() // x.shape[-1])
-            and cpu_linear.float32_output(down.packed, x.numel() // x.shape[-1])
+            and cpu_linear.float32_output(up.packed, rows)
+            and cpu_linear.float32_output(down.packed, rows)
             and native.library() is not None
         ):
             gate_up = cpu_linear.linear(x, up.packed, keep_float32=True).contiguous()
