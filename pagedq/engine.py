@@ -26,6 +26,7 @@ from .beam_search import BeamSearch
 from .block_manager import BlockManager
 from .checks import check_text, check_token_ids
 from .config import EngineConfig, resolve_device, resolve_dtype
+from .kernels import native
 from .metrics import UserStats, latency_histograms
 from .model_runner import ModelRunner
 from .models import read_config
@@ -107,6 +108,8 @@ class LLMEngine:
         model_dir = resolve_model_dir(config.model)
         self.model_config = mc = read_config(model_dir)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":  # a cold start compiles the kernels while the weights load
+            native.start_build()
         self.dtype = resolve_dtype(config.dtype, mc.torch_dtype, self.device)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:

@@ -45,7 +45,11 @@ class ModelRunner:
         from pagedq.kernels.backend import backend
 
         self.backend = backend(device)
-        # CPU steps attend through the native kernel (kernels/csrc/paged_attention_cpu.c)
+        self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
+        if device.type == "cpu":  # weights laid out once for the CPU's GEMM (kernels/cpu_linear.py)
+            self.model.pack_weights()
+        # CPU steps attend through the native kernel (kernels/csrc/paged_attention_cpu.c); asked
+        # after the weights load, so that a cold start compiles it meanwhile (native.start_build)
         self.native_attention = (
             device.type == "cpu" and self.backend == "torch" and native.library() is not None
         )
@@ -59,9 +63,6 @@ class ModelRunner:
             and kv_cache_dtype == "auto"
             and not (dtype == torch.bfloat16 and cpu_linear.bf16_native())
         )
-        self.model = load_model(model_dir, model_config, dtype, device, max_model_len, quantization)
-        if device.type == "cpu":  # weights laid out once for the CPU's GEMM (kernels/cpu_linear.py)
-            self.model.pack_weights()
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         self._kv_storage: torch.Tensor | None = None
         self._workspace: dict = {}

@@ -9,6 +9,7 @@ import sys
 import zipfile
 
 import pytest
+from pagedq.kernels import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,10 @@ def test_wheel_carries_subpackages(tmp_path):
     (conf,) = [n for n in names if n.endswith("data/etc/jupyter/jupyter_server_config.d/pagedq.json")]
     enabled = json.loads(zipfile.ZipFile(tmp_path / wheel).read(conf))["ServerApp"]["jpserver_extensions"]
     assert enabled == {"pagedq.jupyter_ext": True}
-    for src in ("woq_gemm_cpu.c", "paged_attention_cpu.c", "elementwise_cpu.c", "cpu_math.h"):
+    for src in (
+        *(os.path.basename(p) for p in native._SRCS),
+        *(os.path.basename(p) for p in native._HEADERS),
+    ):
         assert f"pagedq/kernels/csrc/{src}" in names, src
     code = (
         "import shutil, pagedq, pagedq.kernels, pagedq.quant, pagedq.jupyter_ext, pagedq.models;"
