@@ -160,6 +160,10 @@ def cmd_bench(a) -> None:
         from pagedq.bench import serve_load
 
         serve_load.main(a)
+    elif a.workload == "startup":
+        from pagedq.bench import startup
+
+        startup.main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +204,9 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks from docs/benchmarks.md, each beside its baseline")
-    b.add_argument("workload", choices=["throughput", "decode", "online", "sharing", "quant", "serve-load"])
+    b.add_argument(
+        "workload", choices=["throughput", "decode", "online", "sharing", "quant", "serve-load", "startup"]
+    )
     b.add_argument("--model", default="bench", help="bench | bench-1b | tiny | a model folder")
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--num-requests", type=int, default=64)

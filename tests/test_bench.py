@@ -384,3 +384,29 @@ def test_a_stepped_peer_interrupted_during_its_start_is_killed(tmp_path, monkeyp
         SteppedPeer([sys.executable, str(script)], "slow")
     assert peers[0].proc.poll() is not None  # ended, not orphaned
     assert peers[0]._err.closed
+
+
+def test_bench_startup_times_cold_starts_that_compile_and_warm_ones_that_do_not(tiny_llama, capsys):
+    """Fresh interpreters: the cold start compiles the kernels into its empty cache, the warm one
+    after it finds them (the benchmark checks both and raises otherwise)."""
+    from pagedq.bench import startup
+
+    args = argparse.Namespace(model=tiny_llama, dtype="float32", runs=1, vllm_python=None)
+    startup.main(args)
+    out = capsys.readouterr().out
+    rows = {ln[:26].strip(): ln[26:].split() for ln in out.splitlines() if ln.startswith("pagedq ")}
+    assert set(rows) == {"pagedq cold (compiles)", "pagedq warm"}, out
+    for cells in rows.values():
+        assert len(cells) == 4, out
+        assert all(float(c) >= 0 for c in cells), out
+
+
+def test_bench_startup_says_when_a_start_did_not_compile_where_it_should(tiny_llama, monkeypatch):
+    from pagedq.bench import startup
+
+    monkeypatch.setattr(
+        startup, "run_once", lambda *a: {"import": 1.0, "load": 1.0, "first": 0.1, "compiled": False}
+    )
+    args = argparse.Namespace(model=tiny_llama, dtype="float32", runs=1, vllm_python=None)
+    with pytest.raises(RuntimeError, match="the cold start compiled: False, the warm one: False"):
+        startup.main(args)
