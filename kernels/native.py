@@ -92,6 +92,18 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _builder: threading.Thread | None = None  # start_build's thread
 
+
+def _after_fork_in_child() -> None:
+    """A process forked during a background build inherits the lock held by a thread it does
+    not have: the child starts over (it builds itself, or finds the parent's library cached)."""
+    global _lock, _builder
+    _lock = threading.Lock()
+    _builder = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _FUNCS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 _KV_KIND = {torch.int8: 1, torch.uint8: 2}  # else 0: the cache holds the query's dtype
 

@@ -60,7 +60,7 @@ def _build_in_child(tmp_path, mode: str, code: str) -> subprocess.CompletedProce
         PAGEDQ_CPU_KERNELS="native",
     )
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -136,3 +136,28 @@ def test_start_build_does_nothing_where_the_kernels_are_off(tmp_path, monkeypatc
     monkeypatch.setattr(native, "_builder", None)
     native.start_build()
     assert native._builder is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_during_the_background_build_builds_on_its_own(tmp_path):
+    """The child of a fork taken while the build thread holds the lock must not wait forever
+    for a thread it does not have."""
+    code = """
+    import os, sys, time
+    from pagedq.kernels import native
+    native.start_build()
+    time.sleep(0.5)  # the thread holds the lock now: its compiles wait for the gate
+    pid = os.fork()
+    if pid == 0:
+        open(os.environ["GATE"], "w").close()
+        print("child library", native.library(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status))
+    print("parent library", native.library())
+    """
+    out = _build_in_child(tmp_path, "gated", code)
+    assert out.returncode == 0, out.stderr
+    assert "child library None" in out.stdout, out.stdout + out.stderr
+    assert "child exit 0" in out.stdout
+    assert "parent library None" in out.stdout
