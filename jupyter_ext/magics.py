@@ -220,9 +220,16 @@ class PagedqMagics(Magics):
             print(e)
             return None
         opts = collect(a, _LOAD_PARSER.fields, drop_none=True)
+        from pagedq.kernels import native
+
         t0 = time.perf_counter()
+        compiled_before = native.build_seconds()
         session.load(a.model, **opts)
-        print(f"pagedq: loaded {a.model} in {time.perf_counter() - t0:.1f} s")
+        took = f"pagedq: loaded {a.model} in {time.perf_counter() - t0:.1f} s"
+        compiled = native.build_seconds()
+        if compiled is not None and compiled_before is None:
+            took += f" (the CPU kernels compiled for this machine meanwhile, {compiled:.1f} s: once, later loads reuse them)"
+        print(took)
         return None
 
     @cell_magic

@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from typing import Any
 
 import torch
@@ -91,6 +92,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _builder: threading.Thread | None = None  # start_build's thread
+_build_seconds: float | None = None  # what this process spent compiling the library (build_seconds)
 
 
 def _after_fork_in_child() -> None:
@@ -183,6 +185,7 @@ def _build() -> ctypes.CDLL | None:
         os.makedirs(_cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(fd)
+        t0 = time.perf_counter()
         failed = _compile(cc, compile_flags, tmp)
         if failed is not None:
             with contextlib.suppress(FileNotFoundError):  # a failed link removes its output
@@ -192,6 +195,8 @@ def _build() -> ctypes.CDLL | None:
             )
             return None
         os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
+        global _build_seconds
+        _build_seconds = time.perf_counter() - t0
     lib = ctypes.CDLL(path)
     for name in _FUNCS.values():
         fn = getattr(lib, name)
@@ -332,6 +337,12 @@ def library() -> ctypes.CDLL | None:
                 _lib = _build()
                 _tried = True
     return _lib
+
+
+def build_seconds() -> float | None:
+    """Seconds this process spent compiling the library, or None where it found it compiled (or
+    has not asked for it): ``%pagedq load`` says so when a load paid for the compile."""
+    return _build_seconds
 
 
 def start_build() -> None:

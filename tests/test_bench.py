@@ -397,15 +397,19 @@ def test_bench_startup_times_cold_starts_that_compile_and_warm_ones_that_do_not(
     rows = {ln[:26].strip(): ln[26:].split() for ln in out.splitlines() if ln.startswith("pagedq ")}
     assert set(rows) == {"pagedq cold (compiles)", "pagedq warm"}, out
     for cells in rows.values():
-        assert len(cells) == 4, out
+        assert len(cells) == 5, out
         assert all(float(c) >= 0 for c in cells), out
+    assert float(rows["pagedq cold (compiles)"][4]) > 0, out  # native.build_seconds() of the cold run
+    assert float(rows["pagedq warm"][4]) == 0, out
 
 
 def test_bench_startup_says_when_a_start_did_not_compile_where_it_should(tiny_llama, monkeypatch):
     from pagedq.bench import startup
 
     monkeypatch.setattr(
-        startup, "run_once", lambda *a: {"import": 1.0, "load": 1.0, "first": 0.1, "compiled": False}
+        startup,
+        "run_once",
+        lambda *a: {"import": 1.0, "load": 1.0, "first": 0.1, "compiled": False, "compile": 0.0},
     )
     args = argparse.Namespace(model=tiny_llama, dtype="float32", runs=1, vllm_python=None)
     with pytest.raises(RuntimeError, match="the cold start compiled: False, the warm one: False"):

@@ -63,3 +63,27 @@ def test_kernels_use_the_interpreter_under_test():
 
     spec = KernelSpecManager().get_kernel_spec("python3")
     assert spec.argv[0] == sys.executable
+
+
+def test_a_load_that_compiled_the_kernels_says_so_once(shell, tiny_llama, monkeypatch, capsys):
+    """The first load on a machine waits for the kernels to compile: the magic says why it took
+    longer, once per process (native.build_seconds goes from None to the compile's seconds)."""
+    from pagedq.kernels import native
+
+    load = f"load {tiny_llama} --dtype float32"
+    monkeypatch.setattr(native, "_build_seconds", None)
+    from pagedq.jupyter_ext import magics
+
+    real = magics.session.load
+
+    def load_and_compile(*a, **k):
+        monkeypatch.setattr(native, "_build_seconds", 7.5)  # as a cold build during this load sets it
+        return real(*a, **k)
+
+    monkeypatch.setattr(magics.session, "load", load_and_compile)
+    shell.run_line_magic("pagedq", load)
+    assert "the CPU kernels compiled for this machine meanwhile, 7.5 s" in capsys.readouterr().out
+    shell.run_line_magic("pagedq", load)  # compiled before this load: nothing to say
+    out = capsys.readouterr().out
+    assert out.startswith(f"pagedq: loaded {tiny_llama} in "), out
+    assert "compiled" not in out, out
