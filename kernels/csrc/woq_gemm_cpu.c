@@ -638,6 +638,55 @@ static inline __attribute__((always_inline)) void tile_dq(
     }
 }
 
+/* vectors per part: as many accumulators as the registers hold (16 ymm: one row 8, three 12,
+ * six 12; 32 zmm: a whole panel's 8 up to three rows, 4 a part for four to six, 2 beyond) */
+#if defined(__AVX512F__)
+#define NV_FEW 8
+#define NV_MANY 4
+#define NV_TOP 2
+#define DIRECT_ABOVE_5(B)                   \
+    case 6: DIRECT(6, NV_MANY, B); break;   \
+    case 7: DIRECT(7, NV_TOP, B); break;    \
+    case 8: DIRECT(8, NV_TOP, B); break;    \
+    case 9: DIRECT(9, NV_TOP, B); break;
+#else
+#define NV_FEW 4
+#define NV_MANY 2
+#define NV_TOP 2
+#define DIRECT_ABOVE_5(B)
+#endif
+
+/* Each instance of the two tiles (rows x vectors per part x bits for the direct one, rows for
+ * the dequantized one) is a function of its own: inlined into woq_gemm_bf16's unit loop, the
+ * thirty-odd made one function that took the compiler most of this file's 3.1 s (the library
+ * compiles while a cold start waits). The call per panel block or chunk costs nothing visible. */
+#define PANEL_NAME(R, V, B) PANEL_NAME_(R, V, B) /* (V expanded first) */
+#define PANEL_NAME_(R, V, B) panel_##R##_##V##_##B
+#define PANEL_FN(R, V, B)                                                                                  \
+    static __attribute__((noinline)) void PANEL_NAME(R, V, B)(                                               \
+        const double* xt, int k0, const uint8_t* codes, int kc, float* C, const float* s, const float* zs,  \
+        const float* xs, int xs_ld) {                                                                      \
+        tile_panel(R, V, R <= MR ? MR : MRD, B, xt, k0, codes, kc, C, 2 * NB, s, zs, xs, xs_ld);           \
+    }
+#define PANEL_FNS(B)                                                                     \
+    PANEL_FN(1, 8, B) PANEL_FN(2, NV_FEW, B) PANEL_FN(3, NV_FEW, B) PANEL_FN(4, NV_MANY, B) \
+    PANEL_FN(5, NV_MANY, B) PANEL_FNS_ABOVE_5(B) PANEL_FN(DIRECT_MAX, NV_TOP, B)
+#if defined(__AVX512F__)
+#define PANEL_FNS_ABOVE_5(B) PANEL_FN(6, NV_MANY, B) PANEL_FN(7, NV_TOP, B) PANEL_FN(8, NV_TOP, B) PANEL_FN(9, NV_TOP, B)
+#else
+#define PANEL_FNS_ABOVE_5(B)
+#endif
+PANEL_FNS(8)
+PANEL_FNS(4)
+#define DQ_FN(R)                                                                                             \
+    static __attribute__((noinline)) void dq_##R(const double* xt, int kp0, int n, const float* buf, float* C) { \
+        tile_dq(R, xt, kp0, n, buf, C, 32);                                                                    \
+    }
+DQ_FN(1) DQ_FN(2) DQ_FN(3) DQ_FN(4) DQ_FN(5) DQ_FN(6)
+#if MRD > 6
+DQ_FN(7) DQ_FN(8) DQ_FN(9) DQ_FN(10) DQ_FN(11) DQ_FN(12)
+#endif
+
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
     const int G = K / group, panels = Np / NB;
@@ -712,24 +761,7 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
                     }
                     const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
-#define DIRECT(R, V, B) tile_panel(R, V, M <= MR ? MR : MRD, B, xp, k0, blk, kc, C, ldc, sdup, zsdup, xs + g, G)
-/* vectors per part: as many accumulators as the registers hold (16 ymm: one row 8, three 12,
- * six 12; 32 zmm: a whole panel's 8 up to three rows, 4 a part for four to six, 2 beyond) */
-#if defined(__AVX512F__)
-#define NV_FEW 8
-#define NV_MANY 4
-#define NV_TOP 2
-#define DIRECT_ABOVE_5(B)                   \
-    case 6: DIRECT(6, NV_MANY, B); break;   \
-    case 7: DIRECT(7, NV_TOP, B); break;    \
-    case 8: DIRECT(8, NV_TOP, B); break;    \
-    case 9: DIRECT(9, NV_TOP, B); break;
-#else
-#define NV_FEW 4
-#define NV_MANY 2
-#define NV_TOP 2
-#define DIRECT_ABOVE_5(B)
-#endif
+#define DIRECT(R, V, B) PANEL_NAME(R, V, B)(xp, k0, blk, kc, C, sdup, zsdup, xs + g, G) /* ldc: 2 * NB */
 #define DIRECT_ROWS(B)                                 \
     switch (M) {                                       \
         case 1: DIRECT(1, 8, B); break;                \
@@ -770,19 +802,19 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         float* Ct = C + (size_t)m0 * ldc;
                         switch (mr) {
 #if MRD > 6
-                            case 12: tile_dq(12, xt, kp0, n, buf, Ct, ldc); break;
-                            case 11: tile_dq(11, xt, kp0, n, buf, Ct, ldc); break;
-                            case 10: tile_dq(10, xt, kp0, n, buf, Ct, ldc); break;
-                            case 9: tile_dq(9, xt, kp0, n, buf, Ct, ldc); break;
-                            case 8: tile_dq(8, xt, kp0, n, buf, Ct, ldc); break;
-                            case 7: tile_dq(7, xt, kp0, n, buf, Ct, ldc); break;
+                            case 12: dq_12(xt, kp0, n, buf, Ct); break;
+                            case 11: dq_11(xt, kp0, n, buf, Ct); break;
+                            case 10: dq_10(xt, kp0, n, buf, Ct); break;
+                            case 9: dq_9(xt, kp0, n, buf, Ct); break;
+                            case 8: dq_8(xt, kp0, n, buf, Ct); break;
+                            case 7: dq_7(xt, kp0, n, buf, Ct); break;
 #endif
-                            case 1: tile_dq(1, xt, kp0, n, buf, Ct, ldc); break;
-                            case 2: tile_dq(2, xt, kp0, n, buf, Ct, ldc); break;
-                            case 3: tile_dq(3, xt, kp0, n, buf, Ct, ldc); break;
-                            case 4: tile_dq(4, xt, kp0, n, buf, Ct, ldc); break;
-                            case 5: tile_dq(5, xt, kp0, n, buf, Ct, ldc); break;
-                            default: tile_dq(6, xt, kp0, n, buf, Ct, ldc); break;
+                            case 1: dq_1(xt, kp0, n, buf, Ct); break;
+                            case 2: dq_2(xt, kp0, n, buf, Ct); break;
+                            case 3: dq_3(xt, kp0, n, buf, Ct); break;
+                            case 4: dq_4(xt, kp0, n, buf, Ct); break;
+                            case 5: dq_5(xt, kp0, n, buf, Ct); break;
+                            default: dq_6(xt, kp0, n, buf, Ct); break;
                         }
                     }
                 }
