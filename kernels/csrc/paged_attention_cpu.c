@@ -42,6 +42,10 @@
  * tokens, 9 heads over 3, bf16, 2-core Xeon, 14.2 -> 6.2 ms per layer; decodes keep the grouped
  * rows. Scratch is allocated once per thread per call, never per sequence.
  * Accumulation is float32 throughout. Built by kernels/native.py with -O3 -march=native.
+ * This file holds the tasks, their schedule, the K/V reads and the portable rows (row_chunk);
+ * the grouped rows (chunk_avx2) are in paged_attention_rows_cpu.c, the lanes (lanes_heads) in
+ * paged_attention_lanes_cpu.c, what they share in paged_attention_cpu.h: three files that
+ * compile in parallel.
  */
 #include "paged_attention_cpu.h"
 
