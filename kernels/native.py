@@ -93,14 +93,15 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _builder: threading.Thread | None = None  # start_build's thread
+_builder_lock = threading.Lock()  # guards _builder only: _lock is held for a whole build
 _build_seconds: float | None = None  # what this process spent compiling the library (build_seconds)
 
 
 def _after_fork_in_child() -> None:
     """A process forked during a background build inherits the lock held by a thread it does
     not have: the child starts over (it builds itself, or finds the parent's library cached)."""
-    global _lock, _builder
-    _lock = threading.Lock()
+    global _lock, _builder, _builder_lock
+    _lock, _builder_lock = threading.Lock(), threading.Lock()
     _builder = None
 
 
@@ -351,12 +352,13 @@ def start_build() -> None:
 
     A cold start compiles the kernels (seconds); started before the weights load, the compile
     runs while they do, and the first :func:`library` call waits only for what is left (it
-    takes the same lock). Does nothing where the kernels are off or already tried.
+    takes the build's lock). Does nothing where the kernels are off, already tried or being
+    built; never waits for a build in progress.
     """
     global _builder
     if os.environ.get("PAGEDQ_CPU_KERNELS", "native") == "torch":
         return
-    with _lock:
+    with _builder_lock:
         if _tried or _builder is not None:
             return
         _builder = threading.Thread(target=library, name="pagedq-native-build", daemon=True)

@@ -115,7 +115,9 @@ def test_start_build_returns_at_once_and_library_waits_for_that_build(tmp_path):
     import os, time
     from pagedq.kernels import native
     native.start_build()
-    native.start_build()  # a second call starts nothing
+    while not native._lock.locked():  # the thread has begun the build (its compiles wait)
+        time.sleep(0.01)
+    native.start_build()  # a second call starts nothing, and does not wait for the build
     builder = native._builder
     print("alive", builder.is_alive(), builder.name)
     open(os.environ["GATE"], "w").close()  # the compiles may finish now
@@ -146,7 +148,8 @@ def test_a_process_forked_during_the_background_build_builds_on_its_own(tmp_path
     import os, sys, time
     from pagedq.kernels import native
     native.start_build()
-    time.sleep(0.5)  # the thread holds the lock now: its compiles wait for the gate
+    while not native._lock.locked():  # the thread holds the lock now: its compiles wait for the gate
+        time.sleep(0.01)
     pid = os.fork()
     if pid == 0:
         open(os.environ["GATE"], "w").close()
