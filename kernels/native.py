@@ -174,6 +174,7 @@ def _compile(cc: str, compile_flags: list[str], out: str) -> subprocess.Complete
 
 
 def _build() -> ctypes.CDLL | None:
+    global _build_seconds
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         logger.warning("no C compiler found: the native CPU kernels are off, attention uses the torch path")
@@ -197,7 +198,6 @@ def _build() -> ctypes.CDLL | None:
             )
             return None
         os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
-        global _build_seconds
         _build_seconds = time.perf_counter() - t0
     lib = ctypes.CDLL(path)
     for name in _FUNCS.values():
@@ -328,10 +328,15 @@ def decoder_layers(layers: ctypes.Array, x: torch.Tensor, args: StepArgs) -> Non
         raise MemoryError("decoder_layers: no memory for the step's scratch")
 
 
+def _kernels_off() -> bool:
+    """``PAGEDQ_CPU_KERNELS=torch``: the torch paths everywhere, nothing built."""
+    return os.environ.get("PAGEDQ_CPU_KERNELS", "native") == "torch"
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they are off or cannot be built."""
     global _lib, _tried
-    if os.environ.get("PAGEDQ_CPU_KERNELS", "native") == "torch":
+    if _kernels_off():
         return None
     if not _tried:
         with _lock:
@@ -356,7 +361,7 @@ def start_build() -> None:
     built; never waits for a build in progress.
     """
     global _builder
-    if os.environ.get("PAGEDQ_CPU_KERNELS", "native") == "torch":
+    if _kernels_off():
         return
     with _builder_lock:
         if _tried or _builder is not None:

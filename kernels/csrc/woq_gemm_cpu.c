@@ -638,28 +638,35 @@ static inline __attribute__((always_inline)) void tile_dq(
     }
 }
 
-/* vectors per part: as many accumulators as the registers hold (16 ymm: one row 8, three 12,
- * six 12; 32 zmm: a whole panel's 8 up to three rows, 4 a part for four to six, 2 beyond) */
+/* The direct tile's instances, X(rows, vectors per part, bits), rows 1 to DIRECT_MAX: vectors per
+ * part as many accumulators as the registers hold (16 ymm: one row 8, three 12, six 12; 32 zmm:
+ * a whole panel's 8 up to three rows, 4 a part for four to six, 2 beyond). The dequantized
+ * tile's, X(rows), rows 1 to MRD. One list each serves the functions and their dispatch. */
 #if defined(__AVX512F__)
 #define NV_FEW 8
 #define NV_MANY 4
 #define NV_TOP 2
-#define DIRECT_ABOVE_5(B)                   \
-    case 6: DIRECT(6, NV_MANY, B); break;   \
-    case 7: DIRECT(7, NV_TOP, B); break;    \
-    case 8: DIRECT(8, NV_TOP, B); break;    \
-    case 9: DIRECT(9, NV_TOP, B); break;
+#define DIRECT_ABOVE_5(X, B) X(6, NV_MANY, B) X(7, NV_TOP, B) X(8, NV_TOP, B) X(9, NV_TOP, B)
 #else
 #define NV_FEW 4
 #define NV_MANY 2
 #define NV_TOP 2
-#define DIRECT_ABOVE_5(B)
+#define DIRECT_ABOVE_5(X, B)
+#endif
+#define DIRECT_TILES(X, B)                                                                   \
+    X(1, 8, B) X(2, NV_FEW, B) X(3, NV_FEW, B) X(4, NV_MANY, B) X(5, NV_MANY, B) DIRECT_ABOVE_5(X, B) \
+    X(DIRECT_MAX, NV_TOP, B)
+#if MRD > 6
+#define DQ_TILES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+#else
+#define DQ_TILES(X) X(1) X(2) X(3) X(4) X(5) X(6)
 #endif
 
-/* Each instance of the two tiles (rows x vectors per part x bits for the direct one, rows for
- * the dequantized one) is a function of its own: inlined into woq_gemm_bf16's unit loop, the
- * thirty-odd made one function that took the compiler most of this file's 3.1 s (the library
- * compiles while a cold start waits). The call per panel block or chunk costs nothing visible. */
+/* Each instance of the two tiles is a function of its own: inlined into woq_gemm_bf16's unit
+ * loop, the thirty-odd made one function that took the compiler most of this file's 3.1 s (the
+ * library compiles while a cold start waits). The call per panel block or chunk costs nothing
+ * visible. Their C strides are constants: a direct unit is a panel (2 * NB floats a row of C),
+ * a dequantized one 16 channels (32). */
 #define PANEL_NAME(R, V, B) PANEL_NAME_(R, V, B) /* (V expanded first) */
 #define PANEL_NAME_(R, V, B) panel_##R##_##V##_##B
 #define PANEL_FN(R, V, B)                                                                                  \
@@ -668,24 +675,13 @@ static inline __attribute__((always_inline)) void tile_dq(
         const float* xs, int xs_ld) {                                                                      \
         tile_panel(R, V, R <= MR ? MR : MRD, B, xt, k0, codes, kc, C, 2 * NB, s, zs, xs, xs_ld);           \
     }
-#define PANEL_FNS(B)                                                                     \
-    PANEL_FN(1, 8, B) PANEL_FN(2, NV_FEW, B) PANEL_FN(3, NV_FEW, B) PANEL_FN(4, NV_MANY, B) \
-    PANEL_FN(5, NV_MANY, B) PANEL_FNS_ABOVE_5(B) PANEL_FN(DIRECT_MAX, NV_TOP, B)
-#if defined(__AVX512F__)
-#define PANEL_FNS_ABOVE_5(B) PANEL_FN(6, NV_MANY, B) PANEL_FN(7, NV_TOP, B) PANEL_FN(8, NV_TOP, B) PANEL_FN(9, NV_TOP, B)
-#else
-#define PANEL_FNS_ABOVE_5(B)
-#endif
-PANEL_FNS(8)
-PANEL_FNS(4)
+DIRECT_TILES(PANEL_FN, 8)
+DIRECT_TILES(PANEL_FN, 4)
 #define DQ_FN(R)                                                                                             \
     static __attribute__((noinline)) void dq_##R(const double* xt, int kp0, int n, const float* buf, float* C) { \
         tile_dq(R, xt, kp0, n, buf, C, 32);                                                                    \
     }
-DQ_FN(1) DQ_FN(2) DQ_FN(3) DQ_FN(4) DQ_FN(5) DQ_FN(6)
-#if MRD > 6
-DQ_FN(7) DQ_FN(8) DQ_FN(9) DQ_FN(10) DQ_FN(11) DQ_FN(12)
-#endif
+DQ_TILES(DQ_FN)
 
 int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, const float* scales,
                   const uint8_t* zeros, int group, int kc, uint16_t* y, int N, int Np, int nthreads) {
@@ -761,23 +757,13 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         zsdup[2 * c + 1] = 0.f; /* the even lane carries the channel's zero term */
                     }
                     const uint8_t* blk = pc + (size_t)k0 * NB * bits / 8;
-#define DIRECT(R, V, B) PANEL_NAME(R, V, B)(xp, k0, blk, kc, C, sdup, zsdup, xs + g, G) /* ldc: 2 * NB */
-#define DIRECT_ROWS(B)                                 \
-    switch (M) {                                       \
-        case 1: DIRECT(1, 8, B); break;                \
-        case 2: DIRECT(2, NV_FEW, B); break;           \
-        case 3: DIRECT(3, NV_FEW, B); break;           \
-        case 4: DIRECT(4, NV_MANY, B); break;          \
-        case 5: DIRECT(5, NV_MANY, B); break;          \
-        DIRECT_ABOVE_5(B)                              \
-        default: DIRECT(DIRECT_MAX, NV_TOP, B); break; \
-    }
+#define DIRECT(R, V, B) \
+    case R: PANEL_NAME(R, V, B)(xp, k0, blk, kc, C, sdup, zsdup, xs + g, G); break;
                     if (bits == 8) {
-                        DIRECT_ROWS(8)
+                        switch (M) { DIRECT_TILES(DIRECT, 8) }
                     } else {
-                        DIRECT_ROWS(4)
+                        switch (M) { DIRECT_TILES(DIRECT, 4) }
                     }
-#undef DIRECT_ROWS
 #undef DIRECT
                 }
             } else {
@@ -800,22 +786,10 @@ int woq_gemm_bf16(const uint16_t* x, int M, int K, const void* codes, int bits, 
                         const int m0 = TILE_START2(tl), mr = base + (tl < extra);
                         const double* xt = xp + (size_t)tl * MRD * (K / 2);
                         float* Ct = C + (size_t)m0 * ldc;
-                        switch (mr) {
-#if MRD > 6
-                            case 12: dq_12(xt, kp0, n, buf, Ct); break;
-                            case 11: dq_11(xt, kp0, n, buf, Ct); break;
-                            case 10: dq_10(xt, kp0, n, buf, Ct); break;
-                            case 9: dq_9(xt, kp0, n, buf, Ct); break;
-                            case 8: dq_8(xt, kp0, n, buf, Ct); break;
-                            case 7: dq_7(xt, kp0, n, buf, Ct); break;
-#endif
-                            case 1: dq_1(xt, kp0, n, buf, Ct); break;
-                            case 2: dq_2(xt, kp0, n, buf, Ct); break;
-                            case 3: dq_3(xt, kp0, n, buf, Ct); break;
-                            case 4: dq_4(xt, kp0, n, buf, Ct); break;
-                            case 5: dq_5(xt, kp0, n, buf, Ct); break;
-                            default: dq_6(xt, kp0, n, buf, Ct); break;
-                        }
+#define DQ(R) \
+    case R: dq_##R(xt, kp0, n, buf, Ct); break;
+                        switch (mr) { DQ_TILES(DQ) }
+#undef DQ
                     }
                 }
             }
