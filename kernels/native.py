@@ -817,6 +817,8 @@ def woq_gemm(
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not available (see woq_supported)")
+    if m == 0:  # no rows, nothing to compute (the kernel divides the rows into tiles)
+        return y
     status = lib.woq_gemm_bf16(
         x.data_ptr(), m, k, codes.data_ptr(), bits, scales.data_ptr(), zeros.data_ptr(), group, kc,
         y.data_ptr(), out_features, scales.shape[1], torch.get_num_threads(),

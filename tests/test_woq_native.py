@@ -92,6 +92,8 @@ def test_a_group_longer_than_the_k_block(bits):
         assert_bf16_exact(layer, x, w.dequantize())
     x = torch.randn(2, 3, k).bfloat16()  # leading batch dims are flattened and restored
     assert torch.equal(layer(x), layer(x.view(6, k)).view(2, 3, n))
+    # no rows: an empty result, as a dense layer gives (the kernel divided by its row tiles: SIGFPE)
+    assert layer(torch.randn(0, k).bfloat16()).shape == (0, n)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
