@@ -96,11 +96,10 @@ def report(cold: list[dict], warm: list[dict], vllm: list[float] | None) -> None
     print(f"\nstart-up, seconds (median of {len(cold)}; load = LLM(model), what %pagedq load runs)")
     print(f"{'':26s} {'import':>8s} {'load':>8s} {'first':>8s} {'total':>8s}   compile (during load)")
     for name, rs in (("pagedq cold (compiles)", cold), ("pagedq warm", warm)):
-        compile_s = statistics.median(r["compile"] for r in rs)
         print(
             f"{name:26s} "
             + " ".join(f"{med(rs, p):8.2f}" for p in (*PHASES, "total"))
-            + f"   {compile_s:.2f}"
+            + f"   {med(rs, 'compile'):.2f}"
         )
     if vllm:
         runs = " / ".join(f"{s:.1f}" for s in vllm)
@@ -110,9 +109,9 @@ def report(cold: list[dict], warm: list[dict], vllm: list[float] | None) -> None
 def main(args) -> None:
     from pagedq.models.build import MODEL_SHAPES, ensure_model
 
-    model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    model_dir = ensure_model(args.model) if args.model in MODEL_SHAPES else args.model
     print(f"model {model_dir} ({args.dtype}): {args.runs} cold + {args.runs} warm starts, fresh interpreters")
     cold, warm = measure(model_dir, args.dtype, args.runs)
     vllm = None
